@@ -1,0 +1,190 @@
+//! The command line (clap derive): `tcplens <command> [options]`.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::model::Family;
+use crate::sink::Format;
+use crate::source::kernel::{DEFAULT_RING_SIZE, KernelFilter};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tcplens",
+    version,
+    about = "eBPF TCP state transition tracer: live transitions, per-socket timelines, time-in-state histograms",
+    long_about = None,
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// One line per TCP state transition, live (the tcpstates view).
+    Watch(WatchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+/// Options of every command that traces the kernel.
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Trace IPv4 sockets only.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+    /// Trace IPv6 sockets only.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+    /// Keep only these local ports (comma list, applied in the kernel).
+    #[arg(short = 'L', long = "lport", value_delimiter = ',', value_parser = parse_port, value_name = "PORTS")]
+    pub lport: Vec<u16>,
+    /// Keep only these remote ports (comma list, applied in the kernel).
+    #[arg(short = 'D', long = "rport", value_delimiter = ',', value_parser = parse_port, value_name = "PORTS")]
+    pub rport: Vec<u16>,
+    /// Stop by itself after this long (500ms, 30s, 5m) and print the final output.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Size of the kernel ring buffer: a power of two, at least 4K (8M, 16M, 1G…).
+    #[arg(long, value_parser = parse_ring_size, default_value = "8M")]
+    pub ring_size: u32,
+}
+
+impl TraceArgs {
+    pub fn filter(&self) -> KernelFilter {
+        KernelFilter {
+            family: match (self.ipv4, self.ipv6) {
+                (true, _) => Some(Family::Ipv4),
+                (_, true) => Some(Family::Ipv6),
+                _ => None,
+            },
+            lports: self.lport.clone(),
+            rports: self.rport.clone(),
+        }
+    }
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("`{s}` is not a port (1-65535)")),
+        Ok(p) => Ok(p),
+    }
+}
+
+/// `500ms`, `30s`, `5m`, `1h30m`: humantime's syntax, more than zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration like 500ms, 30s or 5m ({e})"))?;
+    if d.is_zero() {
+        return Err("the duration must be more than zero".into());
+    }
+    Ok(d)
+}
+
+/// Bytes with an optional binary suffix: `4096`, `256K`, `8M`, `1G` (`KiB`/`MiB`/`GiB` too).
+pub fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        _ => return Err(format!("`{s}`: unknown unit (use K, M or G)")),
+    };
+    let bytes = num
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_shl(shift).filter(|b| b >> shift == n))
+        .ok_or_else(|| format!("`{s}` is not a size like 8M"))?;
+    if !bytes.is_power_of_two() || !(4096..=1 << 30).contains(&bytes) {
+        return Err(format!(
+            "`{s}`: the ring size must be a power of two from 4K to 1G"
+        ));
+    }
+    Ok(bytes as u32)
+}
+
+const _: () = assert!(
+    DEFAULT_RING_SIZE == 8 << 20,
+    "keep the --ring-size default in sync"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tcplens").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn watch_options() {
+        let cli = parse(&[
+            "watch",
+            "-4",
+            "-L",
+            "80,443",
+            "-D",
+            "5432",
+            "--duration",
+            "1500ms",
+            "--format",
+            "json",
+        ])
+        .unwrap();
+        let Command::Watch(w) = cli.command;
+        assert_eq!(w.format, Format::Json);
+        assert_eq!(w.trace.duration, Some(Duration::from_millis(1500)));
+        assert_eq!(
+            w.trace.filter(),
+            KernelFilter {
+                family: Some(Family::Ipv4),
+                lports: vec![80, 443],
+                rports: vec![5432],
+            }
+        );
+        assert_eq!(w.trace.ring_size, 8 << 20);
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        for bad in [
+            &["watch", "-L", "0"][..],
+            &["watch", "-L", "70000"],
+            &["watch", "-D", "http"],
+            &["watch", "--duration", "soon"],
+            &["watch", "--duration", "0s"],
+            &["watch", "--ring-size", "3M"],
+            &["watch", "--ring-size", "1K"],
+            &["watch", "--ring-size", "8X"],
+            &["watch", "-4", "-6"],
+            &["watch", "--format", "xml"],
+            &["frobnicate"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_ring_size("4096"), Ok(4096));
+        assert_eq!(parse_ring_size("256K"), Ok(256 << 10));
+        assert_eq!(parse_ring_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_ring_size("1G"), Ok(1 << 30));
+        assert!(parse_ring_size("2G").is_err());
+        assert!(parse_ring_size("99999999999999999999K").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+    }
+}

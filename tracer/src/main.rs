@@ -1,0 +1,76 @@
+//! `tcplens`: the binary edge. Parses the command line, runs the command, and turns every
+//! error into one line on stderr and exit code 1.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tracer::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            // One line: clap's first line, without the usage block.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("tcplens: {first} (see --help)");
+            return ExitCode::from(1);
+        }
+    };
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tcplens: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = rt.block_on(async {
+        match &cli.command {
+            Command::Watch(args) => tracer::app::watch(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tcplens: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Warnings (and kernel-side aya-log records) as `tcplens: warning: …` lines on stderr;
+/// `RUST_LOG` overrides the level.
+fn init_logging() {
+    use std::io::Write as _;
+    env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Warn)
+        .parse_env("RUST_LOG")
+        .format(|buf, rec| {
+            writeln!(
+                buf,
+                "tcplens: {}: {}",
+                rec.level().as_str().to_ascii_lowercase(),
+                rec.args()
+            )
+        })
+        .init();
+}

@@ -1,0 +1,163 @@
+//! The typed vocabulary of the pipeline: TCP states and decoded transitions.
+
+use std::fmt;
+use std::net::IpAddr;
+
+/// A TCP state, numbered as in `include/net/tcp_states.h`, named as Linux names it without
+/// the `TCP_` prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum TcpState {
+    Established = 1,
+    SynSent = 2,
+    SynRecv = 3,
+    FinWait1 = 4,
+    FinWait2 = 5,
+    TimeWait = 6,
+    Close = 7,
+    CloseWait = 8,
+    LastAck = 9,
+    Listen = 10,
+    Closing = 11,
+    NewSynRecv = 12,
+}
+
+impl TcpState {
+    /// Every state, in kernel order.
+    pub const ALL: [TcpState; 12] = [
+        TcpState::Established,
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::TimeWait,
+        TcpState::Close,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::Listen,
+        TcpState::Closing,
+        TcpState::NewSynRecv,
+    ];
+
+    /// The state with kernel number `n`, if there is one.
+    pub fn from_kernel(n: u8) -> Option<TcpState> {
+        Self::ALL.get(usize::from(n).checked_sub(1)?).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TcpState::Established => "ESTABLISHED",
+            TcpState::SynSent => "SYN_SENT",
+            TcpState::SynRecv => "SYN_RECV",
+            TcpState::FinWait1 => "FIN_WAIT1",
+            TcpState::FinWait2 => "FIN_WAIT2",
+            TcpState::TimeWait => "TIME_WAIT",
+            TcpState::Close => "CLOSE",
+            TcpState::CloseWait => "CLOSE_WAIT",
+            TcpState::LastAck => "LAST_ACK",
+            TcpState::Listen => "LISTEN",
+            TcpState::Closing => "CLOSING",
+            TcpState::NewSynRecv => "NEW_SYN_RECV",
+        }
+    }
+
+    /// Parses a state name as [`TcpState::name`] prints it (case-insensitive, `TCP_` prefix
+    /// and `-` for `_` accepted).
+    pub fn parse(s: &str) -> Option<TcpState> {
+        let upper = s.trim().to_ascii_uppercase().replace('-', "_");
+        let bare = upper.strip_prefix("TCP_").unwrap_or(&upper);
+        Self::ALL.into_iter().find(|st| st.name() == bare)
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// Address family of a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// The task that was on the CPU when an event fired: `tgid` is what users call the pid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: Comm,
+}
+
+/// A task's `comm`: up to 15 bytes, kept inline so decoding allocates nothing.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Comm([u8; 16]);
+
+impl Comm {
+    pub fn new(raw: [u8; 16]) -> Self {
+        Comm(raw)
+    }
+
+    /// From a name, truncated to 15 bytes as the kernel does.
+    pub fn from_name(name: &str) -> Self {
+        let mut raw = [0u8; 16];
+        let n = name.len().min(15);
+        raw[..n].copy_from_slice(&name.as_bytes()[..n]);
+        Comm(raw)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
+        &self.0[..end]
+    }
+
+    /// The name, with invalid UTF-8 replaced.
+    pub fn to_str_lossy(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(self.as_bytes())
+    }
+
+    pub fn raw(&self) -> [u8; 16] {
+        self.0
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.to_str_lossy())
+    }
+}
+
+impl fmt::Display for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.to_str_lossy())
+    }
+}
+
+/// One TCP state transition, as the kernel reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// Kernel CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Address of the kernel `struct sock`.
+    pub sk: u64,
+    pub family: Family,
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+    pub old: TcpState,
+    pub new: TcpState,
+    /// The task on the CPU (in softirq, often unrelated to the socket).
+    pub task: Task,
+}

@@ -1,0 +1,247 @@
+//! `tcplens watch`: one line per transition, as text columns (the tcpstates view) or JSON.
+
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+
+use super::Format;
+use crate::clock::TimeFormatter;
+use crate::model::Transition;
+use crate::tracker::Observed;
+
+/// Prints transitions to `out`. Lines are built in a reused buffer; flushing is the
+/// caller's choice (per batch, or per line on a terminal).
+pub struct WatchPrinter<W: Write> {
+    out: W,
+    format: Format,
+    times: TimeFormatter,
+    line: String,
+    scratch: String,
+}
+
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    time: &'a str,
+    ts_ns: u64,
+    sk: &'a str,
+    family: &'static str,
+    saddr: IpAddr,
+    sport: u16,
+    daddr: IpAddr,
+    dport: u16,
+    old: &'static str,
+    new: &'static str,
+    old_ns: Option<u64>,
+    pid: u32,
+    comm: &'a str,
+    owner_pid: Option<u32>,
+    owner_comm: Option<&'a str>,
+}
+
+pub const TEXT_HEADER: &str = "TIME         PID     COMM             LADDR:LPORT                RADDR:RPORT                OLD          -> NEW          MS";
+
+impl<W: Write> WatchPrinter<W> {
+    pub fn new(out: W, format: Format, times: TimeFormatter) -> Self {
+        WatchPrinter {
+            out,
+            format,
+            times,
+            line: String::with_capacity(256),
+            scratch: String::with_capacity(64),
+        }
+    }
+
+    /// The column header (text format only).
+    pub fn header(&mut self) -> io::Result<()> {
+        if self.format == Format::Text {
+            writeln!(self.out, "{TEXT_HEADER}")?;
+        }
+        Ok(())
+    }
+
+    pub fn transition(&mut self, t: &Transition, o: &Observed) -> io::Result<()> {
+        self.line.clear();
+        match self.format {
+            Format::Text => self.text(t, o),
+            Format::Json => self.json(t, o)?,
+        }
+        self.line.push('\n');
+        self.out.write_all(self.line.as_bytes())
+    }
+
+    fn text(&mut self, t: &Transition, o: &Observed) {
+        let line = &mut self.line;
+        self.times.time_of_day(t.ts_ns, line);
+        let _ = write!(
+            line,
+            " {:<7} {:<16} {:<26} {:<26} {:<12} -> {:<12} ",
+            t.task.pid,
+            t.task.comm,
+            SocketAddr::new(t.saddr, t.sport),
+            SocketAddr::new(t.daddr, t.dport),
+            t.old,
+            t.new,
+        );
+        match o.old_ns {
+            Some(ns) => {
+                let _ = write!(line, "{:.3}", ns as f64 / 1e6);
+            }
+            None => line.push('-'),
+        }
+    }
+
+    fn json(&mut self, t: &Transition, o: &Observed) -> io::Result<()> {
+        self.scratch.clear();
+        self.times.rfc3339(t.ts_ns, &mut self.scratch);
+        let time_end = self.scratch.len();
+        let _ = write!(self.scratch, "0x{:016x}", t.sk);
+        let (time, sk) = self.scratch.split_at(time_end);
+        let comm = t.task.comm.to_str_lossy();
+        let owner_comm = o.owner.as_ref().map(|o| o.comm.to_str_lossy());
+        let rec = JsonLine {
+            time,
+            ts_ns: t.ts_ns,
+            sk,
+            family: t.family.name(),
+            saddr: t.saddr,
+            sport: t.sport,
+            daddr: t.daddr,
+            dport: t.dport,
+            old: t.old.name(),
+            new: t.new.name(),
+            old_ns: o.old_ns,
+            pid: t.task.pid,
+            comm: &comm,
+            owner_pid: o.owner.map(|o| o.pid),
+            owner_comm: owner_comm.as_deref(),
+        };
+        // SAFETY of the unwrap-free path: serde_json writes valid UTF-8 into the String.
+        let mut buf = std::mem::take(&mut self.line).into_bytes();
+        serde_json::to_writer(&mut buf, &rec).map_err(io::Error::other)?;
+        self.line = String::from_utf8(buf).map_err(io::Error::other)?;
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::WallClock;
+    use crate::model::{Comm, Family, Task, TcpState};
+    use crate::tracker::Owner;
+    use jiff::tz::TimeZone;
+
+    fn printer(format: Format) -> WatchPrinter<Vec<u8>> {
+        // Monotonic 431.492173553 s is 2026-11-21T22:10:02.123456789Z.
+        let clock = WallClock {
+            boot_offset_ns: 1_795_299_002_123_456_789 - 431_492_173_553,
+        };
+        WatchPrinter::new(Vec::new(), format, TimeFormatter::new(clock, TimeZone::UTC))
+    }
+
+    fn sample(family: Family) -> Transition {
+        let (s, d): (IpAddr, IpAddr) = match family {
+            Family::Ipv4 => ("127.0.0.1".parse().unwrap(), "127.0.0.1".parse().unwrap()),
+            Family::Ipv6 => ("::1".parse().unwrap(), "2001:db8::2".parse().unwrap()),
+        };
+        Transition {
+            ts_ns: 431_492_173_553,
+            sk: 0xffff_8881_02cf_b780,
+            family,
+            saddr: s,
+            sport: 59682,
+            daddr: d,
+            dport: 7794,
+            old: TcpState::SynSent,
+            new: TcpState::Established,
+            task: Task {
+                pid: 13212,
+                tid: 13213,
+                comm: Comm::from_name("python3"),
+            },
+        }
+    }
+
+    fn owned(old_ns: Option<u64>) -> Observed {
+        Observed {
+            old_ns,
+            owner: Some(Owner {
+                pid: 13212,
+                comm: Comm::from_name("python3"),
+            }),
+        }
+    }
+
+    fn output(p: WatchPrinter<Vec<u8>>) -> String {
+        String::from_utf8(p.into_inner()).expect("utf-8")
+    }
+
+    #[test]
+    fn json_line_is_the_design_contract() {
+        let mut p = printer(Format::Json);
+        p.header().unwrap();
+        p.transition(&sample(Family::Ipv4), &owned(Some(90_000)))
+            .unwrap();
+        assert_eq!(
+            output(p),
+            concat!(
+                r#"{"time":"2026-11-21T22:10:02.123456789Z","ts_ns":431492173553,"sk":"0xffff888102cfb780","#,
+                r#""family":"ipv4","saddr":"127.0.0.1","sport":59682,"daddr":"127.0.0.1","dport":7794,"#,
+                r#""old":"SYN_SENT","new":"ESTABLISHED","old_ns":90000,"#,
+                r#""pid":13212,"comm":"python3","owner_pid":13212,"owner_comm":"python3"}"#,
+                "\n"
+            )
+        );
+    }
+
+    #[test]
+    fn json_unknowns_are_null() {
+        let mut p = printer(Format::Json);
+        let o = Observed {
+            old_ns: None,
+            owner: None,
+        };
+        p.transition(&sample(Family::Ipv6), &o).unwrap();
+        let v: serde_json::Value = serde_json::from_str(output(p).trim()).unwrap();
+        assert_eq!(v["family"], "ipv6");
+        assert_eq!(v["saddr"], "::1");
+        assert_eq!(v["daddr"], "2001:db8::2");
+        assert!(v["old_ns"].is_null());
+        assert!(v["owner_pid"].is_null());
+        assert!(v["owner_comm"].is_null());
+    }
+
+    #[test]
+    fn text_columns() {
+        let mut p = printer(Format::Text);
+        p.header().unwrap();
+        p.transition(&sample(Family::Ipv4), &owned(Some(90_000)))
+            .unwrap();
+        p.transition(&sample(Family::Ipv6), &owned(None)).unwrap();
+        let out = output(p);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], TEXT_HEADER);
+        assert_eq!(
+            lines[1],
+            "22:10:02.123 13212   python3          127.0.0.1:59682            127.0.0.1:7794             SYN_SENT     -> ESTABLISHED  0.090"
+        );
+        assert_eq!(
+            lines[2],
+            "22:10:02.123 13212   python3          [::1]:59682                [2001:db8::2]:7794         SYN_SENT     -> ESTABLISHED  -"
+        );
+        // The header's columns line up with the data.
+        assert_eq!(lines[0].find("LADDR"), lines[1].find("127.0.0.1:59682"));
+        assert_eq!(lines[0].find("OLD"), lines[1].find("SYN_SENT"));
+        assert_eq!(lines[0].find("MS"), lines[1].find("0.090"));
+    }
+}
