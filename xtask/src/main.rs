@@ -1,1 +1,240 @@
-fn main() {}
+//! `cargo xtask …`: the project's own set-up and checks, so that a fresh machine needs
+//! nothing by hand.
+//!
+//! - `cargo xtask run -- <tcplens args>`: prerequisites, release build, run tcplens.
+//! - `cargo xtask test`: prerequisites, fmt and clippy (userspace and eBPF), every test.
+//! - `cargo xtask prereqs`: only the prerequisites.
+//!
+//! Prerequisites (see shared/notes/toolchain.md): the nightly toolchain with rust-src
+//! (build-std for the BPF target), Debian's llvm-22-dev, and bpf-linker 0.13.0 built
+//! against it. Each is checked first and installed only when missing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_MAJOR: &str = "22";
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "tcplens set-up, build, run and test")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing to build the eBPF program.
+    Prereqs,
+    /// Build tcplens (release).
+    Build,
+    /// Build and run tcplens with the given arguments: `cargo xtask run -- watch`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Every check and test: fmt, clippy (userspace and eBPF), unit and real-kernel tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let root = workspace_root()?;
+    std::env::set_current_dir(&root).context("entering the workspace")?;
+    match cli.cmd {
+        Cmd::Prereqs => prereqs(),
+        Cmd::Build => {
+            prereqs()?;
+            cargo(&["build", "--release", "--bin", "tcplens"])
+        }
+        Cmd::Run { args } => {
+            prereqs()?;
+            cargo(&["build", "--release", "--bin", "tcplens"])?;
+            let status = Command::new(root.join("target/release/tcplens"))
+                .args(&args)
+                .status()
+                .context("running tcplens")?;
+            if !status.success() {
+                bail!("tcplens exited with {status}");
+            }
+            Ok(())
+        }
+        Cmd::Test { args } => test(&args),
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
+
+fn step(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    sh(Command::new(env!("CARGO")).args(args))
+}
+
+fn cargo_home_bin() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+fn prereqs() -> Result<()> {
+    let started = Instant::now();
+    // The nightly toolchain builds the BPF target with -Z build-std=core.
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed to build the eBPF program")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        step("installing the nightly toolchain");
+        sh(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        step("adding rust-src to the nightly toolchain");
+        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let nightly = output(Command::new("rustc").args(["+nightly", "-vV"])).unwrap_or_default();
+    let llvm = nightly
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .unwrap_or("unknown");
+    if !llvm.starts_with(&format!("{LLVM_MAJOR}.")) {
+        bail!(
+            "the nightly toolchain uses LLVM {llvm}; bpf-linker {BPF_LINKER_VERSION} here is built against LLVM {LLVM_MAJOR}"
+        );
+    }
+
+    let llvm_prefix = PathBuf::from(format!("/usr/lib/llvm-{LLVM_MAJOR}"));
+    if !llvm_prefix.join("bin/llvm-config").exists() {
+        step(&format!("installing llvm-{LLVM_MAJOR}-dev (apt)"));
+        sh(Command::new("apt-get")
+            .args(["update", "-qq"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-qq", &format!("llvm-{LLVM_MAJOR}-dev")])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    let linker = cargo_home_bin().join("bpf-linker");
+    let have = output(Command::new(&linker).arg("--version")).unwrap_or_default();
+    if !have.contains(BPF_LINKER_VERSION) {
+        step(&format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR}"));
+        sh(Command::new(env!("CARGO"))
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--force",
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{LLVM_MAJOR}"),
+            ])
+            .env("LLVM_PREFIX", &llvm_prefix))?;
+    }
+    // aya-build finds bpf-linker on PATH.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let bin = cargo_home_bin();
+    if !std::env::split_paths(&path).any(|p| p == bin) {
+        let joined = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&path)))
+            .context("building PATH")?;
+        // SAFETY: single-threaded at this point; children inherit the new PATH.
+        unsafe { std::env::set_var("PATH", joined) };
+    }
+    step(&format!(
+        "prerequisites present ({:.1}s)",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    prereqs()?;
+    let started = Instant::now();
+    step("cargo fmt --check");
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    step("clippy (userspace)");
+    cargo(&["clippy", "--release", "--all-targets", "--", "-D", "warnings"])?;
+    step("clippy (eBPF, nightly, bpfel-unknown-none)");
+    sh(Command::new("rustup")
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--release",
+            "--package",
+            "tracer-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+            "target/ebpf-clippy",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER"))?;
+    if !nix_is_root() {
+        bail!("the real-kernel tests load eBPF programs and create network namespaces: run `cargo xtask test` as root");
+    }
+    step("cargo test (unit and real-kernel tests)");
+    let mut args = vec!["test", "--release", "--workspace", "--exclude", "tracer-ebpf"];
+    args.extend(extra.iter().map(String::as_str));
+    cargo(&args)?;
+    step(&format!("all checks passed ({:.0}s)", started.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0")
+}

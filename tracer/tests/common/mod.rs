@@ -1,0 +1,220 @@
+//! Helpers of the real-kernel tests: a fresh network namespace per scenario, and an
+//! in-process capture of the real eBPF program's events. These tests need root; they
+//! fail (never skip) without it.
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use nix::libc;
+use tracer::decode::decode;
+use tracer::model::{TcpState, Transition};
+use tracer::source::kernel::{DEFAULT_RING_SIZE, KernelFilter, KernelOptions, KernelSource};
+
+/// Name given to scenario threads: the `comm` the kernel reports for them.
+pub const THREAD_NAME: &str = "tcplens-test";
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the real-kernel tests load eBPF programs and create network namespaces: run them as root (cargo xtask test)"
+    );
+}
+
+/// Runs `f` on a new thread named [`THREAD_NAME`] inside a new network namespace whose
+/// loopback is up. The namespace ends with the thread (and its sockets).
+pub fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::Builder::new()
+        .name(THREAD_NAME.into())
+        .spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+            set_link("lo", true);
+            f()
+        })
+        .expect("spawning the scenario thread")
+        .join()
+        .expect("scenario thread panicked")
+}
+
+/// Sets a network interface of the current thread's namespace up or down.
+pub fn set_link(name: &str, up: bool) {
+    // SAFETY: plain ioctls on a socket we own, with a zeroed, NUL-terminated ifreq.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        assert_eq!(libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr), 0, "SIOCGIFFLAGS");
+        let flags = ifr.ifr_ifru.ifru_flags;
+        let up_flag = libc::IFF_UP as libc::c_short;
+        ifr.ifr_ifru.ifru_flags = if up { flags | up_flag } else { flags & !up_flag };
+        assert_eq!(libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr), 0, "SIOCSIFFLAGS");
+        libc::close(fd);
+    }
+}
+
+/// Writes a sysctl of the current thread's network namespace, e.g.
+/// `sysctl("net/ipv4/tcp_fin_timeout", "2")`.
+pub fn sysctl(key: &str, value: &str) {
+    std::fs::write(format!("/proc/sys/{key}"), value).unwrap_or_else(|e| panic!("sysctl {key}: {e}"));
+}
+
+pub fn gettid() -> u32 {
+    nix::unistd::gettid().as_raw() as u32
+}
+
+pub fn set_linger_zero(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on an open socket with a correctly sized value.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
+pub fn set_rcvbuf(l: &TcpListener, bytes: i32) {
+    // SAFETY: setsockopt on an open socket with a correctly sized value.
+    let r = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&bytes as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+}
+
+/// The real eBPF program, loaded and attached in this process, and what it reported.
+pub struct Capture {
+    rt: tokio::runtime::Runtime,
+    source: Option<KernelSource>,
+    pub events: Vec<Transition>,
+}
+
+impl Capture {
+    pub fn start(filter: KernelFilter) -> Capture {
+        require_root();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let source = rt
+            .block_on(async {
+                KernelSource::open(&KernelOptions {
+                    filter,
+                    ring_size: DEFAULT_RING_SIZE,
+                })
+            })
+            .expect("loading and attaching the eBPF program");
+        Capture {
+            rt,
+            source: Some(source),
+            events: Vec::new(),
+        }
+    }
+
+    pub fn everything() -> Capture {
+        Capture::start(KernelFilter {
+            family: None,
+            lports: vec![],
+            rports: vec![],
+        })
+    }
+
+    /// Reads events until `done` holds for what was read, or `timeout` passes.
+    pub fn wait_for(&mut self, timeout: Duration, mut done: impl FnMut(&[Transition]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        let Capture { rt, source, events } = self;
+        let source = source.as_mut().expect("capture running");
+        while !done(events) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            rt.block_on(async {
+                let read = source.events.next_batch(|b| {
+                    events.push(decode(b).expect("kernel event decodes"));
+                });
+                let _ = tokio::time::timeout(left, read).await;
+            });
+        }
+    }
+
+    /// Events of sockets on `port` (local or remote).
+    pub fn on_port(&self, port: u16) -> Vec<Transition> {
+        self.events
+            .iter()
+            .filter(|t| t.sport == port || t.dport == port)
+            .copied()
+            .collect()
+    }
+
+    /// Waits until the sockets on `port` have done `n` transitions in all, then returns
+    /// their lives (see [`lives`]).
+    pub fn lives_on_port(&mut self, port: u16, n: usize) -> Vec<Vec<Transition>> {
+        self.wait_for(Duration::from_secs(5), |evs| {
+            evs.iter().filter(|t| t.sport == port || t.dport == port).count() >= n
+        });
+        // Give stragglers a moment: an exact assertion must see extra events too.
+        self.wait_for(Duration::from_millis(100), |_| false);
+        lives(&self.on_port(port))
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.source.as_ref().map_or(0, |s| s.lost.get().expect("drop counter"))
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        // Detach inside the runtime that registered the fds.
+        let source = self.source.take();
+        self.rt.block_on(async move { drop(source) });
+    }
+}
+
+/// Splits events into socket lives: grouped by `struct sock` address in order of first
+/// appearance, a transition to CLOSE ending a life (the address may be reused after).
+pub fn lives(events: &[Transition]) -> Vec<Vec<Transition>> {
+    let mut out: Vec<Vec<Transition>> = Vec::new();
+    let mut open: std::collections::HashMap<u64, usize> = Default::default();
+    for t in events {
+        let idx = *open.entry(t.sk).or_insert_with(|| {
+            out.push(Vec::new());
+            out.len() - 1
+        });
+        out[idx].push(*t);
+        if t.new == TcpState::Close {
+            open.remove(&t.sk);
+        }
+    }
+    out
+}
+
+pub fn states(life: &[Transition]) -> Vec<(TcpState, TcpState)> {
+    life.iter().map(|t| (t.old, t.new)).collect()
+}
+
+/// The life whose first transition is `first`.
+pub fn life_starting(lives: &[Vec<Transition>], first: (TcpState, TcpState)) -> Vec<Transition> {
+    let found: Vec<_> = lives
+        .iter()
+        .filter(|l| l.first().map(|t| (t.old, t.new)) == Some(first))
+        .collect();
+    assert_eq!(found.len(), 1, "expected one life starting {first:?}, got {lives:#?}");
+    found[0].clone()
+}
