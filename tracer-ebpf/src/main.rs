@@ -62,11 +62,10 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     }
     let sport = field_u16(&rec, layout.sport);
     let dport = field_u16(&rec, layout.dport);
-    // SAFETY: lookups in maps this program owns; the value is only tested for presence.
-    if cfg.filter_lport != 0 && unsafe { LPORTS.get(&sport) }.is_none() {
+    if cfg.filter_lport != 0 && LPORTS.get_ptr(sport).is_none() {
         return 0;
     }
-    if cfg.filter_rport != 0 && unsafe { RPORTS.get(&dport) }.is_none() {
+    if cfg.filter_rport != 0 && RPORTS.get_ptr(dport).is_none() {
         return 0;
     }
 

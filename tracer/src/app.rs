@@ -28,6 +28,8 @@ pub struct Totals {
 
 /// Per-record and per-batch work of a command.
 pub trait Stage {
+    /// Called once the program is attached, before the first record (headers).
+    fn started(&mut self) -> io::Result<()>;
     fn record(&mut self, bytes: &[u8]) -> io::Result<()>;
     /// Called after each drained batch (flush point).
     fn batch_done(&mut self) -> io::Result<()>;
@@ -53,6 +55,11 @@ impl<W: Write> Watch<W> {
 }
 
 impl<W: Write> Stage for Watch<W> {
+    fn started(&mut self) -> io::Result<()> {
+        self.printer.header()?;
+        self.printer.flush()
+    }
+
     fn record(&mut self, bytes: &[u8]) -> io::Result<()> {
         match decode(bytes) {
             Ok(t) => {
@@ -94,7 +101,10 @@ pub async fn run_live(trace: &TraceArgs, what: &str, stage: &mut impl Stage) -> 
     let mut failed: Option<io::Error> = None;
 
     eprintln!("tcplens: {what}; Ctrl-C to stop");
-    loop {
+    if let Err(e) = stage.started() {
+        failed = Some(e);
+    }
+    while failed.is_none() {
         tokio::select! {
             batch = events.next_batch(|b| {
                 totals.events += 1;
@@ -176,8 +186,7 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
     let tty = stdout.is_terminal();
     let out = io::BufWriter::with_capacity(64 << 10, stdout.lock());
     let times = TimeFormatter::new(WallClock::now(), TimeZone::system());
-    let mut printer = WatchPrinter::new(out, args.format, times);
-    printer.header()?;
+    let printer = WatchPrinter::new(out, args.format, times);
     let mut stage = Watch::new(printer, tty);
     let mut totals = run_live(&args.trace, "tracing TCP state transitions", &mut stage).await?;
     totals.bad = stage.bad;

@@ -48,7 +48,11 @@ fn active_and_passive_open_and_close() {
         let (mut server, _) = listener.accept().unwrap();
         drop(client); // active close first
         let mut buf = [0u8; 16];
-        assert_eq!(server.read(&mut buf).unwrap(), 0, "EOF after the peer's FIN");
+        assert_eq!(
+            server.read(&mut buf).unwrap(),
+            0,
+            "EOF after the peer's FIN"
+        );
         drop(server); // then the passive side closes
         drop(listener);
         Ran {
@@ -57,7 +61,11 @@ fn active_and_passive_open_and_close() {
         }
     });
     let lives = cap.lives_on_port(PORT, 12);
-    assert_eq!(lives.len(), 3, "client, server child and listener: {lives:#?}");
+    assert_eq!(
+        lives.len(),
+        3,
+        "client, server child and listener: {lives:#?}"
+    );
 
     // 1. The active side.
     let client = life_starting(&lives, (Close, SynSent));
@@ -73,7 +81,11 @@ fn active_and_passive_open_and_close() {
     );
     // At connect() the local port is not chosen yet; it is from the next event on.
     assert_eq!((client[0].sport, client[0].dport), (0, PORT));
-    assert_endpoints(&client[1..], (localhost(), ran.client_port), (localhost(), PORT));
+    assert_endpoints(
+        &client[1..],
+        (localhost(), ran.client_port),
+        (localhost(), PORT),
+    );
     assert_task_is_us(&client[0], ran.tid); // connect runs in the caller
     assert_task_is_us(&client[2], ran.tid); // so does its close()
     assert!(client.iter().all(|t| t.family == Family::Ipv4));
@@ -100,7 +112,10 @@ fn active_and_passive_open_and_close() {
 
     // Timestamps are the kernel's and ordered within each socket.
     for life in &lives {
-        assert!(life.windows(2).all(|w| w[0].ts_ns <= w[1].ts_ns), "{life:#?}");
+        assert!(
+            life.windows(2).all(|w| w[0].ts_ns <= w[1].ts_ns),
+            "{life:#?}"
+        );
     }
     assert_eq!(cap.lost(), 0);
 }
@@ -145,13 +160,21 @@ fn abortive_close_with_linger_zero_resets_the_peer() {
     let client = life_starting(&lives, (Close, SynSent));
     assert_eq!(
         states(&client),
-        [(Close, SynSent), (SynSent, Established), (Established, Close)]
+        [
+            (Close, SynSent),
+            (SynSent, Established),
+            (Established, Close)
+        ]
     );
     assert_task_is_us(&client[2], ran.tid); // the abortive close runs in close()
     let child = life_starting(&lives, (Listen, SynRecv));
     assert_eq!(
         states(&child),
-        [(Listen, SynRecv), (SynRecv, Established), (Established, Close)]
+        [
+            (Listen, SynRecv),
+            (SynRecv, Established),
+            (Established, Close)
+        ]
     );
     assert_endpoints(&child, (localhost(), PORT), (localhost(), ran.client_port));
 }
@@ -210,7 +233,11 @@ fn simultaneous_close_goes_through_closing() {
             (Closing, Close),
         ]
     );
-    assert_endpoints(&client[1..], (localhost(), client_port), (localhost(), PORT));
+    assert_endpoints(
+        &client[1..],
+        (localhost(), client_port),
+        (localhost(), PORT),
+    );
     let child = life_starting(&lives, (Listen, SynRecv));
     assert_eq!(
         states(&child),
@@ -296,7 +323,10 @@ fn ipv6_loopback_addresses() {
     let lives = cap.lives_on_port(PORT, 12);
     let lo6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
     let client = life_starting(&lives, (Close, SynSent));
-    assert_eq!(states(&client)[..2], [(Close, SynSent), (SynSent, Established)]);
+    assert_eq!(
+        states(&client)[..2],
+        [(Close, SynSent), (SynSent, Established)]
+    );
     assert_endpoints(&client[1..], (lo6, ran.client_port), (lo6, PORT));
     assert_eq!(client[0].daddr, lo6);
     assert_task_is_us(&client[0], ran.tid);
@@ -343,7 +373,11 @@ fn kernel_filters_drop_and_keep() {
     // The unfiltered capture sees all three connections in full: 12 transitions each.
     for port in [KEPT_L, KEPT_D, V6] {
         let lives = everything.lives_on_port(port, 12);
-        assert_eq!(lives.iter().flatten().count(), 12, "port {port}: {lives:#?}");
+        assert_eq!(
+            lives.iter().flatten().count(),
+            12,
+            "port {port}: {lives:#?}"
+        );
     }
     by_lport.wait_for(Duration::from_millis(300), |_| false);
     by_rport.wait_for(Duration::from_millis(300), |_| false);
@@ -351,7 +385,11 @@ fn kernel_filters_drop_and_keep() {
 
     // -L: only the listener's and the accepted child's events (local port = KEPT_L) of
     // the whole host, all 7 of them.
-    assert!(by_lport.events.iter().all(|t| t.sport == KEPT_L), "{:#?}", by_lport.events);
+    assert!(
+        by_lport.events.iter().all(|t| t.sport == KEPT_L),
+        "{:#?}",
+        by_lport.events
+    );
     let kept = lives(&by_lport.events);
     let listener = life_starting(&kept, (Close, Listen));
     assert_eq!(states(&listener), [(Close, Listen), (Listen, Close)]);
@@ -360,7 +398,11 @@ fn kernel_filters_drop_and_keep() {
     assert_eq!(kept.len(), 2);
 
     // -D: only the client of KEPT_D, all 5 of its transitions.
-    assert!(by_rport.events.iter().all(|t| t.dport == KEPT_D), "{:#?}", by_rport.events);
+    assert!(
+        by_rport.events.iter().all(|t| t.dport == KEPT_D),
+        "{:#?}",
+        by_rport.events
+    );
     let kept = lives(&by_rport.events);
     assert_eq!(kept.len(), 1, "{kept:#?}");
     assert_eq!(states(&kept[0]).len(), 5);

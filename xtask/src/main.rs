@@ -127,7 +127,13 @@ fn prereqs() -> Result<()> {
         .context("rustup is needed to build the eBPF program")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         step("installing the nightly toolchain");
-        sh(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        sh(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let components = output(Command::new("rustup").args([
         "component",
@@ -139,7 +145,13 @@ fn prereqs() -> Result<()> {
     .unwrap_or_default();
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         step("adding rust-src to the nightly toolchain");
-        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        sh(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     let nightly = output(Command::new("rustc").args(["+nightly", "-vV"])).unwrap_or_default();
     let llvm = nightly
@@ -166,7 +178,9 @@ fn prereqs() -> Result<()> {
     let linker = cargo_home_bin().join("bpf-linker");
     let have = output(Command::new(&linker).arg("--version")).unwrap_or_default();
     if !have.contains(BPF_LINKER_VERSION) {
-        step(&format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR}"));
+        step(&format!(
+            "building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR}"
+        ));
         sh(Command::new(env!("CARGO"))
             .args([
                 "install",
@@ -201,7 +215,14 @@ fn test(extra: &[String]) -> Result<()> {
     step("cargo fmt --check");
     cargo(&["fmt", "--all", "--", "--check"])?;
     step("clippy (userspace)");
-    cargo(&["clippy", "--release", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&[
+        "clippy",
+        "--release",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     step("clippy (eBPF, nightly, bpfel-unknown-none)");
     sh(Command::new("rustup")
         .args([
@@ -225,13 +246,24 @@ fn test(extra: &[String]) -> Result<()> {
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER"))?;
     if !nix_is_root() {
-        bail!("the real-kernel tests load eBPF programs and create network namespaces: run `cargo xtask test` as root");
+        bail!(
+            "the real-kernel tests load eBPF programs and create network namespaces: run `cargo xtask test` as root"
+        );
     }
     step("cargo test (unit and real-kernel tests)");
-    let mut args = vec!["test", "--release", "--workspace", "--exclude", "tracer-ebpf"];
+    let mut args = vec![
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "tracer-ebpf",
+    ];
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)?;
-    step(&format!("all checks passed ({:.0}s)", started.elapsed().as_secs_f64()));
+    step(&format!(
+        "all checks passed ({:.0}s)",
+        started.elapsed().as_secs_f64()
+    ));
     Ok(())
 }
 

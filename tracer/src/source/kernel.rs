@@ -122,7 +122,14 @@ impl KernelSource {
             }
             other => other.into(),
         })?;
-        let layout = tracefs::read_inet_sock_set_state(&root)?;
+        let layout = tracefs::read_inet_sock_set_state(&root).map_err(|e| match e {
+            TracefsError::NoTracepoint { source, .. }
+                if source.kind() == io::ErrorKind::PermissionDenied =>
+            {
+                SourceError::NotPrivileged
+            }
+            other => other.into(),
+        })?;
 
         match aya::sys::is_map_supported(MapType::RingBuf) {
             Ok(false) => return Err(SourceError::NoRingBuf),

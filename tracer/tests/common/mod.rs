@@ -28,7 +28,8 @@ pub fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T 
     std::thread::Builder::new()
         .name(THREAD_NAME.into())
         .spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET)");
             set_link("lo", true);
             f()
         })
@@ -47,10 +48,18 @@ pub fn set_link(name: &str, up: bool) {
         for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
             *dst = src as libc::c_char;
         }
-        assert_eq!(libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr), 0, "SIOCGIFFLAGS");
+        assert_eq!(
+            libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr),
+            0,
+            "SIOCGIFFLAGS"
+        );
         let flags = ifr.ifr_ifru.ifru_flags;
         let up_flag = libc::IFF_UP as libc::c_short;
-        ifr.ifr_ifru.ifru_flags = if up { flags | up_flag } else { flags & !up_flag };
+        ifr.ifr_ifru.ifru_flags = if up {
+            flags | up_flag
+        } else {
+            flags & !up_flag
+        };
         assert_eq!(libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr), 0, "SIOCSIFFLAGS");
         libc::close(fd);
     }
@@ -59,7 +68,8 @@ pub fn set_link(name: &str, up: bool) {
 /// Writes a sysctl of the current thread's network namespace, e.g.
 /// `sysctl("net/ipv4/tcp_fin_timeout", "2")`.
 pub fn sysctl(key: &str, value: &str) {
-    std::fs::write(format!("/proc/sys/{key}"), value).unwrap_or_else(|e| panic!("sysctl {key}: {e}"));
+    std::fs::write(format!("/proc/sys/{key}"), value)
+        .unwrap_or_else(|e| panic!("sysctl {key}: {e}"));
 }
 
 pub fn gettid() -> u32 {
@@ -167,7 +177,10 @@ impl Capture {
     /// their lives (see [`lives`]).
     pub fn lives_on_port(&mut self, port: u16, n: usize) -> Vec<Vec<Transition>> {
         self.wait_for(Duration::from_secs(5), |evs| {
-            evs.iter().filter(|t| t.sport == port || t.dport == port).count() >= n
+            evs.iter()
+                .filter(|t| t.sport == port || t.dport == port)
+                .count()
+                >= n
         });
         // Give stragglers a moment: an exact assertion must see extra events too.
         self.wait_for(Duration::from_millis(100), |_| false);
@@ -175,7 +188,9 @@ impl Capture {
     }
 
     pub fn lost(&self) -> u64 {
-        self.source.as_ref().map_or(0, |s| s.lost.get().expect("drop counter"))
+        self.source
+            .as_ref()
+            .map_or(0, |s| s.lost.get().expect("drop counter"))
     }
 }
 
@@ -215,6 +230,10 @@ pub fn life_starting(lives: &[Vec<Transition>], first: (TcpState, TcpState)) -> 
         .iter()
         .filter(|l| l.first().map(|t| (t.old, t.new)) == Some(first))
         .collect();
-    assert_eq!(found.len(), 1, "expected one life starting {first:?}, got {lives:#?}");
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one life starting {first:?}, got {lives:#?}"
+    );
     found[0].clone()
 }

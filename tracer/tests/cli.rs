@@ -1,0 +1,232 @@
+//! The built `tcplens` binary, run as a user would: real kernel, real sockets in a
+//! namespace of the test's own, output parsed back.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const TCPLENS: &str = env!("CARGO_BIN_EXE_tcplens");
+
+/// Starts tcplens and waits for its "tracing" line on stderr (the program is attached).
+fn start(args: &[&str]) -> (Child, BufReader<std::process::ChildStderr>) {
+    require_root();
+    let mut child = Command::new(TCPLENS)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning tcplens");
+    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    err.read_line(&mut line).expect("reading stderr");
+    assert!(
+        line.starts_with("tcplens: tracing"),
+        "unexpected first line: {line:?}"
+    );
+    (child, err)
+}
+
+fn finish(mut child: Child, mut err: BufReader<std::process::ChildStderr>) -> (String, String) {
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "tcplens failed: {status}, stderr: {rest}");
+    (out, rest)
+}
+
+fn one_connection(port: u16) -> u32 {
+    in_netns(move || {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        drop(client);
+        drop(server);
+        drop(listener);
+        gettid()
+    })
+}
+
+#[test]
+fn watch_json_as_a_user_runs_it() {
+    const PORT: u16 = 21101;
+    let started = Instant::now();
+    let (child, err) = start(&[
+        "watch",
+        "--format",
+        "json",
+        "--duration",
+        "2s",
+        "-L",
+        &PORT.to_string(),
+    ]);
+    one_connection(PORT);
+    let (out, rest) = finish(child, err);
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "--duration 2s stopped in time"
+    );
+
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    // -L keeps the listener (2) and the accepted child (5).
+    let seq: Vec<(String, String)> = lines
+        .iter()
+        .map(|v| {
+            (
+                v["old"].as_str().unwrap().into(),
+                v["new"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let listen = ("CLOSE".to_string(), "LISTEN".to_string());
+    assert_eq!(seq.len(), 7, "{out}");
+    assert_eq!(seq[0], listen);
+    let keys = [
+        "time",
+        "ts_ns",
+        "sk",
+        "family",
+        "saddr",
+        "sport",
+        "daddr",
+        "dport",
+        "old",
+        "new",
+        "old_ns",
+        "pid",
+        "comm",
+        "owner_pid",
+        "owner_comm",
+    ];
+    let pid = u64::from(std::process::id());
+    for v in &lines {
+        let obj = v.as_object().unwrap();
+        assert_eq!(
+            obj.keys().map(String::as_str).collect::<Vec<_>>().len(),
+            keys.len(),
+            "{v}"
+        );
+        for k in keys {
+            assert!(obj.contains_key(k), "{k} missing in {v}");
+        }
+        assert_eq!(v["family"], "ipv4");
+        assert_eq!(v["saddr"], "127.0.0.1");
+        assert_eq!(v["sport"], u64::from(PORT));
+        assert!(v["sk"].as_str().unwrap().starts_with("0xffff"), "{v}");
+    }
+    // The listener: created and closed by this process, which owns it.
+    let l = &lines[0];
+    assert_eq!(l["pid"], pid);
+    assert_eq!(l["comm"], THREAD_NAME);
+    assert_eq!(l["owner_pid"], pid);
+    assert_eq!(l["owner_comm"], THREAD_NAME);
+    assert!(l["old_ns"].is_null(), "entry into CLOSE was not seen: {l}");
+    // The child's first event has an unknown old_ns; its later ones are timed.
+    let child: Vec<&Value> = lines.iter().filter(|v| v["dport"] != 0).collect();
+    assert_eq!(child.len(), 5);
+    assert!(child[0]["old_ns"].is_null());
+    assert!(child[1..].iter().all(|v| v["old_ns"].is_u64()), "{child:?}");
+    // Wall time is derived from the kernel's monotonic time with one fixed offset.
+    let offsets: Vec<i128> = lines
+        .iter()
+        .map(|v| {
+            let t: jiff::Timestamp = v["time"].as_str().unwrap().parse().unwrap();
+            t.as_nanosecond() - i128::from(v["ts_ns"].as_u64().unwrap())
+        })
+        .collect();
+    assert!(offsets.windows(2).all(|w| w[0] == w[1]), "{offsets:?}");
+    let now = jiff::Timestamp::now().as_nanosecond();
+    let first: jiff::Timestamp = lines[0]["time"].as_str().unwrap().parse().unwrap();
+    assert!(
+        (now - first.as_nanosecond()).abs() < 10_000_000_000,
+        "time is today's"
+    );
+    assert!(rest.contains("events read, 0 lost in the kernel"), "{rest}");
+}
+
+#[test]
+fn watch_text_and_sigterm() {
+    const PORT: u16 = 21102;
+    let (child, err) = start(&["watch", "-L", &PORT.to_string()]);
+    one_connection(PORT);
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let (out, rest) = finish(child, err);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 8, "header and 7 transitions: {out}");
+    assert!(lines[0].starts_with("TIME         PID     COMM"), "{out}");
+    assert!(
+        lines[1].contains("127.0.0.1:21102") && lines[1].contains("CLOSE        -> LISTEN"),
+        "{out}"
+    );
+    assert!(lines[7].contains("LISTEN       -> CLOSE"), "{out}");
+    assert!(
+        rest.contains("7 events read, 0 lost in the kernel"),
+        "{rest}"
+    );
+}
+
+/// Bad input: one line on stderr, exit code 1, no panic.
+fn fails_with(cmd: &mut Command, expect: &str) {
+    let out = cmd.output().expect("running tcplens");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("tcplens: "), "{stderr}");
+    assert!(stderr.contains(expect), "{stderr:?} lacks {expect:?}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.stdout.is_empty(), "no output on error");
+}
+
+#[test]
+fn bad_flags_are_one_line_errors() {
+    fails_with(
+        Command::new(TCPLENS).args(["watch", "--duration", "soon"]),
+        "--duration",
+    );
+    fails_with(
+        Command::new(TCPLENS).args(["watch", "-L", "99999"]),
+        "not a port",
+    );
+    fails_with(
+        Command::new(TCPLENS).args(["watch", "--ring-size", "3M"]),
+        "power of two",
+    );
+    fails_with(
+        Command::new(TCPLENS).args(["watch", "--format", "xml"]),
+        "xml",
+    );
+    fails_with(Command::new(TCPLENS).args(["sniff"]), "sniff");
+}
+
+#[test]
+fn without_privileges_says_so() {
+    require_root(); // to become someone else
+    fails_with(
+        Command::new(TCPLENS)
+            .args(["watch", "--duration", "1s"])
+            .uid(65534)
+            .gid(65534),
+        "permission denied: tcplens needs root",
+    );
+}
