@@ -257,14 +257,54 @@ fn test(extra: &[String]) -> Result<()> {
         "--workspace",
         "--exclude",
         "tracer-ebpf",
+        "--lib",
+        "--bins",
+        "--tests",
     ];
     args.extend(extra.iter().map(String::as_str));
-    cargo(&args)?;
+    let (passed, failed, ok) = cargo_test(&args)?;
     step(&format!(
-        "all checks passed ({:.0}s)",
+        "checks and tests took {:.0}s",
         started.elapsed().as_secs_f64()
     ));
+    // One closing line over every test binary.
+    println!("tests: {passed} passed, {failed} failed");
+    if !ok || failed > 0 {
+        bail!("tests failed");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
     Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and sums the `test result:` lines.
+fn cargo_test(args: &[&str]) -> Result<(u64, u64, bool)> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = Command::new(env!("CARGO"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_before(rest, " passed");
+            failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    Ok((passed, failed, status.success()))
+}
+
+/// In `ok. 8 passed; 0 failed; …`, the number before `word`.
+fn count_before(s: &str, word: &str) -> u64 {
+    s.find(word)
+        .and_then(|end| s[..end].rsplit([' ', '.']).next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn nix_is_root() -> bool {
