@@ -1,133 +1,238 @@
-//! The pipeline, wired: source → decode → tracker → sink, with the live loop that stops on
-//! `--duration`, SIGINT or SIGTERM.
+//! The pipeline, wired: source → decode → tracker → sinks, with the live loop that stops
+//! on `--duration`, SIGINT or SIGTERM, and the replay of a record file.
 
-use std::io::{self, IsTerminal, Write};
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, IsTerminal};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use jiff::tz::TimeZone;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::cli::{TraceArgs, WatchArgs};
-use crate::clock::{TimeFormatter, WallClock};
+use crate::cli::{CommonArgs, RecordArgs, StatsArgs, TimelineArgs, TraceArgs, WatchArgs};
+use crate::clock::{TimeFormatter, WallClock, monotonic_now_ns};
 use crate::decode::decode;
-use crate::sink::watch::WatchPrinter;
-use crate::source::kernel::{KernelOptions, KernelSource};
-use crate::tracker::Tracker;
+use crate::model::Transition;
+use crate::sink::Sink;
+use crate::sink::record::RecordSink;
+use crate::sink::stats::StatsSink;
+use crate::sink::timeline::TimelineSink;
+use crate::sink::watch::{WatchPrinter, WatchSink};
+use crate::source::kernel::{KernelFilter, KernelOptions, KernelSource};
+use crate::source::record::{Item, RecordReader, RecordWriter};
+use crate::tracker::{SocketLife, Tracker};
 
-/// What a run saw, reported on stderr at exit.
+/// What a run saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
-    /// Records read from the ring buffer.
+    /// Events read (from the ring buffer or the file).
     pub events: u64,
-    /// Records the kernel dropped because the ring buffer was full.
+    /// Events the kernel dropped because the ring buffer was full.
     pub lost: u64,
-    /// Records that did not decode (a bug if ever non-zero: the ABI is shared).
+    /// Ring buffer records that did not decode (a bug if ever non-zero: the ABI is shared).
     pub bad: u64,
 }
 
-/// Per-record and per-batch work of a command.
-pub trait Stage {
-    /// Called once the program is attached, before the first record (headers).
-    fn started(&mut self) -> io::Result<()>;
-    fn record(&mut self, bytes: &[u8]) -> io::Result<()>;
-    /// Called after each drained batch (flush point).
-    fn batch_done(&mut self) -> io::Result<()>;
+/// The tracker and the sinks that read from it.
+pub struct Pipeline<'a> {
+    pub tracker: Tracker,
+    sinks: Vec<&'a mut dyn Sink>,
+    ended: Vec<SocketLife>,
+    /// Applied in userspace on replay (the kernel applies it live).
+    filter: Option<KernelFilter>,
+    pub totals: Totals,
 }
 
-/// `watch`: decode, track, print.
-pub struct Watch<W: Write> {
-    tracker: Tracker,
-    printer: WatchPrinter<W>,
-    line_flush: bool,
-    pub bad: u64,
-}
-
-impl<W: Write> Watch<W> {
-    pub fn new(printer: WatchPrinter<W>, line_flush: bool) -> Self {
-        Watch {
-            tracker: Tracker::new(),
-            printer,
-            line_flush,
-            bad: 0,
+impl<'a> Pipeline<'a> {
+    pub fn new(tracker: Tracker, sinks: Vec<&'a mut dyn Sink>) -> Self {
+        Pipeline {
+            tracker,
+            sinks,
+            ended: Vec::new(),
+            filter: None,
+            totals: Totals::default(),
         }
     }
-}
 
-impl<W: Write> Stage for Watch<W> {
-    fn started(&mut self) -> io::Result<()> {
-        self.printer.header()?;
-        self.printer.flush()
+    fn each(&mut self, mut f: impl FnMut(&mut dyn Sink) -> io::Result<()>) -> io::Result<()> {
+        self.sinks.iter_mut().try_for_each(|s| f(&mut **s))
     }
 
-    fn record(&mut self, bytes: &[u8]) -> io::Result<()> {
-        match decode(bytes) {
-            Ok(t) => {
-                let o = self.tracker.observe(&t);
-                self.printer.transition(&t, &o)?;
-                if self.line_flush {
-                    self.printer.flush()?;
-                }
-            }
-            Err(e) => {
-                self.bad += 1;
-                log::warn!("undecodable event: {e}");
+    pub fn started(&mut self) -> io::Result<()> {
+        self.each(|s| s.started())
+    }
+
+    pub fn transition(&mut self, t: &Transition) -> io::Result<()> {
+        if let Some(f) = &self.filter
+            && !f.keeps(t)
+        {
+            return Ok(());
+        }
+        let o = self.tracker.observe(t, &mut self.ended);
+        for s in self.sinks.iter_mut() {
+            s.transition(t, &o)?;
+        }
+        self.flush_ended()
+    }
+
+    fn flush_ended(&mut self) -> io::Result<()> {
+        for life in self.ended.drain(..) {
+            for s in self.sinks.iter_mut() {
+                s.life_ended(&life)?;
             }
         }
         Ok(())
     }
 
-    fn batch_done(&mut self) -> io::Result<()> {
-        self.printer.flush()
+    pub fn batch_done(&mut self) -> io::Result<()> {
+        self.each(|s| s.batch_done())
+    }
+
+    pub fn interval(&mut self, now_ns: u64) -> io::Result<()> {
+        let (totals, tracker) = (self.totals, &self.tracker);
+        self.sinks
+            .iter_mut()
+            .try_for_each(|s| s.interval(now_ns, &totals, tracker))
+    }
+
+    /// Tracing stopped at `now_ns`: open sockets end as `still_open`, then sinks finish.
+    pub fn finish(&mut self, now_ns: u64) -> io::Result<()> {
+        self.ended = self.tracker.close_all(now_ns);
+        self.flush_ended()?;
+        let (totals, tracker) = (self.totals, &self.tracker);
+        self.sinks
+            .iter_mut()
+            .try_for_each(|s| s.finish(now_ns, &totals, tracker))
     }
 }
 
-/// Runs a stage on the live kernel stream until `--duration`, SIGINT or SIGTERM (or the
-/// output closes), then drains what is left and reports the totals on stderr.
-pub async fn run_live(trace: &TraceArgs, what: &str, stage: &mut impl Stage) -> Result<Totals> {
-    let mut source = KernelSource::open(&KernelOptions {
+/// Where events come from: the live kernel, or a record file (no root needed).
+pub enum Input {
+    Kernel(KernelSource),
+    File {
+        reader: RecordReader<BufReader<File>>,
+        path: String,
+    },
+}
+
+impl Input {
+    pub fn open(common: &CommonArgs) -> Result<Input> {
+        match &common.from {
+            Some(path) => {
+                let file =
+                    File::open(path).with_context(|| format!("opening {}", path.display()))?;
+                let reader = RecordReader::new(BufReader::with_capacity(1 << 16, file))
+                    .with_context(|| path.display().to_string())?;
+                Ok(Input::File {
+                    reader,
+                    path: path.display().to_string(),
+                })
+            }
+            None => Ok(Input::Kernel(open_kernel(&common.trace)?)),
+        }
+    }
+
+    /// The clock that maps the events' monotonic times to wall time.
+    pub fn clock(&self) -> WallClock {
+        match self {
+            Input::Kernel(_) => WallClock::now(),
+            Input::File { reader, .. } => reader.clock,
+        }
+    }
+}
+
+fn open_kernel(trace: &TraceArgs) -> Result<KernelSource> {
+    Ok(KernelSource::open(&KernelOptions {
         filter: trace.filter(),
         ring_size: trace.ring_size,
-    })?;
+    })?)
+}
+
+/// Runs the pipeline over the input to its end (file) or until `--duration`, SIGINT or
+/// SIGTERM (live). Output that goes away (`| head`) is a normal stop.
+pub async fn run(
+    input: Input,
+    trace: &TraceArgs,
+    interval: Option<Duration>,
+    p: &mut Pipeline<'_>,
+) -> Result<()> {
+    let result = match input {
+        Input::Kernel(source) => run_live(source, trace, interval, p).await,
+        Input::File { reader, path } => {
+            p.filter = Some(trace.filter());
+            replay(reader, &path, interval, p)
+        }
+    };
+    match result {
+        Err(e)
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+async fn run_live(
+    mut source: KernelSource,
+    trace: &TraceArgs,
+    interval: Option<Duration>,
+    p: &mut Pipeline<'_>,
+) -> Result<()> {
     let KernelSource {
         events, logs, lost, ..
     } = &mut source;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let deadline = trace.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut totals = Totals::default();
+    let mut lost_check = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks = interval.map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
     let mut reported_lost = 0;
     let mut failed: Option<io::Error> = None;
 
-    eprintln!("tcplens: {what}; Ctrl-C to stop");
-    if let Err(e) = stage.started() {
+    eprintln!("tcplens: tracing TCP state transitions; Ctrl-C to stop");
+    if let Err(e) = p.started() {
         failed = Some(e);
     }
+    let feed = |p: &mut Pipeline<'_>, failed: &mut Option<io::Error>, b: &[u8]| {
+        p.totals.events += 1;
+        if failed.is_some() {
+            return;
+        }
+        match decode(b) {
+            Ok(t) => {
+                if let Err(e) = p.transition(&t) {
+                    *failed = Some(e);
+                }
+            }
+            Err(e) => {
+                p.totals.bad += 1;
+                log::warn!("undecodable event: {e}");
+            }
+        }
+    };
     while failed.is_none() {
         tokio::select! {
-            batch = events.next_batch(|b| {
-                totals.events += 1;
-                if failed.is_none()
-                    && let Err(e) = stage.record(b)
-                {
-                    failed = Some(e);
-                }
-            }) => {
+            batch = events.next_batch(|b| feed(p, &mut failed, b)) => {
                 batch?;
-                if failed.is_none() && let Err(e) = stage.batch_done() {
+                if failed.is_none() && let Err(e) = p.batch_done() {
                     failed = Some(e);
-                }
-                if failed.is_some() {
-                    break;
                 }
             }
             forwarded = logs.forward_logs() => forwarded?,
-            _ = tick.tick() => {
-                let lost = lost.get()?;
-                if lost > reported_lost {
-                    log::warn!("{lost} events lost so far (ring buffer full): a larger --ring-size may help");
-                    reported_lost = lost;
+            _ = lost_check.tick() => {
+                p.totals.lost = lost.get()?;
+                if p.totals.lost > reported_lost {
+                    log::warn!("{} events lost so far (ring buffer full): a larger --ring-size may help", p.totals.lost);
+                    reported_lost = p.totals.lost;
+                }
+            }
+            _ = tick(&mut ticks) => {
+                p.totals.lost = lost.get()?;
+                if let Err(e) = p.interval(monotonic_now_ns()) {
+                    failed = Some(e);
                 }
             }
             _ = sigint.recv() => break,
@@ -136,29 +241,62 @@ pub async fn run_live(trace: &TraceArgs, what: &str, stage: &mut impl Stage) -> 
         }
     }
     if failed.is_none() {
-        events.drain_now(|b| {
-            totals.events += 1;
-            if failed.is_none()
-                && let Err(e) = stage.record(b)
-            {
-                failed = Some(e);
-            }
-        });
-        if failed.is_none()
-            && let Err(e) = stage.batch_done()
-        {
-            failed = Some(e);
-        }
+        events.drain_now(|b| feed(p, &mut failed, b));
     }
-    totals.lost = lost.get()?;
+    p.totals.lost = lost.get()?;
     drop(source); // detaches the program
-    match failed {
-        // The reader went away (`tcplens watch | head`): a normal way to stop.
-        Some(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
-        Some(e) => return Err(e).context("writing the output"),
-        None => {}
+    if let Some(e) = failed {
+        return Err(e.into());
     }
-    Ok(totals)
+    p.finish(monotonic_now_ns())?;
+    p.batch_done()?;
+    Ok(())
+}
+
+/// Replays a record file. Intervals follow the recorded timestamps. A corrupt or
+/// truncated file stops the replay with an error naming the byte offset, after the sinks
+/// have reported what was read before it.
+fn replay(
+    mut reader: RecordReader<BufReader<File>>,
+    path: &str,
+    interval: Option<Duration>,
+    p: &mut Pipeline<'_>,
+) -> Result<()> {
+    p.started()?;
+    let step = interval.map(|d| d.as_nanos() as u64);
+    let mut next_tick: Option<u64> = None;
+    let mut last_ts = 0;
+    let outcome = loop {
+        match reader.next_item() {
+            Ok(Some(Item::Event(t))) => {
+                p.totals.events += 1;
+                if let Some(step) = step {
+                    let due = *next_tick.get_or_insert(t.ts_ns + step);
+                    if t.ts_ns >= due {
+                        p.interval(due)?;
+                        next_tick = Some(due + step * ((t.ts_ns - due) / step + 1));
+                    }
+                }
+                last_ts = last_ts.max(t.ts_ns);
+                p.transition(&t)?;
+            }
+            Ok(Some(Item::Lost(n))) => p.totals.lost = n,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    p.finish(last_ts)?;
+    p.batch_done()?;
+    outcome.with_context(|| format!("{path}: {} events read before the error", p.totals.events))
+}
+
+async fn tick(ticks: &mut Option<tokio::time::Interval>) {
+    match ticks {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -181,15 +319,77 @@ fn report(totals: &Totals) {
     );
 }
 
+fn stdout() -> (BufWriter<io::StdoutLock<'static>>, bool) {
+    let out = io::stdout();
+    let tty = out.is_terminal();
+    (BufWriter::with_capacity(64 << 10, out.lock()), tty)
+}
+
+fn formatter(clock: WallClock) -> TimeFormatter {
+    TimeFormatter::new(clock, TimeZone::system())
+}
+
 pub async fn watch(args: &WatchArgs) -> Result<()> {
-    let stdout = io::stdout();
-    let tty = stdout.is_terminal();
-    let out = io::BufWriter::with_capacity(64 << 10, stdout.lock());
-    let times = TimeFormatter::new(WallClock::now(), TimeZone::system());
-    let printer = WatchPrinter::new(out, args.format, times);
-    let mut stage = Watch::new(printer, tty);
-    let mut totals = run_live(&args.trace, "tracing TCP state transitions", &mut stage).await?;
-    totals.bad = stage.bad;
-    report(&totals);
+    let input = Input::open(&args.common)?;
+    let (out, tty) = stdout();
+    let mut sink = WatchSink {
+        printer: WatchPrinter::new(out, args.format, formatter(input.clock())),
+        line_flush: tty,
+    };
+    let mut p = Pipeline::new(Tracker::new(args.common.max_sockets), vec![&mut sink]);
+    run(input, &args.common.trace, None, &mut p).await?;
+    report(&p.totals);
     Ok(())
+}
+
+pub async fn timeline(args: &TimelineArgs) -> Result<()> {
+    let input = Input::open(&args.common)?;
+    let (out, _) = stdout();
+    let mut sink = TimelineSink::new(out, args.format, formatter(input.clock()));
+    let mut p = Pipeline::new(Tracker::new(args.common.max_sockets), vec![&mut sink]);
+    run(input, &args.common.trace, None, &mut p).await?;
+    let evicted = p.tracker.stats().evicted;
+    report(&p.totals);
+    if evicted > 0 {
+        eprintln!("tcplens: {evicted} sockets evicted at the --max-sockets cap");
+    }
+    Ok(())
+}
+
+pub async fn stats(args: &StatsArgs) -> Result<()> {
+    let input = Input::open(&args.common)?;
+    let (out, _) = stdout();
+    let mut sink = StatsSink::new(out, args.format, formatter(input.clock()), args.by);
+    let mut p = Pipeline::new(Tracker::new(args.common.max_sockets), vec![&mut sink]);
+    run(input, &args.common.trace, args.interval, &mut p).await?;
+    report(&p.totals);
+    Ok(())
+}
+
+pub async fn record(args: &RecordArgs) -> Result<()> {
+    let source = open_kernel(&args.trace)?;
+    let file = create(&args.output)?;
+    let writer = RecordWriter::new(BufWriter::with_capacity(1 << 16, file), WallClock::now())
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    let mut sink = RecordSink { writer, events: 0 };
+    let mut p = Pipeline::new(Tracker::default(), vec![&mut sink]);
+    run(
+        Input::Kernel(source),
+        &args.trace,
+        Some(Duration::from_secs(1)),
+        &mut p,
+    )
+    .await
+    .with_context(|| format!("writing {}", args.output.display()))?;
+    report(&p.totals);
+    eprintln!(
+        "tcplens: {} events written to {}",
+        sink.events,
+        args.output.display()
+    );
+    Ok(())
+}
+
+fn create(path: &Path) -> Result<File> {
+    File::create(path).with_context(|| format!("creating {}", path.display()))
 }

@@ -4,9 +4,13 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::model::Family;
+use std::path::PathBuf;
+
+use crate::model::{Family, Transition};
 use crate::sink::Format;
+use crate::sink::stats::By;
 use crate::source::kernel::{DEFAULT_RING_SIZE, KernelFilter};
+use crate::tracker::DEFAULT_MAX_SOCKETS;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,15 +28,69 @@ pub struct Cli {
 pub enum Command {
     /// One line per TCP state transition, live (the tcpstates view).
     Watch(WatchArgs),
+    /// One record per socket when its life ends: every state, when and how long, owner,
+    /// how it ended (still-open sockets are printed at exit).
+    Timeline(TimelineArgs),
+    /// HDR histograms of time in each state, handshakes and lifetimes, every --interval
+    /// and at exit.
+    Stats(StatsArgs),
+    /// The raw event stream to a file, for `--from FILE` later (no root needed there).
+    Record(RecordArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct WatchArgs {
     #[command(flatten)]
-    pub trace: TraceArgs,
+    pub common: CommonArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct TimelineArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Print (and reset) the histograms this often, as well as at exit.
+    #[arg(long, value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+    /// Split the histograms by local port, remote port or owner process.
+    #[arg(long, value_enum)]
+    pub by: Option<By>,
+}
+
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    /// The file to write.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: PathBuf,
+}
+
+/// Options of the commands that read events, live or from a file.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    /// Replay a file written by `tcplens record` instead of tracing (no root needed).
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<PathBuf>,
+    /// Most sockets tracked at once; past it the least recently active is evicted.
+    #[arg(long, default_value_t = DEFAULT_MAX_SOCKETS, value_parser = parse_count)]
+    pub max_sockets: usize,
 }
 
 /// Options of every command that traces the kernel.
@@ -69,6 +127,22 @@ impl TraceArgs {
             lports: self.lport.clone(),
             rports: self.rport.clone(),
         }
+    }
+}
+
+impl KernelFilter {
+    /// The kernel program's filter, applied in userspace (replay of a record file).
+    pub fn keeps(&self, t: &Transition) -> bool {
+        self.family.is_none_or(|f| f == t.family)
+            && (self.lports.is_empty() || self.lports.contains(&t.sport))
+            && (self.rports.is_empty() || self.rports.contains(&t.dport))
+    }
+}
+
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) | Err(_) => Err(format!("`{s}` is not a positive number")),
+        Ok(n) => Ok(n),
     }
 }
 
@@ -142,8 +216,11 @@ mod tests {
             "json",
         ])
         .unwrap();
-        let Command::Watch(w) = cli.command;
+        let Command::Watch(w) = cli.command else {
+            panic!("not watch")
+        };
         assert_eq!(w.format, Format::Json);
+        let w = w.common;
         assert_eq!(w.trace.duration, Some(Duration::from_millis(1500)));
         assert_eq!(
             w.trace.filter(),
@@ -170,6 +247,10 @@ mod tests {
             &["watch", "-4", "-6"],
             &["watch", "--format", "xml"],
             &["frobnicate"],
+            &["stats", "--interval", "0s"],
+            &["stats", "--by", "color"],
+            &["timeline", "--max-sockets", "0"],
+            &["record"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} was accepted");
         }

@@ -46,6 +46,9 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match &cli.command {
             Command::Watch(args) => tracer::app::watch(args).await,
+            Command::Timeline(args) => tracer::app::timeline(args).await,
+            Command::Stats(args) => tracer::app::stats(args).await,
+            Command::Record(args) => tracer::app::record(args).await,
         }
     });
     match result {

@@ -1,15 +1,25 @@
 //! The tracker: a pure state machine over decoded transitions.
 //!
-//! It holds one record per live socket, keyed by the kernel's `struct sock` address, and
-//! answers for each transition how long the socket spent in the state it left and who owns
-//! it. It keeps no clock and does no I/O, so it runs the same on live and recorded streams.
+//! It holds one record per live socket, keyed by the kernel's `struct sock` address: the
+//! states the socket went through and when, its 4-tuple (filled in as later events bring
+//! what early ones lack), its owner, and its role. A transition to CLOSE ends the record and
+//! hands back the socket's whole life; a reused address then starts a fresh one. It keeps
+//! no clock and does no I/O: "now" is passed in where ages matter, so it runs the same on
+//! live and recorded streams. Memory is bounded: past `max_sockets` the least recently
+//! active socket is evicted (its life handed back, marked `evicted`).
 
-use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroUsize;
 
-use crate::model::{Comm, TcpState, Transition};
+use lru::LruCache;
+
+use crate::model::{Comm, Family, TcpState, Transition};
+
+/// Default cap on tracked sockets.
+pub const DEFAULT_MAX_SOCKETS: usize = 262_144;
 
 /// The process that owns a socket, as far as process-context transitions show it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Owner {
     pub pid: u32,
     pub comm: Comm,
@@ -27,12 +37,99 @@ pub fn task_is_owner(old: TcpState, new: TcpState) -> bool {
     )
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Sock {
-    state: TcpState,
-    /// When the socket entered `state`; `None` when that was not seen.
-    entered_ns: Option<u64>,
-    owner: Option<Owner>,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Opened by `connect()`.
+    Active,
+    /// Accepted from a listener.
+    Passive,
+    Listener,
+    /// First seen mid-life.
+    Unknown,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Passive => "passive",
+            Role::Listener => "listener",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+/// How a socket's life ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// An orderly close (FIN exchange, listener closed).
+    Closed,
+    /// Aborted: RST sent or received, connection refused, SO_LINGER 0.
+    Reset,
+    TimeWaitExpired,
+    TimeWaitKilled,
+    /// Dropped from the tracker at its socket cap.
+    Evicted,
+    /// Still open when tracing stopped.
+    StillOpen,
+}
+
+impl End {
+    pub fn name(self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::Reset => "reset",
+            End::TimeWaitExpired => "time_wait_expired",
+            End::TimeWaitKilled => "time_wait_killed",
+            End::Evicted => "evicted",
+            End::StillOpen => "still_open",
+        }
+    }
+
+    /// How a transition into CLOSE from `old` ended the socket.
+    fn from_close(old: TcpState) -> End {
+        use TcpState::*;
+        match old {
+            // FIN_WAIT2/CLOSING -> CLOSE: the connection moves into a timewait socket.
+            LastAck | FinWait2 | Closing | TimeWait | Listen | Close => End::Closed,
+            _ => End::Reset,
+        }
+    }
+}
+
+/// One state of a socket's life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub state: TcpState,
+    /// When the socket entered it (kernel monotonic ns); `None` when not seen.
+    pub entered_ns: Option<u64>,
+    /// How long it stayed; `None` when unknown or still in it.
+    pub ns: Option<u64>,
+}
+
+/// A socket's whole life as the tracker saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketLife {
+    pub sk: u64,
+    pub family: Family,
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+    pub owner: Option<Owner>,
+    pub role: Role,
+    pub first_seen_mid_life: bool,
+    /// Every state in order; the last is CLOSE (`ns: None`) unless the life was cut short.
+    pub spans: Vec<Span>,
+    pub end: End,
+    /// From entering the first state to the end; `None` when first seen mid-life.
+    pub lifetime_ns: Option<u64>,
+}
+
+impl SocketLife {
+    pub fn state(&self) -> Option<TcpState> {
+        self.spans.last().map(|s| s.state)
+    }
 }
 
 /// What the tracker knows about one transition.
@@ -42,16 +139,37 @@ pub struct Observed {
     pub old_ns: Option<u64>,
     /// The socket's owner, when known.
     pub owner: Option<Owner>,
+    /// The socket's ports as known so far (the event's own may still be 0).
+    pub sport: u16,
+    pub dport: u16,
 }
 
-#[derive(Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrackerStats {
+    pub evicted: u64,
+    /// Transitions whose OLD state differed from the state the tracker held (an event
+    /// missed, or lost in the kernel).
+    pub mismatched: u64,
+}
+
 pub struct Tracker {
-    socks: HashMap<u64, Sock>,
+    socks: LruCache<u64, SocketLife>,
+    stats: TrackerStats,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_SOCKETS)
+    }
 }
 
 impl Tracker {
-    pub fn new() -> Self {
-        Self::default()
+    /// A tracker holding at most `max_sockets` live sockets (at least 1).
+    pub fn new(max_sockets: usize) -> Self {
+        Tracker {
+            socks: LruCache::new(NonZeroUsize::new(max_sockets).unwrap_or(NonZeroUsize::MIN)),
+            stats: TrackerStats::default(),
+        }
     }
 
     /// Number of sockets being tracked.
@@ -59,42 +177,160 @@ impl Tracker {
         self.socks.len()
     }
 
-    /// Feeds one transition. A transition to CLOSE ends the socket's record, so a reused
-    /// `struct sock` address starts afresh.
-    pub fn observe(&mut self, t: &Transition) -> Observed {
-        let prev = self.socks.remove(&t.sk);
-        let old_ns = prev
-            .filter(|s| s.state == t.old)
-            .and_then(|s| s.entered_ns)
-            // The ring buffer is not strictly time-ordered across CPUs: never negative.
-            .map(|entered| t.ts_ns.saturating_sub(entered));
-        let owner = if task_is_owner(t.old, t.new) {
-            Some(Owner {
+    pub fn stats(&self) -> &TrackerStats {
+        &self.stats
+    }
+
+    /// The tracked sockets, most recently active first.
+    pub fn sockets(&self) -> impl Iterator<Item = &SocketLife> {
+        self.socks.iter().map(|(_, life)| life)
+    }
+
+    /// Feeds one transition. Lives that end (the socket closed, or another was evicted to
+    /// make room) are pushed onto `ended`.
+    pub fn observe(&mut self, t: &Transition, ended: &mut Vec<SocketLife>) -> Observed {
+        if !self.socks.contains(&t.sk) {
+            if self.socks.len() == self.socks.cap().get()
+                && let Some((_, mut victim)) = self.socks.pop_lru()
+            {
+                victim.end = End::Evicted;
+                self.stats.evicted += 1;
+                ended.push(victim);
+            }
+            self.socks.put(t.sk, start(t));
+        }
+        let Some(life) = self.socks.get_mut(&t.sk) else {
+            unreachable_observed(t)
+        };
+
+        // Fill in what early events lack (the local port is 0 at CLOSE -> SYN_SENT).
+        if t.sport != 0 {
+            life.sport = t.sport;
+            life.saddr = t.saddr;
+        }
+        if t.dport != 0 {
+            life.dport = t.dport;
+            life.daddr = t.daddr;
+        }
+        if task_is_owner(t.old, t.new) {
+            life.owner = Some(Owner {
                 pid: t.task.pid,
                 comm: t.task.comm,
-            })
-        } else {
-            prev.and_then(|s| s.owner)
-        };
-        if t.new != TcpState::Close {
-            self.socks.insert(
-                t.sk,
-                Sock {
-                    state: t.new,
-                    entered_ns: Some(t.ts_ns),
-                    owner,
-                },
-            );
+            });
         }
-        Observed { old_ns, owner }
+
+        let mut old_ns = None;
+        if let Some(last) = life.spans.last_mut() {
+            if last.state == t.old {
+                // The ring buffer is not strictly time-ordered across CPUs: never negative.
+                old_ns = last.entered_ns.map(|e| t.ts_ns.saturating_sub(e));
+                last.ns = old_ns;
+            } else if !life.spans.is_empty() {
+                self.stats.mismatched += 1;
+            }
+        }
+        let entered = life
+            .spans
+            .last()
+            .and_then(|s| s.entered_ns)
+            .map_or(t.ts_ns, |prev| prev.max(t.ts_ns));
+        if life.spans.last().is_some_and(|s| s.state != t.old) {
+            // A missed event: OLD was entered at an unknown time.
+            life.spans.push(Span {
+                state: t.old,
+                entered_ns: None,
+                ns: None,
+            });
+        }
+        life.spans.push(Span {
+            state: t.new,
+            entered_ns: Some(entered),
+            ns: None,
+        });
+
+        let observed = Observed {
+            old_ns,
+            owner: life.owner,
+            sport: life.sport,
+            dport: life.dport,
+        };
+        if t.new == TcpState::Close {
+            if let Some(mut life) = self.socks.pop(&t.sk) {
+                life.end = End::from_close(t.old);
+                life.lifetime_ns = lifetime(&life, entered);
+                ended.push(life);
+            }
+        }
+        observed
     }
+
+    /// Ends every tracked life as `still_open` at `now_ns` (tracing stopped).
+    pub fn close_all(&mut self, now_ns: u64) -> Vec<SocketLife> {
+        let mut out = Vec::with_capacity(self.socks.len());
+        while let Some((_, mut life)) = self.socks.pop_lru() {
+            life.end = End::StillOpen;
+            life.lifetime_ns = lifetime(&life, now_ns);
+            out.push(life);
+        }
+        out
+    }
+}
+
+#[cold]
+fn unreachable_observed(t: &Transition) -> ! {
+    // `put` just inserted the key into a cache with room for it.
+    panic!("tracker lost socket {:#x} right after inserting it", t.sk)
+}
+
+/// A new record for the first transition seen of a socket.
+fn start(t: &Transition) -> SocketLife {
+    use TcpState::*;
+    let (role, fresh) = match (t.old, t.new) {
+        (Close, SynSent) => (Role::Active, true),
+        (Close, Listen) => (Role::Listener, true),
+        (Listen, SynRecv) => (Role::Passive, true),
+        _ => (Role::Unknown, false),
+    };
+    SocketLife {
+        sk: t.sk,
+        family: t.family,
+        saddr: t.saddr,
+        sport: t.sport,
+        daddr: t.daddr,
+        dport: t.dport,
+        owner: None,
+        role,
+        first_seen_mid_life: !fresh,
+        // A fresh socket's life starts with its first real state; a socket seen mid-life
+        // starts in OLD, entered at an unknown time.
+        spans: if fresh {
+            Vec::with_capacity(6)
+        } else {
+            vec![Span {
+                state: t.old,
+                entered_ns: None,
+                ns: None,
+            }]
+        },
+        end: End::StillOpen,
+        lifetime_ns: None,
+    }
+}
+
+fn lifetime(life: &SocketLife, end_ns: u64) -> Option<u64> {
+    if life.first_seen_mid_life {
+        return None;
+    }
+    let first = life.spans.first()?.entered_ns?;
+    Some(end_ns.saturating_sub(first))
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::model::{Family, Task};
-    use std::net::{IpAddr, Ipv4Addr};
+    use proptest::prelude::*;
+    use std::net::Ipv4Addr;
 
     pub(crate) fn tr(sk: u64, ts: u64, old: TcpState, new: TcpState, pid: u32) -> Transition {
         Transition {
@@ -117,85 +353,269 @@ pub(crate) mod tests {
 
     use TcpState::*;
 
+    fn feed(t: &mut Tracker, evs: &[Transition]) -> (Vec<Observed>, Vec<SocketLife>) {
+        let mut ended = Vec::new();
+        let obs = evs.iter().map(|e| t.observe(e, &mut ended)).collect();
+        (obs, ended)
+    }
+
     #[test]
-    fn durations_of_the_left_state() {
-        let mut t = Tracker::new();
-        assert_eq!(t.observe(&tr(1, 100, Close, SynSent, 7)).old_ns, None);
-        assert_eq!(
-            t.observe(&tr(1, 190, SynSent, Established, 9)).old_ns,
-            Some(90)
+    fn an_active_life_with_durations() {
+        let mut t = Tracker::default();
+        let mut first = tr(1, 100, Close, SynSent, 7);
+        first.sport = 0; // not chosen yet at connect()
+        let (obs, ended) = feed(
+            &mut t,
+            &[
+                first,
+                tr(1, 190, SynSent, Established, 9),
+                tr(1, 1190, Established, FinWait1, 7),
+                tr(1, 1200, FinWait1, FinWait2, 9),
+                tr(1, 1210, FinWait2, Close, 9),
+            ],
         );
-        assert_eq!(
-            t.observe(&tr(1, 1190, Established, FinWait1, 7)).old_ns,
-            Some(1000)
-        );
-        assert_eq!(t.live(), 1);
-        assert_eq!(t.observe(&tr(1, 1200, FinWait1, Close, 9)).old_ns, Some(10));
+        let old_ns: Vec<_> = obs.iter().map(|o| o.old_ns).collect();
+        assert_eq!(old_ns, [None, Some(90), Some(1000), Some(10), Some(10)]);
+        assert_eq!(obs[0].sport, 0);
+        assert_eq!(obs[1].sport, 40000);
         assert_eq!(t.live(), 0);
+        assert_eq!(ended.len(), 1);
+        let life = &ended[0];
+        assert_eq!(life.role, Role::Active);
+        assert_eq!(life.end, End::Closed);
+        assert!(!life.first_seen_mid_life);
+        assert_eq!(life.sport, 40000);
+        assert_eq!(life.owner.map(|o| o.pid), Some(7));
+        assert_eq!(
+            life.spans,
+            [
+                Span {
+                    state: SynSent,
+                    entered_ns: Some(100),
+                    ns: Some(90)
+                },
+                Span {
+                    state: Established,
+                    entered_ns: Some(190),
+                    ns: Some(1000)
+                },
+                Span {
+                    state: FinWait1,
+                    entered_ns: Some(1190),
+                    ns: Some(10)
+                },
+                Span {
+                    state: FinWait2,
+                    entered_ns: Some(1200),
+                    ns: Some(10)
+                },
+                Span {
+                    state: Close,
+                    entered_ns: Some(1210),
+                    ns: None
+                },
+            ]
+        );
+        assert_eq!(life.lifetime_ns, Some(1110));
     }
 
     #[test]
     fn first_seen_mid_life_is_unknown() {
-        let mut t = Tracker::new();
-        let o = t.observe(&tr(2, 500, Established, CloseWait, 3));
-        assert_eq!(o.old_ns, None);
-        assert_eq!(o.owner, None);
-        assert_eq!(
-            t.observe(&tr(2, 800, CloseWait, LastAck, 4)).old_ns,
-            Some(300)
+        let mut t = Tracker::default();
+        let (obs, ended) = feed(
+            &mut t,
+            &[
+                tr(2, 500, Established, CloseWait, 3),
+                tr(2, 800, CloseWait, LastAck, 4),
+                tr(2, 900, LastAck, Close, 5),
+            ],
         );
+        assert_eq!(obs[0].old_ns, None);
+        assert_eq!(obs[0].owner, None);
+        assert_eq!(obs[1].old_ns, Some(300));
+        let life = &ended[0];
+        assert!(life.first_seen_mid_life);
+        assert_eq!(life.role, Role::Unknown);
+        assert_eq!(
+            life.spans[0],
+            Span {
+                state: Established,
+                entered_ns: None,
+                ns: None
+            }
+        );
+        assert_eq!(life.lifetime_ns, None);
+        assert_eq!(life.owner.map(|o| o.pid), Some(4));
     }
 
     #[test]
     fn a_missed_event_makes_the_next_duration_unknown() {
-        let mut t = Tracker::new();
-        t.observe(&tr(3, 0, Close, SynSent, 1));
-        // SYN_SENT -> ESTABLISHED was lost.
-        assert_eq!(t.observe(&tr(3, 50, Established, FinWait1, 1)).old_ns, None);
+        let mut t = Tracker::default();
+        let (obs, _) = feed(
+            &mut t,
+            &[
+                tr(3, 0, Close, SynSent, 1),
+                // SYN_SENT -> ESTABLISHED was lost.
+                tr(3, 50, Established, FinWait1, 1),
+                tr(3, 60, FinWait1, FinWait2, 1),
+            ],
+        );
+        assert_eq!(obs[1].old_ns, None);
+        assert_eq!(obs[2].old_ns, Some(10));
+        assert_eq!(t.stats().mismatched, 1);
+        let life = t.sockets().next().unwrap();
+        let states: Vec<_> = life.spans.iter().map(|s| (s.state, s.ns)).collect();
         assert_eq!(
-            t.observe(&tr(3, 60, FinWait1, FinWait2, 1)).old_ns,
-            Some(10)
+            states,
+            [
+                (SynSent, None),
+                (Established, None),
+                (FinWait1, Some(10)),
+                (FinWait2, None)
+            ]
         );
     }
 
     #[test]
-    fn out_of_order_timestamps_never_go_negative() {
-        let mut t = Tracker::new();
-        t.observe(&tr(4, 1000, Close, SynSent, 1));
+    fn resets_and_refusals_end_as_reset() {
+        let mut t = Tracker::default();
+        let (_, ended) = feed(
+            &mut t,
+            &[
+                tr(4, 0, Close, SynSent, 1),
+                tr(4, 5, SynSent, Close, 1),
+                tr(5, 0, Close, SynSent, 1),
+                tr(5, 5, SynSent, Established, 1),
+                tr(5, 9, Established, Close, 1),
+                tr(6, 0, Close, Listen, 2),
+                tr(6, 9, Listen, Close, 2),
+            ],
+        );
+        let ends: Vec<_> = ended.iter().map(|l| (l.sk, l.end, l.role)).collect();
         assert_eq!(
-            t.observe(&tr(4, 990, SynSent, Established, 1)).old_ns,
-            Some(0)
+            ends,
+            [
+                (4, End::Reset, Role::Active),
+                (5, End::Reset, Role::Active),
+                (6, End::Closed, Role::Listener)
+            ]
         );
     }
 
     #[test]
     fn owner_comes_from_process_context_only() {
-        let mut t = Tracker::new();
+        let mut t = Tracker::default();
         // The passive child: its handshake and the peer's FIN run in softirq on top of
         // unrelated tasks 50 and 51.
-        assert_eq!(t.observe(&tr(5, 0, Listen, SynRecv, 50)).owner, None);
-        assert_eq!(t.observe(&tr(5, 1, SynRecv, Established, 50)).owner, None);
-        assert_eq!(t.observe(&tr(5, 2, Established, CloseWait, 51)).owner, None);
-        // The server closes: process context, task 42 is the owner from here on.
-        let owner = Owner {
-            pid: 42,
-            comm: Comm::from_name("task42"),
-        };
-        assert_eq!(
-            t.observe(&tr(5, 3, CloseWait, LastAck, 42)).owner,
-            Some(owner)
+        let (obs, ended) = feed(
+            &mut t,
+            &[
+                tr(5, 0, Listen, SynRecv, 50),
+                tr(5, 1, SynRecv, Established, 50),
+                tr(5, 2, Established, CloseWait, 51),
+                tr(5, 3, CloseWait, LastAck, 42), // the server's close(): process context
+                tr(5, 4, LastAck, Close, 51),
+            ],
         );
-        assert_eq!(t.observe(&tr(5, 4, LastAck, Close, 51)).owner, Some(owner));
+        let owners: Vec<_> = obs.iter().map(|o| o.owner.map(|o| o.pid)).collect();
+        assert_eq!(owners, [None, None, None, Some(42), Some(42)]);
+        assert_eq!(ended[0].role, Role::Passive);
+        assert_eq!(
+            ended[0].owner,
+            Some(Owner {
+                pid: 42,
+                comm: Comm::from_name("task42")
+            })
+        );
     }
 
     #[test]
     fn a_reused_address_starts_a_fresh_record() {
-        let mut t = Tracker::new();
-        t.observe(&tr(6, 0, Close, SynSent, 1));
-        t.observe(&tr(6, 10, SynSent, Close, 1));
-        // Same struct sock address, new socket owned by someone else.
-        let o = t.observe(&tr(6, 20, Close, Listen, 2));
-        assert_eq!(o.old_ns, None);
-        assert_eq!(o.owner.map(|o| o.pid), Some(2));
+        let mut t = Tracker::default();
+        let (obs, ended) = feed(
+            &mut t,
+            &[
+                tr(6, 0, Close, SynSent, 1),
+                tr(6, 10, SynSent, Close, 1),
+                tr(6, 20, Close, Listen, 2), // same struct sock address, a new socket
+            ],
+        );
+        assert_eq!(obs[2].old_ns, None);
+        assert_eq!(obs[2].owner.map(|o| o.pid), Some(2));
+        assert_eq!(ended.len(), 1);
+        let live: Vec<_> = t.sockets().collect();
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].role, Role::Listener);
+        assert_eq!(live[0].spans.len(), 1);
+    }
+
+    #[test]
+    fn eviction_keeps_the_cap_and_drops_the_least_recently_active() {
+        let mut t = Tracker::new(3);
+        let mut ended = Vec::new();
+        for sk in 1..=3 {
+            t.observe(&tr(sk, sk, Close, SynSent, 1), &mut ended);
+        }
+        t.observe(&tr(1, 10, SynSent, Established, 1), &mut ended); // 1 is active again
+        t.observe(&tr(4, 11, Close, SynSent, 1), &mut ended); // evicts 2
+        assert_eq!(t.live(), 3);
+        assert_eq!(ended.len(), 1);
+        assert_eq!((ended[0].sk, ended[0].end), (2, End::Evicted));
+        assert_eq!(t.stats().evicted, 1);
+    }
+
+    #[test]
+    fn still_open_at_exit() {
+        let mut t = Tracker::default();
+        let mut ended = Vec::new();
+        t.observe(&tr(7, 100, Close, SynSent, 1), &mut ended);
+        t.observe(&tr(7, 200, SynSent, Established, 1), &mut ended);
+        let open = t.close_all(1200);
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].end, End::StillOpen);
+        assert_eq!(open[0].lifetime_ns, Some(1100));
+        assert_eq!(open[0].spans.last().unwrap().ns, None);
+        assert_eq!(t.live(), 0);
+    }
+
+    fn any_state() -> impl Strategy<Value = TcpState> {
+        (1u8..=12).prop_map(|n| TcpState::from_kernel(n).unwrap())
+    }
+
+    proptest! {
+        /// Random streams over a few sockets, with timestamps jittered backwards as events
+        /// from different CPUs can be: every finished life's known durations add up to its
+        /// lifetime, and no duration is ever negative (they are u64, so "negative" would
+        /// show as a huge wrap-around).
+        #[test]
+        fn durations_sum_to_lifetime(
+            steps in proptest::collection::vec((0u64..4, any_state(), any_state(), 0u64..1000, any::<bool>()), 1..200),
+        ) {
+            let mut t = Tracker::new(3);
+            let mut ended = Vec::new();
+            let mut ts = 1_000_000u64;
+            for (sk, old, new, dt, back) in steps {
+                ts = if back { ts.saturating_sub(dt) } else { ts + dt };
+                let o = t.observe(&tr(sk, ts, old, new, 1), &mut ended);
+                prop_assert!(o.old_ns.is_none_or(|ns| ns < 1_000_000));
+                prop_assert!(t.live() <= 3);
+            }
+            ended.extend(t.close_all(ts + 10));
+            for life in &ended {
+                for s in &life.spans {
+                    prop_assert!(s.ns.is_none_or(|ns| ns < 1_000_000), "{life:?}");
+                }
+                let Some(lifetime) = life.lifetime_ns else { continue };
+                // Fresh lives: every span but the last is known, and they add up.
+                let known: u64 = life.spans.iter().filter_map(|s| s.ns).sum();
+                let unknown = life.spans.iter().rev().skip(1).filter(|s| s.ns.is_none()).count();
+                if unknown == 0 {
+                    let last_entered = life.spans.last().and_then(|s| s.entered_ns).unwrap();
+                    let first_entered = life.spans[0].entered_ns.unwrap();
+                    prop_assert_eq!(known, last_entered - first_entered);
+                    prop_assert!(lifetime >= known);
+                }
+            }
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 
-use super::Format;
+use super::{Format, Sink};
 use crate::clock::TimeFormatter;
 use crate::model::Transition;
 use crate::tracker::Observed;
@@ -133,6 +133,31 @@ impl<W: Write> WatchPrinter<W> {
     }
 }
 
+/// `watch`: every transition, flushed per batch (per line on a terminal).
+pub struct WatchSink<W: Write> {
+    pub printer: WatchPrinter<W>,
+    pub line_flush: bool,
+}
+
+impl<W: Write> Sink for WatchSink<W> {
+    fn started(&mut self) -> io::Result<()> {
+        self.printer.header()?;
+        self.printer.flush()
+    }
+
+    fn transition(&mut self, t: &Transition, o: &Observed) -> io::Result<()> {
+        self.printer.transition(t, o)?;
+        if self.line_flush {
+            self.printer.flush()?;
+        }
+        Ok(())
+    }
+
+    fn batch_done(&mut self) -> io::Result<()> {
+        self.printer.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +204,8 @@ mod tests {
                 pid: 13212,
                 comm: Comm::from_name("python3"),
             }),
+            sport: 59682,
+            dport: 7794,
         }
     }
 
@@ -210,6 +237,8 @@ mod tests {
         let o = Observed {
             old_ns: None,
             owner: None,
+            sport: 59682,
+            dport: 7794,
         };
         p.transition(&sample(Family::Ipv6), &o).unwrap();
         let v: serde_json::Value = serde_json::from_str(output(p).trim()).unwrap();

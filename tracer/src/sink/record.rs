@@ -1,0 +1,34 @@
+//! `record -o FILE`: the raw event stream to a file (format in `source/record.rs`).
+
+use std::io::{self, Write};
+
+use super::Sink;
+use crate::app::Totals;
+use crate::model::Transition;
+use crate::source::record::RecordWriter;
+use crate::tracker::{Observed, Tracker};
+
+pub struct RecordSink<W: Write> {
+    pub writer: RecordWriter<W>,
+    pub events: u64,
+}
+
+impl<W: Write> Sink for RecordSink<W> {
+    fn transition(&mut self, t: &Transition, _o: &Observed) -> io::Result<()> {
+        self.events += 1;
+        self.writer.event(t)
+    }
+
+    fn batch_done(&mut self) -> io::Result<()> {
+        self.writer.flush()
+    }
+
+    fn interval(&mut self, _now: u64, totals: &Totals, _tracker: &Tracker) -> io::Result<()> {
+        self.writer.lost(totals.lost)
+    }
+
+    fn finish(&mut self, _now: u64, totals: &Totals, _tracker: &Tracker) -> io::Result<()> {
+        self.writer.lost(totals.lost)?;
+        self.writer.flush()
+    }
+}

@@ -1,0 +1,490 @@
+//! `stats`: HDR histograms of time spent in each state, of the connect and accept
+//! handshakes and of connection lifetimes, printed every `--interval` (then reset) and at
+//! exit.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{self, Write};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::{Format, Sink, human_ns};
+use crate::app::Totals;
+use crate::clock::TimeFormatter;
+use crate::model::{TcpState, Transition};
+use crate::tracker::{End, Observed, SocketLife, Tracker};
+
+/// Highest recordable value: a day, in ns (larger values are clamped to it).
+const MAX_NS: u64 = 86_400 * 1_000_000_000;
+/// Above this many groups (`--by`), the rest share one group named `other`.
+pub const MAX_GROUPS: usize = 256;
+
+/// How `--by` splits the histograms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum By {
+    /// The socket's local port.
+    Lport,
+    /// The socket's remote port.
+    Rport,
+    /// The socket's owner process (`unknown` until one is seen).
+    Process,
+}
+
+impl By {
+    fn name(self) -> &'static str {
+        match self {
+            By::Lport => "lport",
+            By::Rport => "rport",
+            By::Process => "process",
+        }
+    }
+}
+
+/// One histogram: ns resolution, 3 significant digits, from 1 ns to a day.
+pub fn new_histogram() -> Histogram<u64> {
+    // The bounds are constants that hdrhistogram accepts.
+    Histogram::new_with_bounds(1, MAX_NS, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
+}
+
+#[derive(Default)]
+pub struct Group {
+    pub states: BTreeMap<TcpState, Histogram<u64>>,
+    pub connect: Option<Histogram<u64>>,
+    pub accept: Option<Histogram<u64>>,
+    pub lifetime: Option<Histogram<u64>>,
+}
+
+fn record(h: &mut Option<Histogram<u64>>, ns: u64) {
+    h.get_or_insert_with(new_histogram).saturating_record(ns);
+}
+
+impl Group {
+    fn is_empty(&self) -> bool {
+        self.states.is_empty()
+            && self.connect.is_none()
+            && self.accept.is_none()
+            && self.lifetime.is_none()
+    }
+}
+
+/// Summary of one histogram, as printed and as in JSON.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub count: u64,
+    pub min_ns: u64,
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+    pub max_ns: u64,
+    pub mean_ns: u64,
+}
+
+impl Summary {
+    pub fn of(h: &Histogram<u64>) -> Summary {
+        Summary {
+            count: h.len(),
+            min_ns: h.min(),
+            p50_ns: h.value_at_quantile(0.5),
+            p90_ns: h.value_at_quantile(0.9),
+            p99_ns: h.value_at_quantile(0.99),
+            p999_ns: h.value_at_quantile(0.999),
+            max_ns: h.max(),
+            mean_ns: h.mean().round() as u64,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct JsonWindow<'a> {
+    time: String,
+    window_ns: u64,
+    lost_events: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    by: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<&'a str>,
+    states: BTreeMap<&'static str, Summary>,
+    connect_ns: Option<Summary>,
+    accept_ns: Option<Summary>,
+    lifetime_ns: Option<Summary>,
+}
+
+pub struct StatsSink<W: Write> {
+    out: W,
+    format: Format,
+    times: TimeFormatter,
+    by: Option<By>,
+    groups: BTreeMap<String, Group>,
+    window_start_ns: Option<u64>,
+}
+
+impl<W: Write> StatsSink<W> {
+    pub fn new(out: W, format: Format, times: TimeFormatter, by: Option<By>) -> Self {
+        StatsSink {
+            out,
+            format,
+            times,
+            by,
+            groups: BTreeMap::new(),
+            window_start_ns: None,
+        }
+    }
+
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
+    pub fn groups(&self) -> &BTreeMap<String, Group> {
+        &self.groups
+    }
+
+    fn key(&self, sport: u16, dport: u16, owner: Option<&crate::tracker::Owner>) -> String {
+        match self.by {
+            None => String::new(),
+            Some(By::Lport) => sport.to_string(),
+            Some(By::Rport) => dport.to_string(),
+            Some(By::Process) => match owner {
+                Some(o) => format!("{}[{}]", o.comm, o.pid),
+                None => "unknown".into(),
+            },
+        }
+    }
+
+    fn group(&mut self, key: String) -> &mut Group {
+        if !self.groups.contains_key(&key) && self.groups.len() >= MAX_GROUPS {
+            return self.groups.entry("other".into()).or_default();
+        }
+        self.groups.entry(key).or_default()
+    }
+
+    /// Prints the window ending at `now_ns` and starts a new one.
+    fn report(&mut self, now_ns: u64, totals: &Totals) -> io::Result<()> {
+        let start = self.window_start_ns.unwrap_or(now_ns);
+        let window_ns = now_ns.saturating_sub(start);
+        let mut time = String::new();
+        self.times.rfc3339(now_ns, &mut time);
+        let groups = std::mem::take(&mut self.groups);
+        match self.format {
+            Format::Json => {
+                let mut any = false;
+                for (key, g) in groups.iter().filter(|(_, g)| !g.is_empty()) {
+                    any = true;
+                    self.json(&time, window_ns, totals, Some(key.as_str()), g)?;
+                }
+                if !any {
+                    self.json(&time, window_ns, totals, None, &Group::default())?;
+                }
+            }
+            Format::Text => self.text(now_ns, window_ns, totals, &groups)?,
+        }
+        self.out.flush()?;
+        self.window_start_ns = Some(now_ns);
+        Ok(())
+    }
+
+    fn json(
+        &mut self,
+        time: &str,
+        window_ns: u64,
+        totals: &Totals,
+        key: Option<&str>,
+        g: &Group,
+    ) -> io::Result<()> {
+        let rec = JsonWindow {
+            time: time.to_string(),
+            window_ns,
+            lost_events: totals.lost,
+            by: self.by.map(By::name),
+            group: self.by.and(key),
+            states: g
+                .states
+                .iter()
+                .map(|(s, h)| (s.name(), Summary::of(h)))
+                .collect(),
+            connect_ns: g.connect.as_ref().map(Summary::of),
+            accept_ns: g.accept.as_ref().map(Summary::of),
+            lifetime_ns: g.lifetime.as_ref().map(Summary::of),
+        };
+        serde_json::to_writer(&mut self.out, &rec).map_err(io::Error::other)?;
+        self.out.write_all(b"\n")
+    }
+
+    fn text(
+        &mut self,
+        now_ns: u64,
+        window_ns: u64,
+        totals: &Totals,
+        groups: &BTreeMap<String, Group>,
+    ) -> io::Result<()> {
+        let mut s = String::new();
+        self.times.time_of_day(now_ns, &mut s);
+        let _ = writeln!(
+            s,
+            "  window {}, {} events lost in the kernel",
+            human_ns(window_ns),
+            totals.lost
+        );
+        if groups.values().all(Group::is_empty) {
+            s.push_str("(no completed durations)\n");
+        }
+        for (key, g) in groups.iter().filter(|(_, g)| !g.is_empty()) {
+            if let Some(by) = self.by {
+                let _ = writeln!(s, "\n{} {key}", by.name());
+            }
+            let _ = writeln!(
+                s,
+                "{:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                "TIME IN", "COUNT", "MIN", "P50", "P90", "P99", "P99.9", "MAX", "MEAN"
+            );
+            let rows = g
+                .states
+                .iter()
+                .map(|(st, h)| (st.name(), h))
+                .chain(g.connect.as_ref().map(|h| ("connect", h)))
+                .chain(g.accept.as_ref().map(|h| ("accept", h)))
+                .chain(g.lifetime.as_ref().map(|h| ("lifetime", h)));
+            for (name, h) in rows.clone() {
+                let m = Summary::of(h);
+                let _ = writeln!(
+                    s,
+                    "{name:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                    m.count,
+                    human_ns(m.min_ns),
+                    human_ns(m.p50_ns),
+                    human_ns(m.p90_ns),
+                    human_ns(m.p99_ns),
+                    human_ns(m.p999_ns),
+                    human_ns(m.max_ns),
+                    human_ns(m.mean_ns),
+                );
+            }
+            for (name, h) in rows {
+                let _ = writeln!(s, "\n{name}");
+                log2_chart(h, &mut s);
+            }
+        }
+        s.push('\n');
+        self.out.write_all(s.as_bytes())
+    }
+}
+
+/// A bcc-style power-of-two bar chart drawn from the HDR data.
+pub fn log2_chart(h: &Histogram<u64>, out: &mut String) {
+    let mut buckets = [0u64; 64];
+    for v in h.iter_recorded() {
+        let value = v.value_iterated_to().max(1);
+        buckets[63 - value.leading_zeros() as usize] += v.count_at_value();
+    }
+    let Some(lo) = buckets.iter().position(|&c| c > 0) else {
+        return;
+    };
+    let hi = buckets.iter().rposition(|&c| c > 0).unwrap_or(lo);
+    let peak = buckets[lo..=hi].iter().copied().max().unwrap_or(1).max(1);
+    let _ = writeln!(out, "  {:>23} : {:<8} distribution", "range", "count");
+    for (k, &count) in buckets.iter().enumerate().take(hi + 1).skip(lo) {
+        let from = 1u64 << k;
+        let to = from.saturating_mul(2);
+        let bar = (count * 40).div_ceil(peak) as usize;
+        let _ = writeln!(
+            out,
+            "  {:>10} -> {:<10} : {:<8} |{:<40}|",
+            human_ns(from),
+            human_ns(to),
+            count,
+            "*".repeat(bar.min(40))
+        );
+    }
+}
+
+impl<W: Write> Sink for StatsSink<W> {
+    fn started(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn transition(&mut self, t: &Transition, o: &Observed) -> io::Result<()> {
+        if self.window_start_ns.is_none() {
+            self.window_start_ns = Some(t.ts_ns);
+        }
+        let Some(ns) = o.old_ns else {
+            return Ok(()); // unknown durations never enter a histogram
+        };
+        let key = self.key(o.sport, o.dport, o.owner.as_ref());
+        let g = self.group(key);
+        g.states
+            .entry(t.old)
+            .or_insert_with(new_histogram)
+            .saturating_record(ns);
+        match (t.old, t.new) {
+            (TcpState::SynSent, TcpState::Established) => record(&mut g.connect, ns),
+            (TcpState::SynRecv, TcpState::Established) => record(&mut g.accept, ns),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn life_ended(&mut self, life: &SocketLife) -> io::Result<()> {
+        if matches!(life.end, End::StillOpen | End::Evicted) {
+            return Ok(());
+        }
+        if let Some(ns) = life.lifetime_ns {
+            let key = self.key(life.sport, life.dport, life.owner.as_ref());
+            record(&mut self.group(key).lifetime, ns);
+        }
+        Ok(())
+    }
+
+    fn interval(&mut self, now_ns: u64, totals: &Totals, _tracker: &Tracker) -> io::Result<()> {
+        self.report(now_ns, totals)
+    }
+
+    fn finish(&mut self, now_ns: u64, totals: &Totals, _tracker: &Tracker) -> io::Result<()> {
+        self.report(now_ns, totals)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::WallClock;
+    use crate::tracker::tests::tr;
+    use TcpState::*;
+    use jiff::tz::TimeZone;
+
+    fn sink(format: Format, by: Option<By>) -> StatsSink<Vec<u8>> {
+        let clock = WallClock {
+            boot_offset_ns: 1_795_299_000_000_000_000,
+        };
+        StatsSink::new(
+            Vec::new(),
+            format,
+            TimeFormatter::new(clock, TimeZone::UTC),
+            by,
+        )
+    }
+
+    /// Drives a tracker and the sink through `n` connections whose CLOSE_WAIT lasts
+    /// `i` ms for connection i.
+    fn drive(s: &mut StatsSink<Vec<u8>>, n: u64) -> u64 {
+        let mut t = Tracker::default();
+        let mut ended = Vec::new();
+        let mut ts = 1_000_000_000;
+        for i in 1..=n {
+            for (old, new, dt) in [
+                (Listen, SynRecv, 0),
+                (SynRecv, Established, 5_000),
+                (Established, CloseWait, 1_000_000),
+                (CloseWait, LastAck, i * 1_000_000),
+                (LastAck, Close, 20_000),
+            ] {
+                ts += dt;
+                let e = tr(100 + i, ts, old, new, 1);
+                let o = t.observe(&e, &mut ended);
+                s.transition(&e, &o).unwrap();
+                for life in ended.drain(..) {
+                    s.life_ended(&life).unwrap();
+                }
+            }
+        }
+        ts
+    }
+
+    #[test]
+    fn json_summary_per_state() {
+        let mut s = sink(Format::Json, None);
+        let end = drive(&mut s, 100);
+        let g = &s.groups()[""];
+        let cw = Summary::of(&g.states[&CloseWait]);
+        assert_eq!(cw.count, 100);
+        // 3 significant digits: values within 0.1 %.
+        // 1 ms is reported as the lowest value of its HDR bucket (512 ns wide there).
+        assert_eq!(cw.min_ns, 999_936);
+        assert!((49_950_000..=50_050_000).contains(&cw.p50_ns), "{cw:?}");
+        assert!((99_900_000..=100_100_000).contains(&cw.max_ns), "{cw:?}");
+        assert_eq!(Summary::of(g.accept.as_ref().unwrap()).count, 100);
+        assert!(g.connect.is_none());
+        // SYN_RECV (accept), ESTABLISHED, CLOSE_WAIT, LAST_ACK; no unknown durations (the
+        // first LISTEN -> SYN_RECV of each child has none).
+        assert_eq!(
+            g.states.keys().copied().collect::<Vec<_>>(),
+            [Established, SynRecv, CloseWait, LastAck]
+        );
+        s.finish(
+            end,
+            &Totals {
+                lost: 7,
+                ..Totals::default()
+            },
+            &Tracker::default(),
+        )
+        .unwrap();
+        let out = String::from_utf8(s.into_inner()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["lost_events"], 7);
+        assert_eq!(v["window_ns"], end - 1_000_000_000);
+        assert_eq!(v["states"]["CLOSE_WAIT"]["count"], 100);
+        assert_eq!(v["accept_ns"]["count"], 100);
+        assert!(v["connect_ns"].is_null());
+        assert_eq!(v["lifetime_ns"]["count"], 100);
+        assert!(v.get("by").is_none());
+    }
+
+    #[test]
+    fn by_lport_and_group_cap() {
+        let mut s = sink(Format::Json, Some(By::Lport));
+        drive(&mut s, 3);
+        assert_eq!(s.groups().keys().collect::<Vec<_>>(), ["40000"]);
+        let mut s = sink(Format::Json, Some(By::Rport));
+        let mut t = Tracker::default();
+        let mut ended = Vec::new();
+        for port in 1..=(MAX_GROUPS as u16 + 10) {
+            for (old, new, ts) in [(Close, SynSent, 0), (SynSent, Established, 10)] {
+                let mut e = tr(u64::from(port), ts, old, new, 1);
+                e.dport = port;
+                let o = t.observe(&e, &mut ended);
+                s.transition(&e, &o).unwrap();
+            }
+        }
+        assert_eq!(s.groups().len(), MAX_GROUPS + 1);
+        assert_eq!(Summary::of(&s.groups()["other"].states[&SynSent]).count, 10);
+    }
+
+    #[test]
+    fn text_report_with_chart() {
+        let mut s = sink(Format::Text, None);
+        let end = drive(&mut s, 4);
+        s.finish(end, &Totals::default(), &Tracker::default())
+            .unwrap();
+        let out = String::from_utf8(s.into_inner()).unwrap();
+        assert!(
+            out.contains("window 14.100ms, 0 events lost in the kernel"),
+            "{out}"
+        );
+        let row = out.lines().find(|l| l.starts_with("CLOSE_WAIT")).unwrap();
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols[1], "4");
+        assert_eq!(cols[2], "999.9us");
+        // 1, 2, 3, 4 ms: buckets [512us,1ms)? no: 1 ms = 1_000_000 ns lies in [2^19, 2^20).
+        let chart: Vec<&str> = out
+            .split("\nCLOSE_WAIT\n")
+            .nth(1)
+            .unwrap()
+            .lines()
+            .take_while(|l| !l.is_empty())
+            .collect();
+        assert_eq!(chart.len(), 4, "{chart:?}");
+        assert!(
+            chart[1].contains("524.3us -> 1.049ms") && chart[1].contains(": 1 "),
+            "{chart:?}"
+        );
+        assert!(
+            chart[2].contains("1.049ms -> 2.097ms") && chart[2].contains(": 1 "),
+            "{chart:?}"
+        );
+        assert!(
+            chart[3].contains("2.097ms -> 4.194ms") && chart[3].contains(": 2 "),
+            "{chart:?}"
+        );
+    }
+}

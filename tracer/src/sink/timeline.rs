@@ -1,0 +1,259 @@
+//! `timeline`: one record per socket when its life ends (or at exit, still open).
+
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+
+use super::{Format, Sink, human_ns};
+use crate::clock::TimeFormatter;
+use crate::tracker::SocketLife;
+
+pub struct TimelineSink<W: Write> {
+    out: W,
+    format: Format,
+    times: TimeFormatter,
+    line: String,
+    pub printed: u64,
+}
+
+#[derive(Serialize)]
+struct JsonState {
+    state: &'static str,
+    time: Option<String>,
+    ns: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct JsonLife<'a> {
+    sk: String,
+    family: &'static str,
+    saddr: IpAddr,
+    sport: u16,
+    daddr: IpAddr,
+    dport: u16,
+    owner_pid: Option<u32>,
+    owner_comm: Option<std::borrow::Cow<'a, str>>,
+    role: &'static str,
+    first_seen_mid_life: bool,
+    states: Vec<JsonState>,
+    end: &'static str,
+    lifetime_ns: Option<u64>,
+}
+
+impl<W: Write> TimelineSink<W> {
+    pub fn new(out: W, format: Format, times: TimeFormatter) -> Self {
+        TimelineSink {
+            out,
+            format,
+            times,
+            line: String::with_capacity(512),
+            printed: 0,
+        }
+    }
+
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
+    fn json(&mut self, life: &SocketLife) -> io::Result<()> {
+        let states = life
+            .spans
+            .iter()
+            .map(|s| JsonState {
+                state: s.state.name(),
+                time: s.entered_ns.map(|ns| {
+                    let mut t = String::with_capacity(32);
+                    self.times.rfc3339(ns, &mut t);
+                    t
+                }),
+                ns: s.ns,
+            })
+            .collect();
+        let rec = JsonLife {
+            sk: format!("0x{:016x}", life.sk),
+            family: life.family.name(),
+            saddr: life.saddr,
+            sport: life.sport,
+            daddr: life.daddr,
+            dport: life.dport,
+            owner_pid: life.owner.map(|o| o.pid),
+            owner_comm: life.owner.as_ref().map(|o| o.comm.to_str_lossy()),
+            role: life.role.name(),
+            first_seen_mid_life: life.first_seen_mid_life,
+            states,
+            end: life.end.name(),
+            lifetime_ns: life.lifetime_ns,
+        };
+        serde_json::to_writer(&mut self.out, &rec).map_err(io::Error::other)?;
+        self.out.write_all(b"\n")
+    }
+
+    /// `22:10:02.123 127.0.0.1:59682 > 127.0.0.1:7794 active python3[13212] closed, lifetime 1.110ms`
+    /// `    SYN_SENT 90ns > ESTABLISHED 1.000us > … > CLOSE`
+    fn text(&mut self, life: &SocketLife) -> io::Result<()> {
+        let line = &mut self.line;
+        line.clear();
+        let start = life.spans.iter().find_map(|s| s.entered_ns);
+        match start {
+            Some(ns) => self.times.time_of_day(ns, line),
+            None => line.push_str("?           "),
+        }
+        let _ = write!(
+            line,
+            " {} > {} {}",
+            SocketAddr::new(life.saddr, life.sport),
+            SocketAddr::new(life.daddr, life.dport),
+            life.role.name(),
+        );
+        match &life.owner {
+            Some(o) => {
+                let _ = write!(line, " {}[{}]", o.comm, o.pid);
+            }
+            None => line.push_str(" owner?"),
+        }
+        let _ = write!(line, " {}", life.end.name());
+        match life.lifetime_ns {
+            Some(ns) => {
+                let _ = write!(line, ", lifetime {}", human_ns(ns));
+            }
+            None => line.push_str(", lifetime ?"),
+        }
+        line.push_str("\n   ");
+        for (i, s) in life.spans.iter().enumerate() {
+            if i > 0 {
+                line.push_str(" >");
+            }
+            let _ = write!(line, " {}", s.state);
+            let last = i + 1 == life.spans.len();
+            match s.ns {
+                Some(ns) => {
+                    let _ = write!(line, " {}", human_ns(ns));
+                }
+                None if !last => line.push_str(" ?"),
+                None => {}
+            }
+        }
+        line.push('\n');
+        self.out.write_all(line.as_bytes())
+    }
+}
+
+impl<W: Write> Sink for TimelineSink<W> {
+    fn life_ended(&mut self, life: &SocketLife) -> io::Result<()> {
+        self.printed += 1;
+        match self.format {
+            Format::Json => self.json(life),
+            Format::Text => self.text(life),
+        }
+    }
+
+    fn batch_done(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
+    fn finish(
+        &mut self,
+        _: u64,
+        _: &crate::app::Totals,
+        _: &crate::tracker::Tracker,
+    ) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::WallClock;
+    use crate::model::{Comm, TcpState};
+    use crate::tracker::Tracker;
+    use crate::tracker::tests::tr;
+    use jiff::tz::TimeZone;
+
+    fn life() -> SocketLife {
+        use TcpState::*;
+        let mut t = Tracker::default();
+        let mut ended = Vec::new();
+        for e in [
+            tr(
+                0xffff_8881_02cf_b780,
+                431_492_173_553,
+                Close,
+                SynSent,
+                13212,
+            ),
+            tr(
+                0xffff_8881_02cf_b780,
+                431_492_263_553,
+                SynSent,
+                Established,
+                1,
+            ),
+            tr(
+                0xffff_8881_02cf_b780,
+                431_792_263_553,
+                Established,
+                FinWait1,
+                13212,
+            ),
+            tr(
+                0xffff_8881_02cf_b780,
+                431_792_285_553,
+                FinWait1,
+                FinWait2,
+                1,
+            ),
+            tr(0xffff_8881_02cf_b780, 431_792_291_553, FinWait2, Close, 1),
+        ] {
+            t.observe(&e, &mut ended);
+        }
+        let mut life = ended.remove(0);
+        if let Some(o) = life.owner.as_mut() {
+            o.comm = Comm::from_name("python3");
+        }
+        life
+    }
+
+    fn sink(format: Format) -> TimelineSink<Vec<u8>> {
+        let clock = WallClock {
+            boot_offset_ns: 1_795_299_002_123_456_789 - 431_492_173_553,
+        };
+        TimelineSink::new(Vec::new(), format, TimeFormatter::new(clock, TimeZone::UTC))
+    }
+
+    #[test]
+    fn json_is_the_design_contract() {
+        let mut s = sink(Format::Json);
+        s.life_ended(&life()).unwrap();
+        let out = String::from_utf8(s.into_inner()).unwrap();
+        assert_eq!(
+            out,
+            concat!(
+                r#"{"sk":"0xffff888102cfb780","family":"ipv4","saddr":"127.0.0.1","sport":40000,"#,
+                r#""daddr":"127.0.0.1","dport":8080,"owner_pid":13212,"owner_comm":"python3","#,
+                r#""role":"active","first_seen_mid_life":false,"states":["#,
+                r#"{"state":"SYN_SENT","time":"2026-11-21T22:10:02.123456789Z","ns":90000},"#,
+                r#"{"state":"ESTABLISHED","time":"2026-11-21T22:10:02.123546789Z","ns":300000000},"#,
+                r#"{"state":"FIN_WAIT1","time":"2026-11-21T22:10:02.423546789Z","ns":22000},"#,
+                r#"{"state":"FIN_WAIT2","time":"2026-11-21T22:10:02.423568789Z","ns":6000},"#,
+                r#"{"state":"CLOSE","time":"2026-11-21T22:10:02.423574789Z","ns":null}],"#,
+                r#""end":"closed","lifetime_ns":300118000}"#,
+                "\n"
+            )
+        );
+    }
+
+    #[test]
+    fn text_block() {
+        let mut s = sink(Format::Text);
+        s.life_ended(&life()).unwrap();
+        let out = String::from_utf8(s.into_inner()).unwrap();
+        assert_eq!(
+            out,
+            "22:10:02.123 127.0.0.1:40000 > 127.0.0.1:8080 active python3[13212] closed, lifetime 300.118ms\n    \
+             SYN_SENT 90.0us > ESTABLISHED 300.000ms > FIN_WAIT1 22.0us > FIN_WAIT2 6.0us > CLOSE\n"
+        );
+    }
+}
