@@ -109,7 +109,7 @@ impl<'a> Pipeline<'a> {
 
 /// Where events come from: the live kernel, or a record file (no root needed).
 pub enum Input {
-    Kernel(KernelSource),
+    Kernel(Box<KernelSource>),
     File {
         reader: RecordReader<BufReader<File>>,
         path: String,
@@ -129,7 +129,7 @@ impl Input {
                     path: path.display().to_string(),
                 })
             }
-            None => Ok(Input::Kernel(open_kernel(&common.trace)?)),
+            None => Ok(Input::Kernel(Box::new(open_kernel(&common.trace)?))),
         }
     }
 
@@ -158,7 +158,7 @@ pub async fn run(
     p: &mut Pipeline<'_>,
 ) -> Result<()> {
     let result = match input {
-        Input::Kernel(source) => run_live(source, trace, interval, p).await,
+        Input::Kernel(source) => run_live(*source, trace, interval, p).await,
         Input::File { reader, path } => {
             p.filter = Some(trace.filter());
             replay(reader, &path, interval, p)
@@ -374,7 +374,7 @@ pub async fn record(args: &RecordArgs) -> Result<()> {
     let mut sink = RecordSink { writer, events: 0 };
     let mut p = Pipeline::new(Tracker::default(), vec![&mut sink]);
     run(
-        Input::Kernel(source),
+        Input::Kernel(Box::new(source)),
         &args.trace,
         Some(Duration::from_secs(1)),
         &mut p,

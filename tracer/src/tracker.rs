@@ -254,12 +254,12 @@ impl Tracker {
             sport: life.sport,
             dport: life.dport,
         };
-        if t.new == TcpState::Close {
-            if let Some(mut life) = self.socks.pop(&t.sk) {
-                life.end = End::from_close(t.old);
-                life.lifetime_ns = lifetime(&life, entered);
-                ended.push(life);
-            }
+        if t.new == TcpState::Close
+            && let Some(mut life) = self.socks.pop(&t.sk)
+        {
+            life.end = End::from_close(t.old);
+            life.lifetime_ns = lifetime(&life, entered);
+            ended.push(life);
         }
         observed
     }

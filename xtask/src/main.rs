@@ -37,6 +37,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Criterion benchmarks of the userspace pipeline (decode, tracker, printers).
+    Bench {
+        /// Extra arguments for `cargo bench` (e.g. a benchmark name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Every check and test: fmt, clippy (userspace and eBPF), unit and real-kernel tests.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -77,6 +83,12 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Test { args } => test(&args),
+        Cmd::Bench { args } => {
+            prereqs()?;
+            let mut all = vec!["bench", "-p", "tracer", "--bench", "pipeline", "--"];
+            all.extend(args.iter().map(String::as_str));
+            cargo(&all)
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use super::{Format, Sink, human_ns};
 use crate::app::Totals;
 use crate::clock::TimeFormatter;
 use crate::model::{TcpState, Transition};
-use crate::tracker::{End, Observed, SocketLife, Tracker};
+use crate::tracker::{End, Observed, Role, SocketLife, Tracker};
 
 /// Highest recordable value: a day, in ns (larger values are clamped to it).
 const MAX_NS: u64 = 86_400 * 1_000_000_000;
@@ -325,7 +325,8 @@ impl<W: Write> Sink for StatsSink<W> {
     }
 
     fn life_ended(&mut self, life: &SocketLife) -> io::Result<()> {
-        if matches!(life.end, End::StillOpen | End::Evicted) {
+        // Connection lifetimes: whole lives only, listeners aside.
+        if matches!(life.end, End::StillOpen | End::Evicted) || life.role == Role::Listener {
             return Ok(());
         }
         if let Some(ns) = life.lifetime_ns {
@@ -410,6 +411,14 @@ mod tests {
             g.states.keys().copied().collect::<Vec<_>>(),
             [Established, SynRecv, CloseWait, LastAck]
         );
+        // A listener's life is not a connection lifetime.
+        let mut t = Tracker::default();
+        let mut ended = Vec::new();
+        t.observe(&tr(9, 0, Close, Listen, 1), &mut ended);
+        t.observe(&tr(9, 5_000, Listen, Close, 1), &mut ended);
+        s.life_ended(&ended[0]).unwrap();
+        let lifetimes = s.groups()[""].lifetime.as_ref().map(|h| h.len());
+        assert_eq!(lifetimes, Some(100));
         s.finish(
             end,
             &Totals {

@@ -237,3 +237,99 @@ pub fn life_starting(lives: &[Vec<Transition>], first: (TcpState, TcpState)) -> 
     );
     found[0].clone()
 }
+
+/// A server in a child process of its own (named `comm`, at most 15 bytes) that listens on
+/// 127.0.0.1:`port`, accepts one connection, waits for the peer's FIN, holds the socket in
+/// CLOSE_WAIT for `hold`, then closes it. Must be called in the namespace thread.
+///
+/// The child uses raw syscalls only (it is forked from a multi-threaded process).
+pub struct ForkedServer {
+    pub pid: u32,
+    pipe: std::fs::File,
+}
+
+impl ForkedServer {
+    pub fn start(port: u16, comm: &'static std::ffi::CStr, hold: Duration) -> ForkedServer {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe(2) into a 2-element array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            },
+            sin_zero: [0; 8],
+        };
+        let hold_ts = libc::timespec {
+            tv_sec: hold.as_secs() as libc::time_t,
+            tv_nsec: hold.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: the child only makes async-signal-safe syscalls, then _exit()s.
+        match unsafe { libc::fork() } {
+            -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+            0 => unsafe {
+                let w = fds[1];
+                libc::prctl(libc::PR_SET_NAME, comm.as_ptr());
+                let l = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                let one: libc::c_int = 1;
+                libc::setsockopt(
+                    l,
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEADDR,
+                    (&one as *const libc::c_int).cast(),
+                    4,
+                );
+                let sa = (&addr as *const libc::sockaddr_in).cast::<libc::sockaddr>();
+                if libc::bind(l, sa, std::mem::size_of::<libc::sockaddr_in>() as u32) != 0
+                    || libc::listen(l, 8) != 0
+                {
+                    libc::_exit(2);
+                }
+                libc::write(w, b"r".as_ptr().cast(), 1); // ready
+                let c = libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut());
+                let mut buf = [0u8; 64];
+                while libc::read(c, buf.as_mut_ptr().cast(), buf.len()) > 0 {}
+                // EOF: the peer's FIN arrived, the socket is in CLOSE_WAIT.
+                let mut t0: libc::timespec = std::mem::zeroed();
+                let mut t1: libc::timespec = std::mem::zeroed();
+                libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t0);
+                libc::nanosleep(&hold_ts, std::ptr::null_mut());
+                libc::close(c);
+                libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t1);
+                let held = ((t1.tv_sec - t0.tv_sec) as i64 * 1_000_000_000
+                    + (t1.tv_nsec - t0.tv_nsec) as i64) as u64;
+                libc::write(w, held.to_ne_bytes().as_ptr().cast(), 8);
+                libc::close(l);
+                libc::_exit(0);
+            },
+            pid => {
+                // SAFETY: closing our copy of the write end; the read end becomes a File.
+                unsafe { libc::close(fds[1]) };
+                let mut pipe = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+                let mut ready = [0u8; 1];
+                std::io::Read::read_exact(&mut pipe, &mut ready).expect("server ready");
+                ForkedServer {
+                    pid: pid as u32,
+                    pipe,
+                }
+            }
+        }
+    }
+
+    /// Waits for the child; returns how long it measured the socket held in CLOSE_WAIT
+    /// (from the EOF it read to its close), by its own clock.
+    pub fn finish(mut self) -> Duration {
+        let mut held = [0u8; 8];
+        std::io::Read::read_exact(&mut self.pipe, &mut held).expect("server report");
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(self.pid as i32, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "server status {status}"
+        );
+        Duration::from_nanos(u64::from_ne_bytes(held))
+    }
+}

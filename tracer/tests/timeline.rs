@@ -1,0 +1,262 @@
+//! Real kernel: `timeline`, `stats` and `record` / `--from` on sockets held in a state
+//! for a known time, with the owner in a process of its own.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpStream;
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const TCPLENS: &str = env!("CARGO_BIN_EXE_tcplens");
+
+fn start(args: &[String]) -> (Child, BufReader<ChildStderr>) {
+    require_root();
+    let mut child = Command::new(TCPLENS)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning tcplens");
+    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    err.read_line(&mut line).expect("reading stderr");
+    assert!(
+        line.starts_with("tcplens: tracing"),
+        "unexpected first line: {line:?}"
+    );
+    (child, err)
+}
+
+fn finish((mut child, mut err): (Child, BufReader<ChildStderr>)) -> String {
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "tcplens failed: {status}: {rest}");
+    assert!(rest.contains(" 0 lost in the kernel"), "{rest}");
+    out
+}
+
+fn run_from(args: &[&str]) -> String {
+    let out = Command::new(TCPLENS)
+        .args(args)
+        .output()
+        .expect("running tcplens");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn args(s: &[&str]) -> Vec<String> {
+    s.iter().map(|a| a.to_string()).collect()
+}
+
+fn json_lines(out: &str) -> Vec<Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn on_port(lives: &[Value], port: u16) -> Vec<Value> {
+    lives
+        .iter()
+        .filter(|v| v["sport"] == port || v["dport"] == port)
+        .cloned()
+        .collect()
+}
+
+fn state_ns(life: &Value, state: &str) -> u64 {
+    let spans: Vec<&Value> = life["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == state)
+        .collect();
+    assert_eq!(spans.len(), 1, "one {state} in {life}");
+    spans[0]["ns"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{state} has no duration: {life}"))
+}
+
+fn near(got_ns: u64, want: Duration, tol: Duration) -> bool {
+    (i128::from(got_ns) - want.as_nanos() as i128).unsigned_abs() <= tol.as_nanos()
+}
+
+#[test]
+fn close_wait_and_established_durations_owner_and_replay() {
+    const PORT: u16 = 21201;
+    let port = PORT.to_string();
+    let file = std::env::temp_dir().join(format!("tcplens-test-{}.rec", std::process::id()));
+    let file_s = file.display().to_string();
+
+    let timeline = start(&args(&["timeline", "--format", "json", "--duration", "4s"]));
+    let stats = start(&args(&[
+        "stats",
+        "--format",
+        "json",
+        "--duration",
+        "4s",
+        "-L",
+        &port,
+    ]));
+    let record = start(&args(&["record", "-o", &file_s, "--duration", "4s"]));
+
+    let (server_pid, client_held, server_held) = in_netns(|| {
+        let server = ForkedServer::start(PORT, c"cw-server", Duration::from_millis(1500));
+        let client = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(client); // ESTABLISHED held ~300 ms, then FIN
+        let client_held = t0.elapsed();
+        let server_pid = server.pid;
+        (server_pid, client_held, server.finish())
+    });
+    let me = u64::from(std::process::id());
+
+    // Timeline: the passive socket and the client, with measured durations.
+    let lives = on_port(&json_lines(&finish(timeline)), PORT);
+    let roles: Vec<&str> = lives.iter().map(|l| l["role"].as_str().unwrap()).collect();
+    assert_eq!(lives.len(), 3, "{lives:#?}");
+    let passive = lives
+        .iter()
+        .find(|l| l["role"] == "passive")
+        .expect("passive life");
+    let active = lives
+        .iter()
+        .find(|l| l["role"] == "active")
+        .expect("active life");
+    assert!(roles.contains(&"listener"), "{roles:?}");
+    let names: Vec<&str> = passive["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]
+    );
+    let cw = state_ns(passive, "CLOSE_WAIT");
+    assert!(
+        near(cw, Duration::from_millis(1500), Duration::from_millis(20)),
+        "CLOSE_WAIT {cw} ns"
+    );
+    assert!(
+        near(cw, server_held, Duration::from_millis(20)),
+        "CLOSE_WAIT {cw} ns, server measured {server_held:?}"
+    );
+    // The owner is the server process, named by it, not the client task whose FIN put
+    // the socket into CLOSE_WAIT (that ran in the client's context, on loopback).
+    assert_eq!(passive["owner_pid"], u64::from(server_pid), "{passive}");
+    assert_eq!(passive["owner_comm"], "cw-server");
+    assert_ne!(passive["owner_pid"], me);
+    assert_eq!(passive["end"], "closed");
+    assert_eq!(passive["first_seen_mid_life"], false);
+
+    let est = state_ns(active, "ESTABLISHED");
+    assert!(
+        near(est, Duration::from_millis(300), Duration::from_millis(20)),
+        "ESTABLISHED {est} ns"
+    );
+    assert!(
+        near(est, client_held, Duration::from_millis(20)),
+        "ESTABLISHED {est} ns, client measured {client_held:?}"
+    );
+    assert_eq!(active["owner_pid"], me);
+    assert_eq!(active["end"], "closed");
+    // Durations of a life add up to its lifetime.
+    for life in &lives {
+        let sum: u64 = life["states"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["ns"].as_u64())
+            .sum();
+        assert_eq!(life["lifetime_ns"].as_u64(), Some(sum), "{life}");
+    }
+
+    // Stats (-L PORT: the server side): CLOSE_WAIT in its histogram.
+    let live = json_lines(&finish(stats));
+    assert_eq!(live.len(), 1, "one window at exit: {live:?}");
+    let s = &live[0];
+    assert_eq!(s["lost_events"], 0);
+    let cw_hist = &s["states"]["CLOSE_WAIT"];
+    assert_eq!(cw_hist["count"], 1, "{s}");
+    // HDR with 3 significant digits: within 0.1 % of the timeline's exact value.
+    let p50 = cw_hist["p50_ns"].as_u64().unwrap();
+    assert!(p50.abs_diff(cw) <= cw / 1000, "p50 {p50} vs {cw}");
+    assert_eq!(s["accept_ns"]["count"], 1);
+    assert!(
+        s["connect_ns"].is_null(),
+        "the client side is filtered out by -L"
+    );
+
+    // Record, then replay without the kernel: the same figures. Each tcplens instance
+    // has its own program on the tracepoint, which timestamps the event when it runs, so
+    // two instances' times of one event differ by the microseconds between their runs.
+    finish(record);
+    let replayed = json_lines(&run_from(&[
+        "stats", "--from", &file_s, "--format", "json", "-L", &port,
+    ]));
+    assert_eq!(replayed.len(), 1);
+    for key in ["states", "accept_ns", "lifetime_ns", "connect_ns"] {
+        same_figures(key, &replayed[0][key], &s[key]);
+    }
+    let replayed_lives = on_port(
+        &json_lines(&run_from(&[
+            "timeline", "--from", &file_s, "--format", "json",
+        ])),
+        PORT,
+    );
+    same_figures("lives", &Value::from(replayed_lives), &Value::from(lives));
+    std::fs::remove_file(&file).ok();
+}
+
+/// Equal JSON, but for durations (`*ns` keys) and times, which may differ by the gap
+/// between two programs' timestamps of one event: 50 us, or 0.1 % for long ones (HDR).
+fn same_figures(key: &str, a: &Value, b: &Value) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            assert_eq!(
+                x.keys().collect::<Vec<_>>(),
+                y.keys().collect::<Vec<_>>(),
+                "keys of {key}"
+            );
+            for (k, v) in x {
+                same_figures(k, v, &y[k]);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            assert_eq!(x.len(), y.len(), "length of {key}: {a} vs {b}");
+            for (v, w) in x.iter().zip(y) {
+                same_figures(key, v, w);
+            }
+        }
+        (Value::Number(x), Value::Number(y)) if key.ends_with("ns") => {
+            let (x, y) = (x.as_u64().unwrap(), y.as_u64().unwrap());
+            assert!(x.abs_diff(y) <= (x / 1000).max(50_000), "{key}: {x} vs {y}");
+        }
+        (Value::String(x), Value::String(y)) if key == "time" => {
+            let x: jiff::Timestamp = x.parse().unwrap();
+            let y: jiff::Timestamp = y.parse().unwrap();
+            assert!(
+                (x.as_nanosecond() - y.as_nanosecond()).abs() <= 1_000_000,
+                "{key}: {x} vs {y}"
+            );
+        }
+        _ => assert_eq!(a, b, "{key}"),
+    }
+}
