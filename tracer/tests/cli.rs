@@ -230,3 +230,118 @@ fn without_privileges_says_so() {
         "permission denied: tcplens needs root",
     );
 }
+
+/// A recording written by the library's writer: two socket lives on port 8080.
+fn recording() -> Vec<u8> {
+    use tracer::clock::WallClock;
+    use tracer::model::{Comm, Family, Task, TcpState::*, Transition};
+    use tracer::source::record::RecordWriter;
+    let mut w = RecordWriter::new(
+        Vec::new(),
+        WallClock {
+            boot_offset_ns: 1_795_299_000_000_000_000,
+        },
+    )
+    .unwrap();
+    for (sk, base) in [(1u64, 1_000_000_000u64), (2, 2_000_000_000)] {
+        for (old, new, at) in [
+            (Listen, SynRecv, 0),
+            (SynRecv, Established, 10_000),
+            (Established, CloseWait, 1_000_000),
+            (CloseWait, LastAck, 251_000_000),
+            (LastAck, Close, 251_050_000),
+        ] {
+            w.event(&Transition {
+                ts_ns: base + at,
+                sk,
+                family: Family::Ipv4,
+                saddr: "10.0.0.1".parse().unwrap(),
+                sport: 8080,
+                daddr: "10.0.0.2".parse().unwrap(),
+                dport: 50000 + sk as u16,
+                old,
+                new,
+                task: Task {
+                    pid: 77,
+                    tid: 77,
+                    comm: Comm::from_name("srv"),
+                },
+            })
+            .unwrap();
+        }
+    }
+    w.into_inner()
+}
+
+#[test]
+fn replay_needs_no_root_and_reports_corruption_by_offset() {
+    require_root(); // to become someone else
+    let dir = std::env::temp_dir();
+    let good = dir.join(format!("tcplens-cli-good-{}.rec", std::process::id()));
+    let cut = dir.join(format!("tcplens-cli-cut-{}.rec", std::process::id()));
+    let bytes = recording();
+    assert_eq!(bytes.len(), 32 + 10 * 92);
+    std::fs::write(&good, &bytes).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 40]).unwrap(); // inside the last record
+    for p in [&good, &cut] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    }
+
+    // As nobody: replay works without privileges.
+    let out = Command::new(TCPLENS)
+        .args(["stats", "--format", "json", "--from"])
+        .arg(&good)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["states"]["CLOSE_WAIT"]["count"], 2);
+    let p50 = v["states"]["CLOSE_WAIT"]["p50_ns"].as_u64().unwrap();
+    assert!(p50.abs_diff(250_000_000) <= 250_000, "{p50}");
+
+    // Truncated: what was read is reported (one socket's life), then one error line with
+    // the byte offset of the broken record, exit code 1.
+    let out = Command::new(TCPLENS)
+        .args(["timeline", "--format", "json", "--from"])
+        .arg(&cut)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let lives: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lives.len(),
+        2,
+        "one closed life and one cut short: {lives:?}"
+    );
+    assert_eq!(lives[0]["end"], "closed");
+    assert_eq!(lives[1]["end"], "still_open");
+    let last_record = 32 + 9 * 92;
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("truncated at byte {last_record}: in a record"))
+            && stderr.contains("9 events read"),
+        "{stderr}"
+    );
+    std::fs::remove_file(&good).ok();
+    std::fs::remove_file(&cut).ok();
+
+    // Not a recording at all.
+    fails_with(
+        Command::new(TCPLENS).args(["stats", "--from", "/proc/self/status"]),
+        "bad magic",
+    );
+    fails_with(
+        Command::new(TCPLENS).args(["stats", "--from", "/nonexistent/x"]),
+        "/nonexistent/x",
+    );
+}
