@@ -11,10 +11,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
+
+mod churn;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";
@@ -42,6 +44,17 @@ enum Cmd {
         /// Extra arguments for `cargo bench` (e.g. a benchmark name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Loopback connection churn in a network namespace of its own (root): connections/s.
+    Churn {
+        /// How long to churn.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Connecting threads (and as many accepting ones).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, default_value_t = 9000)]
+        port: u16,
     },
     /// Every check and test: fmt, clippy (userspace and eBPF), unit and real-kernel tests.
     Test {
@@ -83,6 +96,21 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Test { args } => test(&args),
+        Cmd::Churn {
+            seconds,
+            threads,
+            port,
+        } => {
+            let r = churn::run(Duration::from_secs(seconds), threads, port)?;
+            println!(
+                "churn: {} connections in {:.2}s = {:.0} connections/s ({:.0} transitions/s)",
+                r.connections,
+                r.elapsed.as_secs_f64(),
+                r.per_second(),
+                r.per_second() * churn::TRANSITIONS_PER_CONNECTION as f64
+            );
+            Ok(())
+        }
         Cmd::Bench { args } => {
             prereqs()?;
             let mut all = vec!["bench", "-p", "tracer", "--bench", "pipeline", "--"];
