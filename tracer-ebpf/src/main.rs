@@ -9,6 +9,7 @@
 
 use aya_ebpf::{
     EbpfContext as _, Global,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf, generated},
     macros::{map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -91,7 +92,13 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         (*ev).saddr = address(&rec, family, layout.saddr, layout.saddr_v6);
         (*ev).daddr = address(&rec, family, layout.daddr, layout.daddr_v6);
     }
-    entry.submit(0);
+    // Wake the reader only when enough has piled up; it also drains on a timer.
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= u64::from(cfg.wakeup_bytes) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags.into());
     0
 }
 

@@ -19,7 +19,7 @@ use crate::sink::record::RecordSink;
 use crate::sink::stats::StatsSink;
 use crate::sink::timeline::TimelineSink;
 use crate::sink::watch::{WatchPrinter, WatchSink};
-use crate::source::kernel::{KernelFilter, KernelOptions, KernelSource};
+use crate::source::kernel::{DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelSource};
 use crate::source::record::{Item, RecordReader, RecordWriter};
 use crate::tracker::{SocketLife, Tracker};
 
@@ -188,6 +188,8 @@ async fn run_live(
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let deadline = trace.duration.map(|d| tokio::time::Instant::now() + d);
     let mut lost_check = tokio::time::interval(Duration::from_secs(1));
+    let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks = interval.map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
     let mut reported_lost = 0;
     let mut failed: Option<io::Error> = None;
@@ -218,6 +220,15 @@ async fn run_live(
             batch = events.next_batch(|b| feed(p, &mut failed, b)) => {
                 batch?;
                 if failed.is_none() && let Err(e) = p.batch_done() {
+                    failed = Some(e);
+                }
+            }
+            _ = drain_tick.tick() => {
+                // Below the kernel's wakeup threshold events wait for this timer.
+                if events.drain_now(|b| feed(p, &mut failed, b)) > 0
+                    && failed.is_none()
+                    && let Err(e) = p.batch_done()
+                {
                     failed = Some(e);
                 }
             }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod churn;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -39,11 +40,24 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Criterion benchmarks of the userspace pipeline (decode, tracker, printers).
+    /// Benchmarks (root): criterion benchmarks of the pipeline, then tcplens side by side
+    /// with libbpf-tools tcpstates under loopback churn, then scale runs.
     Bench {
-        /// Extra arguments for `cargo bench` (e.g. a benchmark name filter).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        /// Seconds of churn per run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Rounds over all modes (medians are reported); 0 skips the side-by-side runs.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Connecting threads (and as many accepting ones).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Skip the criterion benchmarks.
+        #[arg(long)]
+        no_criterion: bool,
+        /// Skip the scale runs (10 M transitions, 100 k live sockets).
+        #[arg(long)]
+        no_scale: bool,
     },
     /// Loopback connection churn in a network namespace of its own (root): connections/s.
     Churn {
@@ -56,6 +70,9 @@ enum Cmd {
         #[arg(long, default_value_t = 9000)]
         port: u16,
     },
+    /// Holds N loopback connections open until stdin closes (used by `bench`).
+    #[command(hide = true)]
+    Hold { connections: usize },
     /// Every check and test: fmt, clippy (userspace and eBPF), unit and real-kernel tests.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -111,11 +128,63 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Bench { args } => {
+        Cmd::Hold { connections } => bench::hold(connections),
+        Cmd::Bench {
+            seconds,
+            rounds,
+            threads,
+            no_criterion,
+            no_scale,
+        } => {
             prereqs()?;
-            let mut all = vec!["bench", "-p", "tracer", "--bench", "pipeline", "--"];
-            all.extend(args.iter().map(String::as_str));
-            cargo(&all)
+            if !no_criterion {
+                step("criterion benchmarks of the userspace pipeline");
+                cargo(&["bench", "-p", "tracer", "--bench", "pipeline"])?;
+            }
+            if !nix_is_root() {
+                bail!(
+                    "the system benchmarks load eBPF programs and create network namespaces: run as root"
+                );
+            }
+            cargo(&["build", "--release", "--bin", "tcplens"])?;
+            apt_tools(&[("tcpstates", "libbpf-tools"), ("bpftool", "bpftool")])?;
+            let out_dir = root.join("target/bench");
+            std::fs::create_dir_all(&out_dir)?;
+            let opts = bench::Opts {
+                seconds,
+                rounds,
+                threads,
+                out_dir: out_dir.clone(),
+            };
+            let tcplens = root.join("target/release/tcplens");
+            let stats_key = "/proc/sys/kernel/bpf_stats_enabled";
+            let old = std::fs::read_to_string(stats_key).unwrap_or_else(|_| "0".into());
+            std::fs::write(stats_key, "1").context("enabling kernel.bpf_stats_enabled")?;
+            let result = (|| -> Result<String> {
+                let mut report = String::new();
+                if rounds > 0 {
+                    step("side by side under churn");
+                    report = bench::side_by_side(&tcplens, &opts)?;
+                }
+                if !no_scale {
+                    step("scale: 10 M transitions");
+                    report.push('\n');
+                    report.push_str(&bench::scale_events(&tcplens, &opts, 10_000_000)?);
+                    step("scale: 100 k live sockets");
+                    report.push('\n');
+                    report.push_str(&bench::scale_sockets(&tcplens, &opts, 50_000)?);
+                }
+                Ok(report)
+            })();
+            std::fs::write(stats_key, old.trim()).ok();
+            let report = result?;
+            std::fs::write(out_dir.join("results.md"), &report)?;
+            println!("{report}");
+            step(&format!(
+                "written to {}",
+                out_dir.join("results.md").display()
+            ));
+            Ok(())
         }
     }
 }
@@ -345,6 +414,28 @@ fn count_before(s: &str, word: &str) -> u64 {
     s.find(word)
         .and_then(|end| s[..end].rsplit([' ', '.']).next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// Installs the Debian packages of any missing command: `(command, package)`.
+fn apt_tools(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(cmd, _)| {
+            output(Command::new("sh").args(["-c", &format!("command -v {cmd}")])).is_none()
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!("installing {} (apt)", missing.join(", ")));
+    sh(Command::new("apt-get")
+        .args(["update", "-qq"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-qq"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn nix_is_root() -> bool {

@@ -66,6 +66,16 @@ pub struct KernelOptions {
     pub ring_size: u32,
 }
 
+/// How often the reader drains the ring when the kernel has not woken it: the most a
+/// quiet event waits before it is printed.
+pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Unread bytes at which the kernel wakes the reader early: an eighth of the ring (at most
+/// 1 MiB), far below full, so a burst never outruns the reader's timer.
+pub fn wakeup_bytes(ring_size: u32) -> u32 {
+    (ring_size / 8).min(1 << 20)
+}
+
 /// The loaded, attached program and its maps. Dropping it detaches the program.
 pub struct KernelSource {
     pub events: EventRing,
@@ -147,6 +157,7 @@ impl KernelSource {
             },
             filter_lport: u8::from(!f.lports.is_empty()),
             filter_rport: u8::from(!f.rports.is_empty()),
+            wakeup_bytes: wakeup_bytes(opts.ring_size),
         };
         let mut ebpf = EbpfLoader::new()
             .override_global(CONFIG_GLOBAL, &config, true)

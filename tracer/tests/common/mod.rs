@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use nix::libc;
 use tracer::decode::decode;
 use tracer::model::{TcpState, Transition};
-use tracer::source::kernel::{DEFAULT_RING_SIZE, KernelFilter, KernelOptions, KernelSource};
+use tracer::source::kernel::{
+    DEFAULT_RING_SIZE, DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelSource,
+};
 
 /// Name given to scenario threads: the `comm` the kernel reports for them.
 pub const THREAD_NAME: &str = "tcplens-test";
@@ -145,21 +147,26 @@ impl Capture {
         })
     }
 
-    /// Reads events until `done` holds for what was read, or `timeout` passes.
+    /// Reads events until `done` holds for what was read, or `timeout` passes. Like the
+    /// tracer itself, it drains on wakeups and on a short timer (the kernel batches
+    /// wakeups).
     pub fn wait_for(&mut self, timeout: Duration, mut done: impl FnMut(&[Transition]) -> bool) {
         let deadline = Instant::now() + timeout;
         let Capture { rt, source, events } = self;
         let source = source.as_mut().expect("capture running");
-        while !done(events) {
+        loop {
+            source
+                .events
+                .drain_now(|b| events.push(decode(b).expect("kernel event decodes")));
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if done(events) || left.is_zero() {
                 break;
             }
             rt.block_on(async {
                 let read = source.events.next_batch(|b| {
                     events.push(decode(b).expect("kernel event decodes"));
                 });
-                let _ = tokio::time::timeout(left, read).await;
+                let _ = tokio::time::timeout(left.min(DRAIN_INTERVAL), read).await;
             });
         }
     }
