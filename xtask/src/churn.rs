@@ -71,11 +71,14 @@ pub fn run(duration: Duration, clients: usize, port: u16) -> Result<ChurnResult>
 fn churn_here(duration: Duration, clients: usize, port: u16) -> Result<ChurnResult> {
     let listener =
         Arc::new(TcpListener::bind(("127.0.0.1", port)).context("binding the churn listener")?);
-    let stop = Arc::new(AtomicBool::new(false));
+    // Two flags: clients stop first; acceptors only once every client is done, so a client
+    // whose connection is still in the accept queue is always served.
+    let stop_clients = Arc::new(AtomicBool::new(false));
+    let stop_servers = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut servers = Vec::new();
     for _ in 0..clients {
-        let (listener, stop) = (listener.clone(), stop.clone());
+        let (listener, stop) = (listener.clone(), stop_servers.clone());
         servers.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 if let Ok((conn, _)) = listener.accept() {
@@ -87,11 +90,12 @@ fn churn_here(duration: Duration, clients: usize, port: u16) -> Result<ChurnResu
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..clients {
-        let (stop, done) = (stop.clone(), done.clone());
+        let (stop, done) = (stop_clients.clone(), done.clone());
         workers.push(std::thread::spawn(move || {
             let mut buf = [0u8; 1];
             while !stop.load(Ordering::Relaxed) {
                 if let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) {
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
                     let _ = c.read(&mut buf); // EOF: the server closed
                     drop(c);
                     done.fetch_add(1, Ordering::Relaxed);
@@ -100,12 +104,13 @@ fn churn_here(duration: Duration, clients: usize, port: u16) -> Result<ChurnResu
         }));
     }
     std::thread::sleep(duration);
-    stop.store(true, Ordering::Relaxed);
+    stop_clients.store(true, Ordering::Relaxed);
     for w in workers {
         let _ = w.join();
     }
     let elapsed = started.elapsed();
-    // Wake the acceptors so they see `stop`.
+    // Every client is done; wake the acceptors so they see their flag.
+    stop_servers.store(true, Ordering::Relaxed);
     for _ in 0..servers.len() {
         let _ = TcpStream::connect(("127.0.0.1", port));
     }
