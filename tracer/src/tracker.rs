@@ -317,12 +317,20 @@ fn start(t: &Transition) -> SocketLife {
     }
 }
 
+/// From the first state's entry to `end_ns`, which is never taken as earlier than the
+/// last recorded entry (events from other CPUs, or "now", may carry earlier stamps).
 fn lifetime(life: &SocketLife, end_ns: u64) -> Option<u64> {
     if life.first_seen_mid_life {
         return None;
     }
     let first = life.spans.first()?.entered_ns?;
-    Some(end_ns.saturating_sub(first))
+    let last = life
+        .spans
+        .iter()
+        .rev()
+        .find_map(|s| s.entered_ns)
+        .unwrap_or(first);
+    Some(end_ns.max(last).saturating_sub(first))
 }
 
 #[cfg(test)]
