@@ -10,15 +10,19 @@ use anyhow::{Context as _, Result};
 use jiff::tz::TimeZone;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::cli::{CommonArgs, RecordArgs, StatsArgs, TimelineArgs, TraceArgs, WatchArgs};
+use crate::cli::{
+    CommonArgs, LeaksArgs, RecordArgs, StatsArgs, TimelineArgs, TraceArgs, WatchArgs,
+};
 use crate::clock::{TimeFormatter, WallClock, monotonic_now_ns};
 use crate::decode::decode;
 use crate::model::Transition;
 use crate::sink::Sink;
+use crate::sink::leaks::{LeakQuery, LeaksSink};
 use crate::sink::record::RecordSink;
 use crate::sink::stats::StatsSink;
 use crate::sink::timeline::TimelineSink;
 use crate::sink::watch::{WatchPrinter, WatchSink};
+use crate::source::HostSockets;
 use crate::source::kernel::{DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelSource};
 use crate::source::record::{Item, RecordReader, RecordWriter};
 use crate::tracker::{SocketLife, Tracker};
@@ -96,14 +100,15 @@ impl<'a> Pipeline<'a> {
             .try_for_each(|s| s.interval(now_ns, &totals, tracker))
     }
 
-    /// Tracing stopped at `now_ns`: open sockets end as `still_open`, then sinks finish.
+    /// Tracing stopped at `now_ns`: sinks finish against the tracker as it stands, then
+    /// the sockets still open end as `still_open` (callers flush with `batch_done`).
     pub fn finish(&mut self, now_ns: u64) -> io::Result<()> {
-        self.ended = self.tracker.close_all(now_ns);
-        self.flush_ended()?;
         let (totals, tracker) = (self.totals, &self.tracker);
         self.sinks
             .iter_mut()
-            .try_for_each(|s| s.finish(now_ns, &totals, tracker))
+            .try_for_each(|s| s.finish(now_ns, &totals, tracker))?;
+        self.ended = self.tracker.close_all(now_ns);
+        self.flush_ended()
     }
 }
 
@@ -399,6 +404,35 @@ pub async fn record(args: &RecordArgs) -> Result<()> {
         args.output.display()
     );
     Ok(())
+}
+
+/// `leaks`: returns whether any report listed a socket.
+pub async fn leaks(args: &LeaksArgs) -> Result<bool> {
+    let start_ns = monotonic_now_ns();
+    let source = open_kernel(&args.trace)?;
+    let (out, _) = stdout();
+    let mut sink = LeaksSink::new(
+        out,
+        args.format,
+        formatter(WallClock::now()),
+        HostSockets::default(),
+        LeakQuery {
+            state: args.state,
+            threshold_ns: args.threshold.as_nanos() as u64,
+            start_ns,
+            filter: args.trace.filter(),
+        },
+    );
+    let mut p = Pipeline::new(Tracker::new(args.max_sockets), vec![&mut sink]);
+    run(
+        Input::Kernel(Box::new(source)),
+        &args.trace,
+        Some(args.interval),
+        &mut p,
+    )
+    .await?;
+    report(&p.totals);
+    Ok(sink.found_any)
 }
 
 fn create(path: &Path) -> Result<File> {

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use std::path::PathBuf;
 
-use crate::model::{Family, Transition};
+use crate::model::{Family, TcpState, Transition};
 use crate::sink::Format;
 use crate::sink::stats::By;
 use crate::source::kernel::{DEFAULT_RING_SIZE, KernelFilter};
@@ -36,6 +36,39 @@ pub enum Command {
     Stats(StatsArgs),
     /// The raw event stream to a file, for `--from FILE` later (no root needed there).
     Record(RecordArgs),
+    /// Sockets sitting in CLOSE_WAIT (or --state) for at least --threshold, with the
+    /// process, fd and command line holding each, refreshed every --interval.
+    Leaks(LeaksArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LeaksArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Report sockets in the state for at least this long.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub threshold: Duration,
+    /// Refresh the report this often (and once more at exit).
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub interval: Duration,
+    /// The state to watch (any TCP state: FIN_WAIT2, LAST_ACK, ESTABLISHED…).
+    #[arg(long, value_parser = parse_state, default_value = "CLOSE_WAIT")]
+    pub state: TcpState,
+    /// Exit with code 2 at the end (--duration, SIGINT, SIGTERM) if any report listed a
+    /// socket: for health checks and CI pipelines.
+    #[arg(long)]
+    pub fail_on_leak: bool,
+    /// Most sockets tracked at once (for exact ages).
+    #[arg(long, default_value_t = DEFAULT_MAX_SOCKETS, value_parser = parse_count)]
+    pub max_sockets: usize,
+}
+
+fn parse_state(s: &str) -> Result<TcpState, String> {
+    TcpState::parse(s)
+        .ok_or_else(|| format!("`{s}` is not a TCP state (CLOSE_WAIT, FIN_WAIT2, LAST_ACK, …)"))
 }
 
 #[derive(Debug, Args)]
@@ -133,9 +166,14 @@ impl TraceArgs {
 impl KernelFilter {
     /// The kernel program's filter, applied in userspace (replay of a record file).
     pub fn keeps(&self, t: &Transition) -> bool {
-        self.family.is_none_or(|f| f == t.family)
-            && (self.lports.is_empty() || self.lports.contains(&t.sport))
-            && (self.rports.is_empty() || self.rports.contains(&t.dport))
+        self.keeps_socket(t.family, t.sport, t.dport)
+    }
+
+    /// The same test for a socket's family and local and remote ports.
+    pub fn keeps_socket(&self, family: Family, sport: u16, dport: u16) -> bool {
+        self.family.is_none_or(|f| f == family)
+            && (self.lports.is_empty() || self.lports.contains(&sport))
+            && (self.rports.is_empty() || self.rports.contains(&dport))
     }
 }
 
@@ -251,6 +289,8 @@ mod tests {
             &["stats", "--by", "color"],
             &["timeline", "--max-sockets", "0"],
             &["record"],
+            &["leaks", "--state", "OPEN"],
+            &["leaks", "--threshold", "x"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} was accepted");
         }

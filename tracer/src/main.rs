@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use tracer::cli::{Cli, Command};
 
+/// Exit code of `leaks --fail-on-leak` when a leak was reported (1 is for errors).
+const LEAKS_FOUND: u8 = 2;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -44,15 +47,24 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async {
+        let done = |r: anyhow::Result<()>| r.map(|()| 0);
         match &cli.command {
-            Command::Watch(args) => tracer::app::watch(args).await,
-            Command::Timeline(args) => tracer::app::timeline(args).await,
-            Command::Stats(args) => tracer::app::stats(args).await,
-            Command::Record(args) => tracer::app::record(args).await,
+            Command::Watch(args) => done(tracer::app::watch(args).await),
+            Command::Timeline(args) => done(tracer::app::timeline(args).await),
+            Command::Stats(args) => done(tracer::app::stats(args).await),
+            Command::Record(args) => done(tracer::app::record(args).await),
+            Command::Leaks(args) => tracer::app::leaks(args).await.map(|found| {
+                if found && args.fail_on_leak {
+                    LEAKS_FOUND
+                } else {
+                    0
+                }
+            }),
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("tcplens: {e:#}");
             ExitCode::from(1)

@@ -2,6 +2,7 @@
 //! each transition with what the tracker knows of it, each socket life that ends, and the
 //! tracker itself at interval and exit time.
 
+pub mod leaks;
 pub mod record;
 pub mod stats;
 pub mod timeline;

@@ -245,6 +245,17 @@ pub fn life_starting(lives: &[Vec<Transition>], first: (TcpState, TcpState)) -> 
     found[0].clone()
 }
 
+/// In a forked child: closes every fd but `keep` (async-signal-safe), so the child holds
+/// neither the test harness's output pipes nor other children's control pipes.
+fn close_all_but(keep: &[i32]) {
+    for fd in 0..4096 {
+        if !keep.contains(&fd) {
+            // SAFETY: close(2) on any number is harmless (EBADF when not open).
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
 /// A server in a child process of its own (named `comm`, at most 15 bytes) that listens on
 /// 127.0.0.1:`port`, accepts one connection, waits for the peer's FIN, holds the socket in
 /// CLOSE_WAIT for `hold`, then closes it. Must be called in the namespace thread.
@@ -278,6 +289,7 @@ impl ForkedServer {
             -1 => panic!("fork: {}", std::io::Error::last_os_error()),
             0 => unsafe {
                 let w = fds[1];
+                close_all_but(&[w]);
                 libc::prctl(libc::PR_SET_NAME, comm.as_ptr());
                 let l = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
                 let one: libc::c_int = 1;
@@ -338,5 +350,105 @@ impl ForkedServer {
             "server status {status}"
         );
         Duration::from_nanos(u64::from_ne_bytes(held))
+    }
+}
+
+/// A server in a child process of its own (named `comm`) that accepts `count` connections
+/// on 127.0.0.1:`port` and never closes them: when the clients close, each sits in
+/// CLOSE_WAIT. It closes them and exits when told ([`LeakyServer::stop`]).
+pub struct LeakyServer {
+    pub pid: u32,
+    /// The fd of each accepted socket in the child, in accept order.
+    pub fds: Vec<u32>,
+    report: std::fs::File,
+    stop: Option<std::fs::File>,
+}
+
+impl LeakyServer {
+    /// Must be called in the namespace thread; connect `count` clients afterwards.
+    pub fn start(port: u16, comm: &'static std::ffi::CStr, count: usize) -> LeakyServer {
+        use std::os::fd::FromRawFd;
+        let (mut up, mut down) = ([0i32; 2], [0i32; 2]);
+        // SAFETY: pipe2(2) into 2-element arrays.
+        unsafe {
+            assert_eq!(libc::pipe2(up.as_mut_ptr(), libc::O_CLOEXEC), 0);
+            assert_eq!(libc::pipe2(down.as_mut_ptr(), libc::O_CLOEXEC), 0);
+        }
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            },
+            sin_zero: [0; 8],
+        };
+        let mut fds = vec![0u32; count];
+        // SAFETY: the child only makes async-signal-safe syscalls, then _exit()s; `fds`
+        // was allocated before the fork.
+        match unsafe { libc::fork() } {
+            -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+            0 => unsafe {
+                close_all_but(&[up[1], down[0]]);
+                libc::prctl(libc::PR_SET_NAME, comm.as_ptr());
+                let l = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                let sa = (&addr as *const libc::sockaddr_in).cast::<libc::sockaddr>();
+                if libc::bind(l, sa, std::mem::size_of::<libc::sockaddr_in>() as u32) != 0
+                    || libc::listen(l, 4096) != 0
+                {
+                    libc::_exit(2);
+                }
+                libc::write(up[1], b"r".as_ptr().cast(), 1);
+                for slot in fds.iter_mut() {
+                    let c = libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut());
+                    if c < 0 {
+                        libc::_exit(3);
+                    }
+                    *slot = c as u32;
+                }
+                libc::write(up[1], fds.as_ptr().cast(), fds.len() * 4);
+                let mut b = [0u8; 1];
+                while libc::read(down[0], b.as_mut_ptr().cast(), 1) > 0 {}
+                libc::_exit(0); // exit closes every socket
+            },
+            pid => unsafe {
+                libc::close(up[1]);
+                libc::close(down[0]);
+                let mut report = std::fs::File::from_raw_fd(up[0]);
+                let stop = std::fs::File::from_raw_fd(down[1]);
+                let mut ready = [0u8; 1];
+                std::io::Read::read_exact(&mut report, &mut ready).expect("leaky server ready");
+                LeakyServer {
+                    pid: pid as u32,
+                    fds: Vec::new(),
+                    report,
+                    stop: Some(stop),
+                }
+            },
+        }
+    }
+
+    /// Waits until the child accepted every connection and reads back its fds.
+    pub fn accepted(&mut self, count: usize) {
+        let mut raw = vec![0u8; count * 4];
+        std::io::Read::read_exact(&mut self.report, &mut raw).expect("leaky server fds");
+        self.fds = raw
+            .chunks(4)
+            .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+    }
+
+    /// Tells the child to exit (closing its sockets) and waits for it.
+    pub fn stop(self) {
+        // Drop does it.
+    }
+}
+
+impl Drop for LeakyServer {
+    fn drop(&mut self) {
+        if self.stop.take().is_some() {
+            let mut status = 0;
+            // SAFETY: waiting for our own child, told to exit by closing its pipe.
+            unsafe { libc::waitpid(self.pid as i32, &mut status, 0) };
+        }
     }
 }
