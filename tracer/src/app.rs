@@ -25,7 +25,8 @@ use crate::sink::watch::{WatchPrinter, WatchSink};
 use crate::source::HostSockets;
 use crate::source::kernel::{DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelSource};
 use crate::source::record::{Item, RecordReader, RecordWriter};
-use crate::tracker::{SocketLife, Tracker};
+use crate::source::sockdiag;
+use crate::tracker::{Seed, SocketLife, Tracker};
 
 /// What a run saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -138,11 +139,57 @@ impl Input {
         }
     }
 
+    /// A tracker for this input: on the live kernel, seeded with the sockets that existed
+    /// when tracing began (the start-up snapshot).
+    pub fn tracker(&self, max_sockets: usize) -> Tracker {
+        let mut tracker = Tracker::new(max_sockets);
+        if let Input::Kernel(_) = self {
+            tracker.seed(startup_snapshot());
+        }
+        tracker
+    }
+
     /// The clock that maps the events' monotonic times to wall time.
     pub fn clock(&self) -> WallClock {
         match self {
             Input::Kernel(_) => WallClock::now(),
             Input::File { reader, .. } => reader.clock,
+        }
+    }
+}
+
+/// Every TCP socket on the host now (sock_diag, every network namespace), taken right after
+/// the program is attached so that no socket falls between the two. Without it tcplens
+/// still runs: such sockets are then only "first seen mid-life".
+fn startup_snapshot() -> Vec<Seed> {
+    use crate::model::TcpState::*;
+    // Timewait and request sockets never appear on the tracepoint.
+    let states = [
+        Established,
+        SynSent,
+        SynRecv,
+        FinWait1,
+        FinWait2,
+        Close,
+        CloseWait,
+        LastAck,
+        Listen,
+        Closing,
+    ];
+    match sockdiag::dump_all(&states) {
+        Ok(found) => found
+            .into_iter()
+            .map(|s| Seed {
+                saddr: s.saddr,
+                sport: s.sport,
+                daddr: s.daddr,
+                dport: s.dport,
+                state: s.state,
+            })
+            .collect(),
+        Err(e) => {
+            log::warn!("start-up socket snapshot unavailable: {e}");
+            Vec::new()
         }
     }
 }
@@ -352,7 +399,8 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
         printer: WatchPrinter::new(out, args.format, formatter(input.clock())),
         line_flush: tty,
     };
-    let mut p = Pipeline::new(Tracker::new(args.common.max_sockets), vec![&mut sink]);
+    let tracker = input.tracker(args.common.max_sockets);
+    let mut p = Pipeline::new(tracker, vec![&mut sink]);
     run(input, &args.common.trace, None, &mut p).await?;
     report(&p.totals);
     Ok(())
@@ -362,7 +410,8 @@ pub async fn timeline(args: &TimelineArgs) -> Result<()> {
     let input = Input::open(&args.common)?;
     let (out, _) = stdout();
     let mut sink = TimelineSink::new(out, args.format, formatter(input.clock()));
-    let mut p = Pipeline::new(Tracker::new(args.common.max_sockets), vec![&mut sink]);
+    let tracker = input.tracker(args.common.max_sockets);
+    let mut p = Pipeline::new(tracker, vec![&mut sink]);
     run(input, &args.common.trace, None, &mut p).await?;
     let evicted = p.tracker.stats().evicted;
     report(&p.totals);
@@ -376,7 +425,8 @@ pub async fn stats(args: &StatsArgs) -> Result<()> {
     let input = Input::open(&args.common)?;
     let (out, _) = stdout();
     let mut sink = StatsSink::new(out, args.format, formatter(input.clock()), args.by);
-    let mut p = Pipeline::new(Tracker::new(args.common.max_sockets), vec![&mut sink]);
+    let tracker = input.tracker(args.common.max_sockets);
+    let mut p = Pipeline::new(tracker, vec![&mut sink]);
     run(input, &args.common.trace, args.interval, &mut p).await?;
     report(&p.totals);
     Ok(())
@@ -423,14 +473,10 @@ pub async fn leaks(args: &LeaksArgs) -> Result<bool> {
             filter: args.trace.filter(),
         },
     );
-    let mut p = Pipeline::new(Tracker::new(args.max_sockets), vec![&mut sink]);
-    run(
-        Input::Kernel(Box::new(source)),
-        &args.trace,
-        Some(args.interval),
-        &mut p,
-    )
-    .await?;
+    let input = Input::Kernel(Box::new(source));
+    let tracker = input.tracker(args.max_sockets);
+    let mut p = Pipeline::new(tracker, vec![&mut sink]);
+    run(input, &args.trace, Some(args.interval), &mut p).await?;
     report(&p.totals);
     Ok(sink.found_any)
 }

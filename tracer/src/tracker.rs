@@ -124,6 +124,9 @@ pub struct SocketLife {
     pub end: End,
     /// From entering the first state to the end; `None` when first seen mid-life.
     pub lifetime_ns: Option<u64>,
+    /// In the start-up snapshot: the socket existed before tracing began (its first
+    /// state was entered at or before then).
+    pub existed_at_start: bool,
 }
 
 impl SocketLife {
@@ -154,7 +157,23 @@ pub struct TrackerStats {
 
 pub struct Tracker {
     socks: LruCache<u64, SocketLife>,
+    /// Sockets of the start-up snapshot not seen on the tracepoint yet, by 4-tuple (the
+    /// snapshot has no `struct sock` address): their state then.
+    seeds: std::collections::HashMap<Tuple, TcpState>,
     stats: TrackerStats,
+}
+
+/// Local address and port, remote address and port.
+pub type Tuple = (IpAddr, u16, IpAddr, u16);
+
+/// A socket of the start-up snapshot (sock_diag at start).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seed {
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+    pub state: TcpState,
 }
 
 impl Default for Tracker {
@@ -168,8 +187,25 @@ impl Tracker {
     pub fn new(max_sockets: usize) -> Self {
         Tracker {
             socks: LruCache::new(NonZeroUsize::new(max_sockets).unwrap_or(NonZeroUsize::MIN)),
+            seeds: std::collections::HashMap::new(),
             stats: TrackerStats::default(),
         }
+    }
+
+    /// Seeds the sockets that existed when tracing began (at most the socket cap). When
+    /// one of them first shows up on the tracepoint, its life is marked
+    /// `existed_at_start`.
+    pub fn seed(&mut self, seeds: impl IntoIterator<Item = Seed>) {
+        let cap = self.socks.cap().get();
+        for s in seeds.into_iter().take(cap) {
+            self.seeds
+                .insert((s.saddr, s.sport, s.daddr, s.dport), s.state);
+        }
+    }
+
+    /// Snapshot sockets not seen on the tracepoint since (they may have ended unseen).
+    pub fn seeded(&self) -> usize {
+        self.seeds.len()
     }
 
     /// Number of sockets being tracked.
@@ -197,7 +233,13 @@ impl Tracker {
                 self.stats.evicted += 1;
                 ended.push(victim);
             }
-            self.socks.put(t.sk, start(t));
+            let mut life = start(t);
+            if life.first_seen_mid_life
+                && let Some(state) = self.seeds.remove(&(t.saddr, t.sport, t.daddr, t.dport))
+            {
+                life.existed_at_start = state == t.old;
+            }
+            self.socks.put(t.sk, life);
         }
         let Some(life) = self.socks.get_mut(&t.sk) else {
             unreachable_observed(t)
@@ -314,6 +356,7 @@ fn start(t: &Transition) -> SocketLife {
         },
         end: End::StillOpen,
         lifetime_ns: None,
+        existed_at_start: false,
     }
 }
 
@@ -570,6 +613,42 @@ pub(crate) mod tests {
         assert_eq!(ended.len(), 1);
         assert_eq!((ended[0].sk, ended[0].end), (2, End::Evicted));
         assert_eq!(t.stats().evicted, 1);
+    }
+
+    #[test]
+    fn seeded_sockets_are_marked_when_they_show_up() {
+        let mut t = Tracker::default();
+        let here: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let seed = |sport, state| Seed {
+            saddr: here,
+            sport,
+            daddr: here,
+            dport: 8080,
+            state,
+        };
+        t.seed([seed(40000, CloseWait), seed(40001, Established)]);
+        assert_eq!(t.seeded(), 2);
+        // tr() uses local port 40000: this one was in CLOSE_WAIT at start.
+        let (_, ended) = feed(
+            &mut t,
+            &[
+                tr(1, 10, CloseWait, LastAck, 5),
+                tr(1, 20, LastAck, Close, 6),
+            ],
+        );
+        assert!(ended[0].existed_at_start);
+        assert!(ended[0].first_seen_mid_life);
+        assert_eq!(ended[0].owner.map(|o| o.pid), Some(5));
+        assert_eq!(t.seeded(), 1);
+        // A socket not in the snapshot is not marked.
+        let (_, ended) = feed(
+            &mut t,
+            &[tr(2, 30, Established, Close, 1)].map(|mut e| {
+                e.sport = 45000;
+                e
+            }),
+        );
+        assert!(!ended[0].existed_at_start);
     }
 
     #[test]

@@ -260,3 +260,50 @@ fn same_figures(key: &str, a: &Value, b: &Value) {
         _ => assert_eq!(a, b, "{key}"),
     }
 }
+
+#[test]
+fn a_connection_older_than_tcplens_existed_at_start() {
+    const PORT: u16 = 21202;
+    // Opened before tracing starts. A thread stays in the namespace (as a container's
+    // processes do) so that the start-up snapshot can reach it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        set_link("lo", true);
+        let listener = std::net::TcpListener::bind(("127.0.0.1", PORT)).unwrap();
+        let client = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        tx.send((client, server, listener)).unwrap();
+        let _ = done_rx.recv();
+    });
+    let (client, server, listener) = rx.recv().unwrap();
+    let timeline = start(&args(&[
+        "timeline",
+        "--format",
+        "json",
+        "--duration",
+        "1500ms",
+        "-L",
+        "21202",
+    ]));
+    drop(client);
+    drop(server); // ESTABLISHED -> CLOSE_WAIT -> LAST_ACK -> CLOSE, seen on the tracepoint
+    let lives = on_port(&json_lines(&finish(timeline)), PORT);
+    drop(listener);
+    drop(done_tx);
+    holder.join().unwrap();
+    let server_side = lives
+        .iter()
+        .find(|l| l["dport"] != 0)
+        .expect("the accepted socket's life");
+    assert_eq!(server_side["existed_at_start"], true, "{server_side}");
+    assert_eq!(server_side["first_seen_mid_life"], true);
+    assert_eq!(server_side["role"], "unknown");
+    let first = &server_side["states"][0];
+    assert_eq!(first["state"], "ESTABLISHED");
+    assert!(first["time"].is_null() && first["ns"].is_null(), "{first}");
+    assert!(server_side["lifetime_ns"].is_null());
+    // The listener is still open at exit, untouched since start: not on the tracepoint.
+    assert!(lives.iter().all(|l| l["role"] != "listener"), "{lives:#?}");
+}

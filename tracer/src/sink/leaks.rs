@@ -271,8 +271,8 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
         if !list.is_empty() {
             let _ = writeln!(
                 s,
-                "{:<12} {:<7} {:<16} {:<5} {:<10} {:<26} {}",
-                "AGE", "PID", "COMM", "FD", "INODE", "LADDR:LPORT", "RADDR:RPORT"
+                "{:<12} {:<7} {:<16} {:<5} {:<10} {:<26} RADDR:RPORT",
+                "AGE", "PID", "COMM", "FD", "INODE", "LADDR:LPORT"
             );
         }
         for l in list {
@@ -289,8 +289,8 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
                 s,
                 "{age:<12} {pid:<7} {comm:<16} {fd:<5} {:<10} {:<26} {}",
                 l.socket.inode,
-                SocketAddr::new(l.socket.saddr, l.socket.sport).to_string(),
-                SocketAddr::new(l.socket.daddr, l.socket.dport).to_string(),
+                SocketAddr::new(l.socket.saddr, l.socket.sport),
+                SocketAddr::new(l.socket.daddr, l.socket.dport),
             );
         }
         if !procs.is_empty() {

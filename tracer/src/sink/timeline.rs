@@ -37,6 +37,7 @@ struct JsonLife<'a> {
     owner_comm: Option<std::borrow::Cow<'a, str>>,
     role: &'static str,
     first_seen_mid_life: bool,
+    existed_at_start: bool,
     states: Vec<JsonState>,
     end: &'static str,
     lifetime_ns: Option<u64>,
@@ -82,6 +83,7 @@ impl<W: Write> TimelineSink<W> {
             owner_comm: life.owner.as_ref().map(|o| o.comm.to_str_lossy()),
             role: life.role.name(),
             first_seen_mid_life: life.first_seen_mid_life,
+            existed_at_start: life.existed_at_start,
             states,
             end: life.end.name(),
             lifetime_ns: life.lifetime_ns,
@@ -112,6 +114,9 @@ impl<W: Write> TimelineSink<W> {
                 let _ = write!(line, " {}[{}]", o.comm, o.pid);
             }
             None => line.push_str(" owner?"),
+        }
+        if life.existed_at_start {
+            line.push_str(" (existed at start)");
         }
         let _ = write!(line, " {}", life.end.name());
         match life.lifetime_ns {
@@ -233,7 +238,7 @@ mod tests {
             concat!(
                 r#"{"sk":"0xffff888102cfb780","family":"ipv4","saddr":"127.0.0.1","sport":40000,"#,
                 r#""daddr":"127.0.0.1","dport":8080,"owner_pid":13212,"owner_comm":"python3","#,
-                r#""role":"active","first_seen_mid_life":false,"states":["#,
+                r#""role":"active","first_seen_mid_life":false,"existed_at_start":false,"states":["#,
                 r#"{"state":"SYN_SENT","time":"2026-11-21T22:10:02.123456789Z","ns":90000},"#,
                 r#"{"state":"ESTABLISHED","time":"2026-11-21T22:10:02.123546789Z","ns":300000000},"#,
                 r#"{"state":"FIN_WAIT1","time":"2026-11-21T22:10:02.423546789Z","ns":22000},"#,
