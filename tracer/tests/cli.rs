@@ -3,49 +3,24 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
 
-const TCPLENS: &str = env!("CARGO_BIN_EXE_tcplens");
-
-/// Starts tcplens and waits for its "tracing" line on stderr (the program is attached).
-fn start(args: &[&str]) -> (Child, BufReader<std::process::ChildStderr>) {
-    require_root();
-    let mut child = Command::new(TCPLENS)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning tcplens");
-    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    err.read_line(&mut line).expect("reading stderr");
+/// tcplens's stdout and stderr after a successful run.
+fn finish(r: Running) -> (String, String) {
+    let f = r.wait();
     assert!(
-        line.starts_with("tcplens: tracing"),
-        "unexpected first line: {line:?}"
+        f.status.success(),
+        "tcplens failed: {}, stderr: {}",
+        f.status,
+        f.stderr
     );
-    (child, err)
-}
-
-fn finish(mut child: Child, mut err: BufReader<std::process::ChildStderr>) -> (String, String) {
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut rest = String::new();
-    err.read_to_string(&mut rest).unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "tcplens failed: {status}, stderr: {rest}");
-    (out, rest)
+    (f.stdout, f.stderr)
 }
 
 fn one_connection(port: u16) -> u32 {
@@ -64,7 +39,7 @@ fn one_connection(port: u16) -> u32 {
 fn watch_json_as_a_user_runs_it() {
     const PORT: u16 = 21101;
     let started = Instant::now();
-    let (child, err) = start(&[
+    let running = start_tcplens(&[
         "watch",
         "--format",
         "json",
@@ -74,7 +49,7 @@ fn watch_json_as_a_user_runs_it() {
         &PORT.to_string(),
     ]);
     one_connection(PORT);
-    let (out, rest) = finish(child, err);
+    let (out, rest) = finish(running);
     assert!(
         started.elapsed() < Duration::from_secs(6),
         "--duration 2s stopped in time"
@@ -163,15 +138,15 @@ fn watch_json_as_a_user_runs_it() {
 #[test]
 fn watch_text_and_sigterm() {
     const PORT: u16 = 21102;
-    let (child, err) = start(&["watch", "-L", &PORT.to_string()]);
+    let running = start_tcplens(&["watch", "-L", &PORT.to_string()]);
     one_connection(PORT);
     std::thread::sleep(Duration::from_millis(300));
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(running.pid() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let (out, rest) = finish(child, err);
+    let (out, rest) = finish(running);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 8, "header and 7 transitions: {out}");
     assert!(lines[0].starts_with("TIME         PID     COMM"), "{out}");

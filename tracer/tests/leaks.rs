@@ -3,52 +3,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
-use std::process::{Child, ChildStderr, Command, Stdio};
+
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use serde_json::Value;
 
-const TCPLENS: &str = env!("CARGO_BIN_EXE_tcplens");
-
-fn start(args: &[&str]) -> (Child, BufReader<ChildStderr>) {
-    require_root();
-    let mut child = Command::new(TCPLENS)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning tcplens");
-    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    err.read_line(&mut line).expect("reading stderr");
-    assert!(
-        line.starts_with("tcplens: tracing"),
-        "unexpected first line: {line:?}"
-    );
-    (child, err)
-}
-
 /// Waits for tcplens to exit; returns its reports and exit code.
-fn finish((mut child, mut err): (Child, BufReader<ChildStderr>)) -> (Vec<Value>, i32) {
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut rest = String::new();
-    err.read_to_string(&mut rest).unwrap();
-    let status = child.wait().unwrap();
-    assert!(!rest.contains("error"), "{rest}");
-    let reports = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    (reports, status.code().unwrap_or(-1))
+fn finish(r: Running) -> (Vec<Value>, i32) {
+    let f = r.wait();
+    assert!(!f.stderr.contains("error"), "{}", f.stderr);
+    (json_lines(&f.stdout), f.status.code().unwrap_or(-1))
 }
 
 fn unix_ns(v: &Value) -> i128 {
@@ -77,7 +43,7 @@ fn leak(server: &mut LeakyServer, port: u16, n: usize) -> i128 {
 #[test]
 fn a_leaky_server_is_reported_with_pid_fd_and_a_growing_age() {
     const PORT: u16 = 21301;
-    let tcplens = start(&[
+    let tcplens = start_tcplens(&[
         "leaks",
         "--threshold",
         "1s",
@@ -172,7 +138,7 @@ fn a_leak_older_than_tcplens_is_at_least_that_old() {
     });
     std::thread::sleep(Duration::from_millis(300));
     let started = now_unix_ns();
-    let tcplens = start(&[
+    let tcplens = start_tcplens(&[
         "leaks",
         "--threshold",
         "500ms",
@@ -216,7 +182,7 @@ fn a_thousand_leaks_across_three_processes() {
         }
         servers
     });
-    let tcplens = start(&[
+    let tcplens = start_tcplens(&[
         "leaks",
         "--threshold",
         "200ms",
@@ -278,7 +244,7 @@ fn fail_on_leak_exit_codes() {
         leak(&mut server, PORT, 1);
         server
     });
-    let with_leak = start(&[
+    let with_leak = start_tcplens(&[
         "leaks",
         "--threshold",
         "100ms",
@@ -295,7 +261,7 @@ fn fail_on_leak_exit_codes() {
     let (_, code) = finish(with_leak);
     server.stop();
     assert_eq!(code, 2, "a leak was found");
-    let without = start(&[
+    let without = start_tcplens(&[
         "leaks",
         "--threshold",
         "100ms",

@@ -3,48 +3,24 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
-use std::process::{Child, ChildStderr, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
 
-const TCPLENS: &str = env!("CARGO_BIN_EXE_tcplens");
-
-fn start(args: &[String]) -> (Child, BufReader<ChildStderr>) {
-    require_root();
-    let mut child = Command::new(TCPLENS)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning tcplens");
-    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    err.read_line(&mut line).expect("reading stderr");
+/// stdout of a successful run that lost nothing.
+fn finish(r: Running) -> String {
+    let f = r.wait();
     assert!(
-        line.starts_with("tcplens: tracing"),
-        "unexpected first line: {line:?}"
+        f.status.success(),
+        "tcplens failed: {}: {}",
+        f.status,
+        f.stderr
     );
-    (child, err)
-}
-
-fn finish((mut child, mut err): (Child, BufReader<ChildStderr>)) -> String {
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut rest = String::new();
-    err.read_to_string(&mut rest).unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "tcplens failed: {status}: {rest}");
-    assert!(rest.contains(" 0 lost in the kernel"), "{rest}");
-    out
+    assert!(f.stderr.contains(" 0 lost in the kernel"), "{}", f.stderr);
+    f.stdout
 }
 
 fn run_from(args: &[&str]) -> String {
@@ -58,16 +34,6 @@ fn run_from(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn args(s: &[&str]) -> Vec<String> {
-    s.iter().map(|a| a.to_string()).collect()
-}
-
-fn json_lines(out: &str) -> Vec<Value> {
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
 }
 
 fn on_port(lives: &[Value], port: u16) -> Vec<Value> {
@@ -102,17 +68,9 @@ fn close_wait_and_established_durations_owner_and_replay() {
     let file = std::env::temp_dir().join(format!("tcplens-test-{}.rec", std::process::id()));
     let file_s = file.display().to_string();
 
-    let timeline = start(&args(&["timeline", "--format", "json", "--duration", "4s"]));
-    let stats = start(&args(&[
-        "stats",
-        "--format",
-        "json",
-        "--duration",
-        "4s",
-        "-L",
-        &port,
-    ]));
-    let record = start(&args(&["record", "-o", &file_s, "--duration", "4s"]));
+    let timeline = start_tcplens(&["timeline", "--format", "json", "--duration", "4s"]);
+    let stats = start_tcplens(&["stats", "--format", "json", "--duration", "4s", "-L", &port]);
+    let record = start_tcplens(&["record", "-o", &file_s, "--duration", "4s"]);
 
     let (server_pid, client_held, server_held) = in_netns(|| {
         let server = ForkedServer::start(PORT, c"cw-server", Duration::from_millis(1500));
@@ -278,7 +236,7 @@ fn a_connection_older_than_tcplens_existed_at_start() {
         let _ = done_rx.recv();
     });
     let (client, server, listener) = rx.recv().unwrap();
-    let timeline = start(&args(&[
+    let timeline = start_tcplens(&[
         "timeline",
         "--format",
         "json",
@@ -286,7 +244,7 @@ fn a_connection_older_than_tcplens_existed_at_start() {
         "1500ms",
         "-L",
         "21202",
-    ]));
+    ]);
     drop(client);
     drop(server); // ESTABLISHED -> CLOSE_WAIT -> LAST_ACK -> CLOSE, seen on the tracepoint
     let lives = on_port(&json_lines(&finish(timeline)), PORT);

@@ -14,6 +14,87 @@ use tracer::source::kernel::{
     DEFAULT_RING_SIZE, DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelSource,
 };
 
+/// The built binary, run as a user would.
+pub const TCPLENS: &str = env!("CARGO_BIN_EXE_tcplens");
+
+/// A running `tcplens`, attached (its "tracing" line was read from stderr).
+pub struct Running {
+    child: std::process::Child,
+    err: std::io::BufReader<std::process::ChildStderr>,
+}
+
+/// What a `tcplens` run printed, and how it exited.
+pub struct Finished {
+    pub stdout: String,
+    pub stderr: String,
+    pub status: std::process::ExitStatus,
+}
+
+/// Starts tcplens and waits until its program is attached.
+pub fn start_tcplens(args: &[&str]) -> Running {
+    use std::io::BufRead as _;
+    require_root();
+    let mut child = std::process::Command::new(TCPLENS)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning tcplens");
+    let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    err.read_line(&mut line).expect("reading stderr");
+    assert!(
+        line.starts_with("tcplens: tracing"),
+        "unexpected first line: {line:?}"
+    );
+    Running { child, err }
+}
+
+impl Running {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for tcplens to exit (by `--duration` or a signal).
+    pub fn wait(mut self) -> Finished {
+        use std::io::Read as _;
+        let mut stdout = String::new();
+        self.child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut stdout)
+            .expect("stdout");
+        let mut stderr = String::new();
+        self.err.read_to_string(&mut stderr).expect("stderr");
+        let status = self.child.wait().expect("waiting for tcplens");
+        Finished {
+            stdout,
+            stderr,
+            status,
+        }
+    }
+}
+
+/// One JSON object per line.
+pub fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// 127.0.0.1:`port` for raw socket calls in forked children.
+fn loopback_v4(port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
 /// Name given to scenario threads: the `comm` the kernel reports for them.
 pub const THREAD_NAME: &str = "tcplens-test";
 
@@ -272,14 +353,7 @@ impl ForkedServer {
         let mut fds = [0i32; 2];
         // SAFETY: pipe(2) into a 2-element array.
         assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
-            },
-            sin_zero: [0; 8],
-        };
+        let addr = loopback_v4(port);
         let hold_ts = libc::timespec {
             tv_sec: hold.as_secs() as libc::time_t,
             tv_nsec: hold.subsec_nanos() as libc::c_long,
@@ -374,14 +448,7 @@ impl LeakyServer {
             assert_eq!(libc::pipe2(up.as_mut_ptr(), libc::O_CLOEXEC), 0);
             assert_eq!(libc::pipe2(down.as_mut_ptr(), libc::O_CLOEXEC), 0);
         }
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
-            },
-            sin_zero: [0; 8],
-        };
+        let addr = loopback_v4(port);
         let mut fds = vec![0u32; count];
         // SAFETY: the child only makes async-signal-safe syscalls, then _exit()s; `fds`
         // was allocated before the fork.
