@@ -42,10 +42,12 @@ fn active_and_passive_open_and_close() {
     const PORT: u16 = 21001;
     let mut cap = Capture::everything();
     let ran = in_netns(|| {
-        let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
-        let client = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
-        let client_port = client.local_addr().unwrap().port();
-        let (mut server, _) = listener.accept().unwrap();
+        let Pair {
+            listener,
+            client,
+            mut server,
+            client_port,
+        } = connect_pair("127.0.0.1", PORT);
         drop(client); // active close first
         let mut buf = [0u8; 16];
         assert_eq!(
@@ -141,10 +143,12 @@ fn abortive_close_with_linger_zero_resets_the_peer() {
     const PORT: u16 = 21003;
     let mut cap = Capture::everything();
     let ran = in_netns(|| {
-        let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
-        let client = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
-        let client_port = client.local_addr().unwrap().port();
-        let (mut server, _) = listener.accept().unwrap();
+        let Pair {
+            listener: _listener,
+            client,
+            mut server,
+            client_port,
+        } = connect_pair("127.0.0.1", PORT);
         set_linger_zero(&client);
         drop(client); // RST instead of FIN
         let mut buf = [0u8; 16];
@@ -256,9 +260,12 @@ fn half_close_then_the_peer_keeps_sending() {
     const PORT: u16 = 21005;
     let mut cap = Capture::everything();
     let (tid, got) = in_netns(|| {
-        let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
-        let mut client = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
-        let (mut server, _) = listener.accept().unwrap();
+        let Pair {
+            listener: _listener,
+            mut client,
+            mut server,
+            ..
+        } = connect_pair("127.0.0.1", PORT);
         client.write_all(b"request").unwrap();
         client.shutdown(Shutdown::Write).unwrap(); // half-close: FIN_WAIT1 -> FIN_WAIT2
         let mut req = Vec::new();
@@ -308,10 +315,12 @@ fn ipv6_loopback_addresses() {
     const PORT: u16 = 21006;
     let mut cap = Capture::everything();
     let ran = in_netns(|| {
-        let listener = TcpListener::bind(("::1", PORT)).unwrap();
-        let client = TcpStream::connect(("::1", PORT)).unwrap();
-        let client_port = client.local_addr().unwrap().port();
-        let (server, _) = listener.accept().unwrap();
+        let Pair {
+            listener,
+            client,
+            server,
+            client_port,
+        } = connect_pair("::1", PORT);
         drop(client);
         drop(server);
         drop(listener);
@@ -363,11 +372,9 @@ fn kernel_filters_drop_and_keep() {
     let mut everything = Capture::everything();
     in_netns(|| {
         for (host, port) in [("127.0.0.1", KEPT_L), ("127.0.0.1", KEPT_D), ("::1", V6)] {
-            let listener = TcpListener::bind((host, port)).unwrap();
-            let client = TcpStream::connect((host, port)).unwrap();
-            let (server, _) = listener.accept().unwrap();
-            drop(client);
-            drop(server);
+            let p = connect_pair(host, port);
+            drop(p.client);
+            drop(p.server);
         }
     });
     // The unfiltered capture sees all three connections in full: 12 transitions each.

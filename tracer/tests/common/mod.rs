@@ -121,6 +121,28 @@ pub fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T 
         .expect("scenario thread panicked")
 }
 
+/// A listener on `host`:`port`, a client connected to it, and the accepted server side.
+pub struct Pair {
+    pub listener: TcpListener,
+    pub client: TcpStream,
+    pub server: TcpStream,
+    /// The client's ephemeral local port.
+    pub client_port: u16,
+}
+
+pub fn connect_pair(host: &str, port: u16) -> Pair {
+    let listener = TcpListener::bind((host, port)).expect("bind");
+    let client = TcpStream::connect((host, port)).expect("connect");
+    let client_port = client.local_addr().expect("local address").port();
+    let (server, _) = listener.accept().expect("accept");
+    Pair {
+        listener,
+        client,
+        server,
+        client_port,
+    }
+}
+
 /// Sets a network interface of the current thread's namespace up or down.
 pub fn set_link(name: &str, up: bool) {
     // SAFETY: plain ioctls on a socket we own, with a zeroed, NUL-terminated ifreq.
