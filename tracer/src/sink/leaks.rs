@@ -4,7 +4,7 @@
 //! Ages come from the tracker when it saw the socket enter the state; a socket already in
 //! it before tracing began is aged from the start of tracing and marked `age_at_least`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -170,7 +170,6 @@ pub struct LeaksSink<W: Write, S: SocketSnapshot> {
     previous: HashMap<Option<u32>, usize>,
     /// Whether any report listed a socket (`--fail-on-leak`).
     pub found_any: bool,
-    pub refreshes: u64,
 }
 
 impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
@@ -189,7 +188,6 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
             query,
             previous: HashMap::new(),
             found_any: false,
-            refreshes: 0,
         }
     }
 
@@ -212,7 +210,6 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
         let refresh_ns = t0.elapsed().as_nanos() as u64;
         self.previous = procs.iter().map(|p| (p.pid, p.count)).collect();
         self.found_any |= !list.is_empty();
-        self.refreshes += 1;
         match self.format {
             Format::Json => self.json(now_ns, refresh_ns, &list, &procs)?,
             Format::Text => self.text(now_ns, &list, &procs)?,
@@ -325,11 +322,6 @@ impl<W: Write, S: SocketSnapshot> Sink for LeaksSink<W, S> {
     fn finish(&mut self, now_ns: u64, _totals: &Totals, tracker: &Tracker) -> io::Result<()> {
         self.refresh(now_ns, tracker)
     }
-}
-
-/// Inodes of a report (for tests and callers that track what left it).
-pub fn inodes(list: &[Leak]) -> HashSet<u64> {
-    list.iter().map(|l| l.socket.inode).collect()
 }
 
 #[cfg(test)]

@@ -19,8 +19,6 @@ pub struct Holder {
 #[derive(Default)]
 pub struct OwnerIndex {
     by_inode: HashMap<u64, Holder>,
-    /// Full /proc walks done so far.
-    pub walks: u64,
 }
 
 fn still_holds(h: &Holder, inode: u64) -> bool {
@@ -56,7 +54,6 @@ impl OwnerIndex {
         if missing.is_empty() {
             return;
         }
-        self.walks += 1;
         let Ok(procs) = procfs::process::all_processes() else {
             return;
         };
