@@ -11,13 +11,14 @@ use jiff::tz::TimeZone;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::{
-    CommonArgs, LeaksArgs, RecordArgs, StatsArgs, TimelineArgs, TraceArgs, WatchArgs,
+    CommonArgs, LeaksArgs, RecordArgs, ServeArgs, StatsArgs, TimelineArgs, TraceArgs, WatchArgs,
 };
 use crate::clock::{TimeFormatter, WallClock, monotonic_now_ns};
 use crate::decode::decode;
 use crate::model::Transition;
 use crate::sink::Sink;
 use crate::sink::leaks::{LeakQuery, LeaksSink};
+use crate::sink::metrics::{Metrics, MetricsSink};
 use crate::sink::record::RecordSink;
 use crate::sink::stats::StatsSink;
 use crate::sink::timeline::TimelineSink;
@@ -27,6 +28,7 @@ use crate::source::kernel::{DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelS
 use crate::source::record::{Item, RecordReader, RecordWriter};
 use crate::source::sockdiag;
 use crate::tracker::{Seed, SocketLife, Tracker};
+use std::sync::Arc;
 
 /// What a run saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -91,7 +93,10 @@ impl<'a> Pipeline<'a> {
     }
 
     pub fn batch_done(&mut self) -> io::Result<()> {
-        self.each(|s| s.batch_done())
+        let (totals, tracker) = (self.totals, &self.tracker);
+        self.sinks
+            .iter_mut()
+            .try_for_each(|s| s.batch_done(&totals, tracker))
     }
 
     pub fn interval(&mut self, now_ns: u64) -> io::Result<()> {
@@ -392,7 +397,52 @@ fn formatter(clock: WallClock) -> TimeFormatter {
     TimeFormatter::new(clock, TimeZone::system())
 }
 
+/// The metrics sink and its HTTP server, when `--serve`/`serve` asks for them.
+fn metrics(serve: Option<std::net::SocketAddr>) -> Result<Option<MetricsSink<HostSockets>>> {
+    let Some(addr) = serve else {
+        return Ok(None);
+    };
+    let metrics = Arc::new(Metrics::new());
+    let bound = crate::sink::metrics::serve(addr, metrics.clone())
+        .with_context(|| format!("serving metrics on {addr}"))?;
+    eprintln!("tcplens: metrics on http://{bound}/metrics");
+    Ok(Some(MetricsSink::new(
+        metrics,
+        HostSockets::default(),
+        monotonic_now_ns(),
+    )))
+}
+
+/// The command's own sink, plus the metrics sink when there is one.
+fn sinks<'a>(
+    own: &'a mut dyn Sink,
+    metrics: &'a mut Option<MetricsSink<HostSockets>>,
+) -> Vec<&'a mut dyn Sink> {
+    let mut v: Vec<&'a mut dyn Sink> = vec![own];
+    if let Some(m) = metrics {
+        v.push(m);
+    }
+    v
+}
+
+pub async fn serve(args: &ServeArgs) -> Result<()> {
+    let mut metrics = metrics(Some(args.listen))?;
+    let input = Input::Kernel(Box::new(open_kernel(&args.trace)?));
+    let tracker = input.tracker(args.max_sockets);
+    let mut none = NoOutput;
+    let mut p = Pipeline::new(tracker, sinks(&mut none, &mut metrics));
+    run(input, &args.trace, Some(Duration::from_secs(1)), &mut p).await?;
+    report(&p.totals);
+    Ok(())
+}
+
+/// `serve` prints nothing but its metrics.
+struct NoOutput;
+
+impl Sink for NoOutput {}
+
 pub async fn watch(args: &WatchArgs) -> Result<()> {
+    let mut metrics = metrics(args.serve)?;
     let input = Input::open(&args.common)?;
     let (out, tty) = stdout();
     let mut sink = WatchSink {
@@ -400,7 +450,7 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
         line_flush: tty,
     };
     let tracker = input.tracker(args.common.max_sockets);
-    let mut p = Pipeline::new(tracker, vec![&mut sink]);
+    let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
     run(input, &args.common.trace, None, &mut p).await?;
     report(&p.totals);
     Ok(())
@@ -422,11 +472,12 @@ pub async fn timeline(args: &TimelineArgs) -> Result<()> {
 }
 
 pub async fn stats(args: &StatsArgs) -> Result<()> {
+    let mut metrics = metrics(args.serve)?;
     let input = Input::open(&args.common)?;
     let (out, _) = stdout();
     let mut sink = StatsSink::new(out, args.format, formatter(input.clock()), args.by);
     let tracker = input.tracker(args.common.max_sockets);
-    let mut p = Pipeline::new(tracker, vec![&mut sink]);
+    let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
     run(input, &args.common.trace, args.interval, &mut p).await?;
     report(&p.totals);
     Ok(())
@@ -458,6 +509,7 @@ pub async fn record(args: &RecordArgs) -> Result<()> {
 
 /// `leaks`: returns whether any report listed a socket.
 pub async fn leaks(args: &LeaksArgs) -> Result<bool> {
+    let mut metrics = metrics(args.serve)?;
     let start_ns = monotonic_now_ns();
     let source = open_kernel(&args.trace)?;
     let (out, _) = stdout();
@@ -475,7 +527,7 @@ pub async fn leaks(args: &LeaksArgs) -> Result<bool> {
     );
     let input = Input::Kernel(Box::new(source));
     let tracker = input.tracker(args.max_sockets);
-    let mut p = Pipeline::new(tracker, vec![&mut sink]);
+    let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
     run(input, &args.trace, Some(args.interval), &mut p).await?;
     report(&p.totals);
     Ok(sink.found_any)

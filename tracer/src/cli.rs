@@ -39,10 +39,29 @@ pub enum Command {
     /// Sockets sitting in CLOSE_WAIT (or --state) for at least --threshold, with the
     /// process, fd and command line holding each, refreshed every --interval.
     Leaks(LeaksArgs),
+    /// A Prometheus/OpenMetrics endpoint: transitions, sockets per state, time-in-state
+    /// histograms, CLOSE_WAIT holders, lost events.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    /// Address to serve /metrics on (loopback by default: the endpoint has no
+    /// authentication).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub listen: std::net::SocketAddr,
+    /// Most sockets tracked at once.
+    #[arg(long, default_value_t = DEFAULT_MAX_SOCKETS, value_parser = parse_count)]
+    pub max_sockets: usize,
 }
 
 #[derive(Debug, Args)]
 pub struct LeaksArgs {
+    /// Also serve Prometheus/OpenMetrics metrics on this address (as `tcplens serve`).
+    #[arg(long, value_name = "ADDR")]
+    pub serve: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub trace: TraceArgs,
     /// Output format.
@@ -73,6 +92,9 @@ fn parse_state(s: &str) -> Result<TcpState, String> {
 
 #[derive(Debug, Args)]
 pub struct WatchArgs {
+    /// Also serve Prometheus/OpenMetrics metrics on this address (as `tcplens serve`).
+    #[arg(long, value_name = "ADDR")]
+    pub serve: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub common: CommonArgs,
     /// Output format.
@@ -91,6 +113,9 @@ pub struct TimelineArgs {
 
 #[derive(Debug, Args)]
 pub struct StatsArgs {
+    /// Also serve Prometheus/OpenMetrics metrics on this address (as `tcplens serve`).
+    #[arg(long, value_name = "ADDR")]
+    pub serve: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub common: CommonArgs,
     /// Output format.

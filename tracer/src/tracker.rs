@@ -203,6 +203,21 @@ impl Tracker {
         }
     }
 
+    /// Live sockets per state (indexed by kernel state number): tracked lives by their
+    /// current state, plus snapshot sockets not seen on the tracepoint since.
+    pub fn state_counts(&self) -> [u64; 13] {
+        let mut counts = [0u64; 13];
+        for life in self.sockets() {
+            if let Some(state) = life.state() {
+                counts[state as usize] += 1;
+            }
+        }
+        for state in self.seeds.values() {
+            counts[*state as usize] += 1;
+        }
+        counts
+    }
+
     /// Snapshot sockets not seen on the tracepoint since (they may have ended unseen).
     pub fn seeded(&self) -> usize {
         self.seeds.len()

@@ -3,6 +3,7 @@
 //! tracker itself at interval and exit time.
 
 pub mod leaks;
+pub mod metrics;
 pub mod record;
 pub mod stats;
 pub mod timeline;
@@ -35,8 +36,9 @@ pub trait Sink {
     fn life_ended(&mut self, _life: &SocketLife) -> io::Result<()> {
         Ok(())
     }
-    /// After each batch of events: the flush point.
-    fn batch_done(&mut self) -> io::Result<()> {
+    /// After each batch of events (at least every 10 ms while events flow): the flush
+    /// point.
+    fn batch_done(&mut self, _totals: &Totals, _tracker: &Tracker) -> io::Result<()> {
         Ok(())
     }
     /// Every `--interval` (kernel monotonic `now_ns`).

@@ -19,7 +19,11 @@ impl<W: Write> Sink for RecordSink<W> {
         self.writer.event(t)
     }
 
-    fn batch_done(&mut self) -> io::Result<()> {
+    fn batch_done(
+        &mut self,
+        _: &crate::app::Totals,
+        _: &crate::tracker::Tracker,
+    ) -> io::Result<()> {
         self.writer.flush()
     }
 

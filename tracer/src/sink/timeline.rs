@@ -154,7 +154,11 @@ impl<W: Write> Sink for TimelineSink<W> {
         }
     }
 
-    fn batch_done(&mut self) -> io::Result<()> {
+    fn batch_done(
+        &mut self,
+        _: &crate::app::Totals,
+        _: &crate::tracker::Tracker,
+    ) -> io::Result<()> {
         self.out.flush()
     }
 

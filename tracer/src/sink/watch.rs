@@ -153,7 +153,11 @@ impl<W: Write> Sink for WatchSink<W> {
         Ok(())
     }
 
-    fn batch_done(&mut self) -> io::Result<()> {
+    fn batch_done(
+        &mut self,
+        _: &crate::app::Totals,
+        _: &crate::tracker::Tracker,
+    ) -> io::Result<()> {
         self.printer.flush()
     }
 }
