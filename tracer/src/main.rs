@@ -84,7 +84,13 @@ fn init_logging() {
             writeln!(
                 buf,
                 "tcplens: {}: {}",
-                rec.level().as_str().to_ascii_lowercase(),
+                match rec.level() {
+                    log::Level::Error => "error",
+                    log::Level::Warn => "warning",
+                    log::Level::Info => "info",
+                    log::Level::Debug => "debug",
+                    log::Level::Trace => "trace",
+                },
                 rec.args()
             )
         })

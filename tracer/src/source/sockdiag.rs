@@ -149,8 +149,13 @@ pub fn namespaces() -> BTreeMap<u64, PathBuf> {
             };
             for task in tasks.flatten() {
                 let path = task.path().join("ns/net");
-                if let Some(ino) = ns_inode(&path) {
-                    found.entry(ino).or_insert(path);
+                match std::fs::metadata(&path) {
+                    Ok(m) => {
+                        use std::os::unix::fs::MetadataExt as _;
+                        found.entry(m.ino()).or_insert(path);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::PermissionDenied => warn_unreachable(),
+                    Err(_) => {}
                 }
             }
         }
@@ -163,6 +168,36 @@ pub fn namespaces() -> BTreeMap<u64, PathBuf> {
         }
     }
     found
+}
+
+/// Says once that other network namespaces cannot be listed or entered: their sockets
+/// are missing from every listing, which must not go unnoticed.
+/// (A task that is exiting can refuse access for a moment even to root: only a missing
+/// capability is worth the warning.)
+fn warn_unreachable() {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !has_namespace_caps() && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        log::warn!(
+            "cannot reach other network namespaces (needs CAP_SYS_ADMIN and CAP_SYS_PTRACE): their sockets are not listed"
+        );
+    }
+}
+
+/// Whether this process holds CAP_SYS_ADMIN (setns) and CAP_SYS_PTRACE (other tasks'
+/// /proc entries).
+fn has_namespace_caps() -> bool {
+    const CAP_SYS_PTRACE: u64 = 19;
+    const CAP_SYS_ADMIN: u64 = 21;
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        procfs::process::Process::myself()
+            .and_then(|p| p.status())
+            .map(|s| {
+                let want = (1 << CAP_SYS_PTRACE) | (1 << CAP_SYS_ADMIN);
+                s.capeff & want == want
+            })
+            .unwrap_or(false)
+    })
 }
 
 /// TCP sockets in `states`, in every network namespace.
@@ -180,16 +215,25 @@ pub fn dump_all(states: &[TcpState]) -> Result<Vec<DiagSocket>, DiagError> {
         }
         let states = states.to_vec();
         let dumped = std::thread::spawn(move || -> Result<Vec<DiagSocket>, DiagError> {
-            let Ok(file) = File::open(&path) else {
-                return Ok(Vec::new()); // the namespace went away meanwhile
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    warn_unreachable();
+                    return Ok(Vec::new());
+                }
+                Err(_) => return Ok(Vec::new()), // the namespace went away meanwhile
             };
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|source| {
-                DiagError::Setns {
+            match nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET) {
+                Ok(()) => dump_here(&states, ino),
+                Err(nix::Error::EPERM) => {
+                    warn_unreachable();
+                    Ok(Vec::new())
+                }
+                Err(source) => Err(DiagError::Setns {
                     path: path.clone(),
                     source,
-                }
-            })?;
-            dump_here(&states, ino)
+                }),
+            }
         })
         .join()
         .map_err(|_| DiagError::Decode("namespace dump thread panicked".into()))?;

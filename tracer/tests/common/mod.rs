@@ -21,6 +21,8 @@ pub const TCPLENS: &str = env!("CARGO_BIN_EXE_tcplens");
 pub struct Running {
     child: std::process::Child,
     err: std::io::BufReader<std::process::ChildStderr>,
+    /// stderr lines before the "tracing" one.
+    pub preamble: Vec<String>,
 }
 
 /// What a `tcplens` run printed, and how it exited.
@@ -41,18 +43,39 @@ pub fn start_tcplens(args: &[&str]) -> Running {
         .spawn()
         .expect("spawning tcplens");
     let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    err.read_line(&mut line).expect("reading stderr");
-    assert!(
-        line.starts_with("tcplens: tracing"),
-        "unexpected first line: {line:?}"
-    );
-    Running { child, err }
+    let mut preamble = Vec::new();
+    loop {
+        let mut line = String::new();
+        err.read_line(&mut line).expect("reading stderr");
+        if line.starts_with("tcplens: tracing") {
+            break;
+        }
+        // Only the metrics address may come first (`serve`, `--serve`).
+        assert!(
+            line.starts_with("tcplens: metrics on "),
+            "unexpected line: {line:?}"
+        );
+        preamble.push(line.trim().to_string());
+    }
+    Running {
+        child,
+        err,
+        preamble,
+    }
 }
 
 impl Running {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The address printed by `serve`/`--serve` ("tcplens: metrics on http://ADDR/metrics").
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        let line = self.preamble.first().expect("a metrics line");
+        let addr = line
+            .trim_start_matches("tcplens: metrics on http://")
+            .trim_end_matches("/metrics");
+        addr.parse().unwrap_or_else(|e| panic!("{line}: {e}"))
     }
 
     /// Waits for tcplens to exit (by `--duration` or a signal).
@@ -74,6 +97,24 @@ impl Running {
             status,
         }
     }
+}
+
+/// A plain HTTP/1.0 GET on loopback: (status, body).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut s = TcpStream::connect(addr).expect("connecting");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("response");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
 }
 
 /// One JSON object per line.
