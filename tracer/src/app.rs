@@ -27,7 +27,7 @@ use crate::source::HostSockets;
 use crate::source::kernel::{DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelSource};
 use crate::source::record::{Item, RecordReader, RecordWriter};
 use crate::source::sockdiag;
-use crate::tracker::{Seed, SocketLife, Tracker};
+use crate::tracker::{Owner, Seed, SocketLife, Tracker};
 use std::sync::Arc;
 
 /// What a run saw.
@@ -48,6 +48,8 @@ pub struct Pipeline<'a> {
     ended: Vec<SocketLife>,
     /// Applied in userspace on replay (the kernel applies it live).
     filter: Option<KernelFilter>,
+    /// `-p PID`: only sockets this process owns.
+    pub owner_pid: Option<u32>,
     pub totals: Totals,
 }
 
@@ -58,6 +60,7 @@ impl<'a> Pipeline<'a> {
             sinks,
             ended: Vec::new(),
             filter: None,
+            owner_pid: None,
             totals: Totals::default(),
         }
     }
@@ -77,14 +80,25 @@ impl<'a> Pipeline<'a> {
             return Ok(());
         }
         let o = self.tracker.observe(t, &mut self.ended);
-        for s in self.sinks.iter_mut() {
-            s.transition(t, &o)?;
+        if self.owned(o.owner.as_ref()) {
+            for s in self.sinks.iter_mut() {
+                s.transition(t, &o)?;
+            }
         }
         self.flush_ended()
     }
 
+    /// `-p PID`: whether a socket with this owner is shown.
+    fn owned(&self, owner: Option<&Owner>) -> bool {
+        self.owner_pid
+            .is_none_or(|pid| owner.is_some_and(|o| o.pid == pid))
+    }
+
     fn flush_ended(&mut self) -> io::Result<()> {
-        for life in self.ended.drain(..) {
+        for life in std::mem::take(&mut self.ended) {
+            if !self.owned(life.owner.as_ref()) {
+                continue;
+            }
             for s in self.sinks.iter_mut() {
                 s.life_ended(&life)?;
             }
@@ -451,6 +465,7 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
     };
     let tracker = input.tracker(args.common.max_sockets);
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
+    p.owner_pid = args.common.pid;
     run(input, &args.common.trace, None, &mut p).await?;
     report(&p.totals);
     Ok(())
@@ -462,6 +477,7 @@ pub async fn timeline(args: &TimelineArgs) -> Result<()> {
     let mut sink = TimelineSink::new(out, args.format, formatter(input.clock()));
     let tracker = input.tracker(args.common.max_sockets);
     let mut p = Pipeline::new(tracker, vec![&mut sink]);
+    p.owner_pid = args.common.pid;
     run(input, &args.common.trace, None, &mut p).await?;
     let evicted = p.tracker.stats().evicted;
     report(&p.totals);
@@ -478,6 +494,7 @@ pub async fn stats(args: &StatsArgs) -> Result<()> {
     let mut sink = StatsSink::new(out, args.format, formatter(input.clock()), args.by);
     let tracker = input.tracker(args.common.max_sockets);
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
+    p.owner_pid = args.common.pid;
     run(input, &args.common.trace, args.interval, &mut p).await?;
     report(&p.totals);
     Ok(())
@@ -523,6 +540,7 @@ pub async fn leaks(args: &LeaksArgs) -> Result<bool> {
             threshold_ns: args.threshold.as_nanos() as u64,
             start_ns,
             filter: args.trace.filter(),
+            pid: args.pid,
         },
     );
     let input = Input::Kernel(Box::new(source));

@@ -76,6 +76,9 @@ pub struct LeaksArgs {
     /// The state to watch (any TCP state: FIN_WAIT2, LAST_ACK, ESTABLISHED…).
     #[arg(long, value_parser = parse_state, default_value = "CLOSE_WAIT")]
     pub state: TcpState,
+    /// Only sockets held by this process.
+    #[arg(short = 'p', long = "pid")]
+    pub pid: Option<u32>,
     /// Exit with code 2 at the end (--duration, SIGINT, SIGTERM) if any report listed a
     /// socket: for health checks and CI pipelines.
     #[arg(long)]
@@ -146,6 +149,11 @@ pub struct CommonArgs {
     /// Replay a file written by `tcplens record` instead of tracing (no root needed).
     #[arg(long, value_name = "FILE")]
     pub from: Option<PathBuf>,
+    /// Only sockets owned by this process. The owner is learned from connect(), listen(),
+    /// and the application's close() or shutdown(), so an accepted socket's transitions
+    /// count only from its process's first close() or shutdown() on.
+    #[arg(short = 'p', long = "pid")]
+    pub pid: Option<u32>,
     /// Most sockets tracked at once; past it the least recently active is evicted.
     #[arg(long, default_value_t = DEFAULT_MAX_SOCKETS, value_parser = parse_count)]
     pub max_sockets: usize,

@@ -265,3 +265,60 @@ fn a_connection_older_than_tcplens_existed_at_start() {
     // The listener is still open at exit, untouched since start: not on the tracepoint.
     assert!(lives.iter().all(|l| l["role"] != "listener"), "{lives:#?}");
 }
+
+#[test]
+fn pid_filter_keeps_one_process_sockets() {
+    const PORTS: [u16; 2] = [21203, 21204];
+    // Two servers in processes of their own; the connections close within 200 ms.
+    let (a, b) = in_netns(|| {
+        let a = ForkedServer::start(PORTS[0], c"pid-a", Duration::from_millis(200));
+        let b = ForkedServer::start(PORTS[1], c"pid-b", Duration::from_millis(200));
+        (a, b)
+    });
+    let pid_a = a.pid.to_string();
+    let timeline = start_tcplens(&[
+        "timeline",
+        "--format",
+        "json",
+        "--duration",
+        "2s",
+        "-L",
+        "21203,21204",
+        "-p",
+        &pid_a,
+    ]);
+    // The servers' namespace lives on in them; join it to connect.
+    let ns = format!("/proc/{}/ns/net", a.pid);
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns).unwrap();
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        drop(TcpStream::connect(("127.0.0.1", PORTS[0])).unwrap());
+        drop(TcpStream::connect(("127.0.0.1", PORTS[1])).unwrap());
+    })
+    .join()
+    .unwrap();
+    a.finish();
+    b.finish();
+    let lives = json_lines(&finish(timeline));
+    let owners: Vec<_> = lives
+        .iter()
+        .map(|l| (l["owner_pid"].clone(), l["role"].clone()))
+        .collect();
+    // Server a's accepted socket (owned from its close() on) and its listener (closed by
+    // it at exit); nothing of server b, nothing of the clients.
+    assert!(
+        lives.iter().all(|l| l["owner_pid"] == a_pid(&pid_a)),
+        "{owners:?}"
+    );
+    assert!(
+        lives
+            .iter()
+            .any(|l| l["sport"] == PORTS[0] && l["dport"] != 0),
+        "{lives:#?}"
+    );
+    assert!(lives.iter().all(|l| l["sport"] == PORTS[0]), "{lives:#?}");
+}
+
+fn a_pid(s: &str) -> Value {
+    Value::from(s.parse::<u64>().unwrap())
+}

@@ -159,6 +159,8 @@ pub struct LeakQuery {
     pub start_ns: u64,
     /// The command's filters, applied to the snapshot too.
     pub filter: KernelFilter,
+    /// `-p PID`: only sockets this process holds.
+    pub pid: Option<u32>,
 }
 
 pub struct LeaksSink<W: Write, S: SocketSnapshot> {
@@ -203,7 +205,11 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
             .sockets(q.state)
             .map_err(io::Error::other)?
             .into_iter()
-            .filter(|(s, _)| q.filter.keeps_socket(s.family, s.sport, s.dport))
+            .filter(|(s, h)| {
+                q.filter.keeps_socket(s.family, s.sport, s.dport)
+                    && q.pid
+                        .is_none_or(|pid| h.as_ref().is_some_and(|h| h.pid == pid))
+            })
             .collect();
         let list = leaks(found, tracker, q.state, now_ns, q.start_ns, q.threshold_ns);
         let procs = by_process(&list, &self.previous);
@@ -466,6 +472,7 @@ mod tests {
                 lports: vec![],
                 rports: vec![8080],
             },
+            pid: None,
         };
         let mut sink = LeaksSink::new(
             Vec::new(),
@@ -498,6 +505,39 @@ mod tests {
             ),
             (Some(7), Some(3), Some(11))
         );
+        // -p 7: only what process 7 holds.
+        let mut only7 = LeaksSink::new(
+            Vec::new(),
+            Format::Json,
+            TimeFormatter::new(clock, TimeZone::UTC),
+            Fake(vec![
+                (diag(40000, 11), holder(7, 3)),
+                (diag(40001, 12), None),
+                (diag(40002, 13), holder(8, 4)),
+            ]),
+            LeakQuery {
+                state: CloseWait,
+                threshold_ns: 1,
+                start_ns: 0,
+                filter: KernelFilter {
+                    family: None,
+                    lports: vec![],
+                    rports: vec![],
+                },
+                pid: Some(7),
+            },
+        );
+        only7
+            .finish(40_000_000_000, &Totals::default(), &tracker())
+            .unwrap();
+        let only7: serde_json::Value = serde_json::from_slice(&only7.into_inner()).unwrap();
+        let pids: Vec<_> = only7["sockets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["pid"].as_u64())
+            .collect();
+        assert_eq!(pids, [Some(7)]);
         let procs: Vec<_> = v["by_process"]
             .as_array()
             .unwrap()
