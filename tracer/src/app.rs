@@ -80,7 +80,7 @@ impl<'a> Pipeline<'a> {
             return Ok(());
         }
         let o = self.tracker.observe(t, &mut self.ended);
-        if self.owned(o.owner.as_ref()) {
+        if owned(self.owner_pid, o.owner.as_ref()) {
             for s in self.sinks.iter_mut() {
                 s.transition(t, &o)?;
             }
@@ -88,15 +88,10 @@ impl<'a> Pipeline<'a> {
         self.flush_ended()
     }
 
-    /// `-p PID`: whether a socket with this owner is shown.
-    fn owned(&self, owner: Option<&Owner>) -> bool {
-        self.owner_pid
-            .is_none_or(|pid| owner.is_some_and(|o| o.pid == pid))
-    }
-
     fn flush_ended(&mut self) -> io::Result<()> {
-        for life in std::mem::take(&mut self.ended) {
-            if !self.owned(life.owner.as_ref()) {
+        // drain() keeps the buffer's capacity: no allocation per closed socket.
+        for life in self.ended.drain(..) {
+            if !owned(self.owner_pid, life.owner.as_ref()) {
                 continue;
             }
             for s in self.sinks.iter_mut() {
@@ -130,6 +125,11 @@ impl<'a> Pipeline<'a> {
         self.ended = self.tracker.close_all(now_ns);
         self.flush_ended()
     }
+}
+
+/// `-p PID`: whether a socket with this owner is shown.
+fn owned(pid: Option<u32>, owner: Option<&Owner>) -> bool {
+    pid.is_none_or(|pid| owner.is_some_and(|o| o.pid == pid))
 }
 
 /// Where events come from: the live kernel, or a record file (no root needed).
@@ -456,7 +456,7 @@ struct NoOutput;
 impl Sink for NoOutput {}
 
 pub async fn watch(args: &WatchArgs) -> Result<()> {
-    let mut metrics = metrics(args.serve)?;
+    let mut metrics = metrics(args.metrics.serve)?;
     let input = Input::open(&args.common)?;
     let (out, tty) = stdout();
     let mut sink = WatchSink {
@@ -488,7 +488,7 @@ pub async fn timeline(args: &TimelineArgs) -> Result<()> {
 }
 
 pub async fn stats(args: &StatsArgs) -> Result<()> {
-    let mut metrics = metrics(args.serve)?;
+    let mut metrics = metrics(args.metrics.serve)?;
     let input = Input::open(&args.common)?;
     let (out, _) = stdout();
     let mut sink = StatsSink::new(out, args.format, formatter(input.clock()), args.by);
@@ -526,7 +526,7 @@ pub async fn record(args: &RecordArgs) -> Result<()> {
 
 /// `leaks`: returns whether any report listed a socket.
 pub async fn leaks(args: &LeaksArgs) -> Result<bool> {
-    let mut metrics = metrics(args.serve)?;
+    let mut metrics = metrics(args.metrics.serve)?;
     let start_ns = monotonic_now_ns();
     let source = open_kernel(&args.trace)?;
     let (out, _) = stdout();

@@ -57,11 +57,18 @@ pub struct ServeArgs {
     pub max_sockets: usize,
 }
 
+/// `--serve ADDR` of the commands that can export metrics alongside their own output.
 #[derive(Debug, Args)]
-pub struct LeaksArgs {
+pub struct MetricsArg {
     /// Also serve Prometheus/OpenMetrics metrics on this address (as `tcplens serve`).
     #[arg(long, value_name = "ADDR")]
     pub serve: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct LeaksArgs {
+    #[command(flatten)]
+    pub metrics: MetricsArg,
     #[command(flatten)]
     pub trace: TraceArgs,
     /// Output format.
@@ -95,9 +102,8 @@ fn parse_state(s: &str) -> Result<TcpState, String> {
 
 #[derive(Debug, Args)]
 pub struct WatchArgs {
-    /// Also serve Prometheus/OpenMetrics metrics on this address (as `tcplens serve`).
-    #[arg(long, value_name = "ADDR")]
-    pub serve: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub metrics: MetricsArg,
     #[command(flatten)]
     pub common: CommonArgs,
     /// Output format.
@@ -116,9 +122,8 @@ pub struct TimelineArgs {
 
 #[derive(Debug, Args)]
 pub struct StatsArgs {
-    /// Also serve Prometheus/OpenMetrics metrics on this address (as `tcplens serve`).
-    #[arg(long, value_name = "ADDR")]
-    pub serve: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub metrics: MetricsArg,
     #[command(flatten)]
     pub common: CommonArgs,
     /// Output format.

@@ -276,28 +276,29 @@ impl Tracker {
             });
         }
 
-        let mut old_ns = None;
-        if let Some(last) = life.spans.last_mut() {
-            if last.state == t.old {
-                // The ring buffer is not strictly time-ordered across CPUs: never negative.
-                old_ns = last.entered_ns.map(|e| t.ts_ns.saturating_sub(e));
-                last.ns = old_ns;
-            } else if !life.spans.is_empty() {
-                self.stats.mismatched += 1;
-            }
-        }
+        // Entries are clamped to be monotonic per socket: the ring buffer is not strictly
+        // time-ordered across CPUs, and no duration may be negative.
         let entered = life
             .spans
             .last()
             .and_then(|s| s.entered_ns)
             .map_or(t.ts_ns, |prev| prev.max(t.ts_ns));
-        if life.spans.last().is_some_and(|s| s.state != t.old) {
-            // A missed event: OLD was entered at an unknown time.
-            life.spans.push(Span {
-                state: t.old,
-                entered_ns: None,
-                ns: None,
-            });
+        let mut old_ns = None;
+        match life.spans.last_mut() {
+            Some(last) if last.state == t.old => {
+                old_ns = last.entered_ns.map(|e| entered - e);
+                last.ns = old_ns;
+            }
+            Some(_) => {
+                // A missed event: OLD was entered at an unknown time.
+                self.stats.mismatched += 1;
+                life.spans.push(Span {
+                    state: t.old,
+                    entered_ns: None,
+                    ns: None,
+                });
+            }
+            None => {}
         }
         life.spans.push(Span {
             state: t.new,

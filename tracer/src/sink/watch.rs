@@ -62,13 +62,15 @@ impl<W: Write> WatchPrinter<W> {
     }
 
     pub fn transition(&mut self, t: &Transition, o: &Observed) -> io::Result<()> {
-        self.line.clear();
         match self.format {
-            Format::Text => self.text(t, o),
-            Format::Json => self.json(t, o)?,
+            Format::Text => {
+                self.line.clear();
+                self.text(t, o);
+                self.line.push('\n');
+                self.out.write_all(self.line.as_bytes())
+            }
+            Format::Json => self.json(t, o),
         }
-        self.line.push('\n');
-        self.out.write_all(self.line.as_bytes())
     }
 
     fn text(&mut self, t: &Transition, o: &Observed) {
@@ -117,11 +119,9 @@ impl<W: Write> WatchPrinter<W> {
             owner_pid: o.owner.map(|o| o.pid),
             owner_comm: owner_comm.as_deref(),
         };
-        // SAFETY of the unwrap-free path: serde_json writes valid UTF-8 into the String.
-        let mut buf = std::mem::take(&mut self.line).into_bytes();
-        serde_json::to_writer(&mut buf, &rec).map_err(io::Error::other)?;
-        self.line = String::from_utf8(buf).map_err(io::Error::other)?;
-        Ok(())
+        // Straight into the output buffer: no intermediate line to re-validate.
+        serde_json::to_writer(&mut self.out, &rec).map_err(io::Error::other)?;
+        self.out.write_all(b"\n")
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
