@@ -26,6 +26,9 @@ pub const LPORTS_MAP: &str = "LPORTS";
 pub const RPORTS_MAP: &str = "RPORTS";
 /// Name of the [`Config`] global.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
+/// Name of the [`TimewaitLayout`] global (kept apart from [`Config`] so that the programs
+/// on the busy `timer:*` tracepoints load only what they filter on).
+pub const TIMEWAIT_GLOBAL: &str = "TIMEWAIT";
 
 /// Byte offsets of the fields of `sock:inet_sock_set_state`, read at start-up from the
 /// tracepoint's format file so that no kernel's layout is compiled in.
@@ -46,6 +49,76 @@ pub struct TracepointLayout {
     pub saddr_v6: u32,
     pub daddr_v6: u32,
 }
+
+/// What the timewait programs need to know, all found at start-up: the address of
+/// `tw_timer_handler` (from /proc/kallsyms), the record offsets of the `timer:*` tracepoints
+/// (from their format files) and the struct offsets of `inet_timewait_sock`, `sock_common`
+/// and `timer_list` (from the kernel's BTF). Nothing here is compiled in for one kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimewaitLayout {
+    /// Address of `tw_timer_handler`: the `function` of every timewait socket's timer.
+    pub handler: u64,
+    /// `timer:timer_start` record: `timer`, `function`, `expires`, `now`.
+    pub start_timer: u32,
+    pub start_function: u32,
+    pub start_expires: u32,
+    pub start_now: u32,
+    /// `timer:timer_cancel` record: `timer`.
+    pub cancel_timer: u32,
+    /// `timer:timer_expire_entry` record: `timer`, `function`, `now`.
+    pub expire_timer: u32,
+    pub expire_function: u32,
+    pub expire_now: u32,
+    /// `offsetof(struct inet_timewait_sock, tw_timer)`.
+    pub tw_timer: u32,
+    /// `offsetof(struct inet_timewait_sock, tw_substate)` (one byte).
+    pub tw_substate: u32,
+    /// `offsetof(struct timer_list, expires)` and `function`.
+    pub timer_expires: u32,
+    pub timer_function: u32,
+    /// Offsets in `struct sock_common` (which starts the timewait socket).
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// Bytes of the timewait socket to copy: past the last field above, at most
+    /// [`MAX_TW_READ`].
+    pub read_size: u32,
+}
+
+impl TimewaitLayout {
+    /// All zero: timewait tracking off (no timer matches a zero handler address).
+    pub const EMPTY: TimewaitLayout = TimewaitLayout {
+        handler: 0,
+        start_timer: 0,
+        start_function: 0,
+        start_expires: 0,
+        start_now: 0,
+        cancel_timer: 0,
+        expire_timer: 0,
+        expire_function: 0,
+        expire_now: 0,
+        tw_timer: 0,
+        tw_substate: 0,
+        timer_expires: 0,
+        timer_function: 0,
+        skc_daddr: 0,
+        skc_rcv_saddr: 0,
+        skc_dport: 0,
+        skc_num: 0,
+        skc_family: 0,
+        skc_v6_daddr: 0,
+        skc_v6_rcv_saddr: 0,
+        read_size: 0,
+    };
+}
+
+/// Largest prefix of a timewait socket the kernel program copies.
+pub const MAX_TW_READ: u32 = 256;
 
 /// Load-time configuration of the kernel program.
 #[repr(C)]
@@ -92,9 +165,21 @@ impl Config {
 pub mod kind {
     /// A `sock:inet_sock_set_state` transition.
     pub const SET_STATE: u8 = 1;
+    /// A timewait socket's timer was armed (`timer:timer_start`): a new timewait socket, or
+    /// a re-arm (the FIN_WAIT2 substate turning TIME_WAIT, or TIME_WAIT restarted).
+    pub const TW_ARM: u8 = 2;
+    /// A timewait socket's timer was detached (`timer:timer_cancel`): just before its
+    /// expiry, before a re-arm, or because the socket was killed early.
+    pub const TW_CANCEL: u8 = 3;
+    /// A timewait socket's timer ran out (`timer:timer_expire_entry`).
+    pub const TW_EXPIRE: u8 = 4;
 }
 
-/// One record in the ring buffer. 88 bytes, 8-aligned, no implicit padding.
+/// One record in the ring buffer. 104 bytes, 8-aligned, no implicit padding.
+///
+/// For the timewait kinds, `skaddr` is the `inet_timewait_sock`, the 4-tuple is the
+/// timewait socket's, `oldstate` is 0 and `newstate` is its `tw_substate` (FIN_WAIT2 or
+/// TIME_WAIT).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
@@ -121,11 +206,15 @@ pub struct Event {
     /// One of [`kind`].
     pub kind: u8,
     pub _pad: [u8; 7],
+    /// Timewait kinds: the timer's `expires`, in jiffies (0 for `SET_STATE`).
+    pub expires: u64,
+    /// Timewait kinds: jiffies when the event fired (0 for `SET_STATE`).
+    pub jiffies: u64,
 }
 
 /// Size of [`Event`] in bytes: what userspace expects of every ring buffer record.
 pub const EVENT_SIZE: usize = core::mem::size_of::<Event>();
-const _: () = assert!(EVENT_SIZE == 88);
+const _: () = assert!(EVENT_SIZE == 104);
 const _: () = assert!(core::mem::align_of::<Event>() == 8);
 
 #[cfg(feature = "user")]
@@ -134,4 +223,5 @@ mod user {
     // kernel (every byte is written by the loader before use).
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::TracepointLayout {}
+    unsafe impl aya::Pod for super::TimewaitLayout {}
 }

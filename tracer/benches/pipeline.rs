@@ -1,9 +1,11 @@
 //! Per-event cost of the userspace pipeline stages, on one core:
-//! decode, the tracker, and formatting `watch` lines.
+//! decode, the tracker (without and with TIME_WAIT tracking), and formatting `watch` lines.
 //!
 //! `cargo bench -p tracer --bench pipeline` (or `cargo xtask bench`). The stream is
 //! 200 000 client connections of 5 transitions each, 1 000 open at any time, in the order
-//! the kernel would report them.
+//! the kernel would report them. With TIME_WAIT, each connection adds the timewait
+//! socket's arm (just before its FIN_WAIT2 -> CLOSE) and, one window later, its timer's
+//! cancel and expiry: 8 events per connection.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
@@ -12,13 +14,65 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use jiff::tz::TimeZone;
 use tracer::clock::{TimeFormatter, WallClock};
 use tracer::decode::{decode, encode};
-use tracer::model::{Comm, Family, Task, TcpState, Transition};
+use tracer::model::{
+    Comm, Family, KernelEvent, Task, TcpState, TimerOp, TimewaitEvent, Transition, Via,
+};
 use tracer::sink::Format;
 use tracer::sink::watch::WatchPrinter;
 use tracer::tracker::Tracker;
 
 const CONNECTIONS: u64 = 200_000;
 const OPEN_AT_ONCE: u64 = 1_000;
+
+fn task() -> Task {
+    Task {
+        pid: 4242,
+        tid: 4242,
+        comm: Comm::from_name("churn"),
+    }
+}
+
+/// The stream with TIME_WAIT: arms before each FIN_WAIT2 -> CLOSE, and the previous
+/// window's timewait sockets expiring (cancel + expire) as the next window closes.
+fn stream_with_timewait() -> Vec<KernelEvent> {
+    let plain = stream();
+    let mut out = Vec::with_capacity(plain.len() * 8 / 5);
+    let mut expiring: Vec<TimewaitEvent> = Vec::new();
+    for t in plain {
+        if t.new == TcpState::Close {
+            let arm = TimewaitEvent {
+                ts_ns: t.ts_ns - 1,
+                op: TimerOp::Arm,
+                tw: t.sk + 1024,
+                family: t.family,
+                saddr: t.saddr,
+                sport: t.sport,
+                daddr: t.daddr,
+                dport: t.dport,
+                substate: TcpState::TimeWait,
+                expires: 15_000,
+                jiffies: 0,
+                task: task(),
+            };
+            out.push(KernelEvent::Timewait(arm));
+            out.push(KernelEvent::Transition(t));
+            if expiring.len() >= OPEN_AT_ONCE as usize {
+                let old = expiring.remove(0);
+                for op in [TimerOp::Cancel, TimerOp::Expire] {
+                    out.push(KernelEvent::Timewait(TimewaitEvent {
+                        ts_ns: t.ts_ns,
+                        op,
+                        ..old
+                    }));
+                }
+            }
+            expiring.push(arm);
+        } else {
+            out.push(KernelEvent::Transition(t));
+        }
+    }
+    out
+}
 
 fn stream() -> Vec<Transition> {
     use TcpState::*;
@@ -52,11 +106,8 @@ fn stream() -> Vec<Transition> {
                     dport: 8080,
                     old,
                     new,
-                    task: Task {
-                        pid: 4242,
-                        tid: 4242,
-                        comm: Comm::from_name("churn"),
-                    },
+                    task: task(),
+                    via: Via::Tracepoint,
                 });
             }
         }
@@ -66,7 +117,10 @@ fn stream() -> Vec<Transition> {
 
 fn bench(c: &mut Criterion) {
     let events = stream();
-    let raw: Vec<[u8; tracer_common::EVENT_SIZE]> = events.iter().map(encode).collect();
+    let raw: Vec<[u8; tracer_common::EVENT_SIZE]> = events
+        .iter()
+        .map(|t| encode(&KernelEvent::Transition(*t)))
+        .collect();
     let mut g = c.benchmark_group("pipeline");
     g.throughput(Throughput::Elements(events.len() as u64));
     g.sample_size(10);
@@ -90,6 +144,31 @@ fn bench(c: &mut Criterion) {
             t.live()
         })
     });
+
+    // The same connections with their timewait sockets: per *connection*, compare with
+    // "tracker" by the element counts (5 vs 8 events per connection).
+    let with_tw = stream_with_timewait();
+    g.throughput(Throughput::Elements(with_tw.len() as u64));
+    g.bench_function("tracker_timewait", |b| {
+        let mut ended = Vec::with_capacity(1024);
+        b.iter(|| {
+            let mut t = Tracker::default();
+            t.set_hz(250);
+            for e in &with_tw {
+                match e {
+                    KernelEvent::Transition(tr) => {
+                        black_box(t.observe(tr, &mut ended));
+                    }
+                    KernelEvent::Timewait(tw) => t.timewait(tw, &mut ended),
+                }
+                t.settle(e.ts_ns(), &mut ended);
+                black_box(t.take_derived().count());
+                ended.clear();
+            }
+            t.live()
+        })
+    });
+    g.throughput(Throughput::Elements(events.len() as u64));
 
     for (name, format) in [("watch_text", Format::Text), ("watch_json", Format::Json)] {
         g.bench_function(name, |b| {

@@ -15,7 +15,7 @@ use crate::cli::{
 };
 use crate::clock::{TimeFormatter, WallClock, monotonic_now_ns};
 use crate::decode::decode;
-use crate::model::Transition;
+use crate::model::{KernelEvent, Transition};
 use crate::sink::Sink;
 use crate::sink::leaks::{LeakQuery, LeaksSink};
 use crate::sink::metrics::{Metrics, MetricsSink};
@@ -50,6 +50,8 @@ pub struct Pipeline<'a> {
     filter: Option<KernelFilter>,
     /// `-p PID`: only sockets this process owns.
     pub owner_pid: Option<u32>,
+    /// Follow timewait sockets (off: `--no-timewait`, which also skips them on replay).
+    pub timewait: bool,
     pub totals: Totals,
 }
 
@@ -61,6 +63,7 @@ impl<'a> Pipeline<'a> {
             ended: Vec::new(),
             filter: None,
             owner_pid: None,
+            timewait: true,
             totals: Totals::default(),
         }
     }
@@ -73,19 +76,66 @@ impl<'a> Pipeline<'a> {
         self.each(|s| s.started())
     }
 
-    pub fn transition(&mut self, t: &Transition) -> io::Result<()> {
+    /// One decoded event: to the recorder as it is, then through the tracker to the
+    /// sinks, followed by what it derived and the lives it ended.
+    pub fn event(&mut self, ev: &KernelEvent) -> io::Result<()> {
+        for s in self.sinks.iter_mut() {
+            s.event(ev)?;
+        }
+        match ev {
+            KernelEvent::Transition(t) => self.transition(t)?,
+            KernelEvent::Timewait(tw) => {
+                let kept = self
+                    .filter
+                    .as_ref()
+                    .is_none_or(|f| f.keeps_socket(tw.family, tw.sport, tw.dport));
+                if self.timewait && kept {
+                    self.tracker.timewait(tw, &mut self.ended);
+                }
+            }
+        }
+        self.tracker.settle(ev.ts_ns(), &mut self.ended);
+        self.flush_derived()?;
+        self.flush_ended()
+    }
+
+    fn transition(&mut self, t: &Transition) -> io::Result<()> {
         if let Some(f) = &self.filter
             && !f.keeps(t)
         {
             return Ok(());
         }
         let o = self.tracker.observe(t, &mut self.ended);
-        if owned(self.owner_pid, o.owner.as_ref()) {
+        if !o.hidden && owned(self.owner_pid, o.owner.as_ref()) {
             for s in self.sinks.iter_mut() {
                 s.transition(t, &o)?;
             }
         }
-        self.flush_ended()
+        Ok(())
+    }
+
+    /// Resolves timewait timer cancels that nothing followed by `now_ns` (killed sockets);
+    /// returns whether anything was handed to the sinks.
+    pub fn settle(&mut self, now_ns: u64) -> io::Result<bool> {
+        self.tracker.settle(now_ns, &mut self.ended);
+        let any = self.tracker.has_derived() || !self.ended.is_empty();
+        self.flush_derived()?;
+        self.flush_ended()?;
+        Ok(any)
+    }
+
+    fn flush_derived(&mut self) -> io::Result<()> {
+        if !self.tracker.has_derived() {
+            return Ok(());
+        }
+        for (t, o) in self.tracker.take_derived() {
+            if owned(self.owner_pid, o.owner.as_ref()) {
+                for s in self.sinks.iter_mut() {
+                    s.transition(&t, &o)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn flush_ended(&mut self) -> io::Result<()> {
@@ -118,6 +168,8 @@ impl<'a> Pipeline<'a> {
     /// Tracing stopped at `now_ns`: sinks finish against the tracker as it stands, then
     /// the sockets still open end as `still_open` (callers flush with `batch_done`).
     pub fn finish(&mut self, now_ns: u64) -> io::Result<()> {
+        // Every event is in: a cancel nothing followed was a kill.
+        self.settle(u64::MAX)?;
         let (totals, tracker) = (self.totals, &self.tracker);
         self.sinks
             .iter_mut()
@@ -162,10 +214,25 @@ impl Input {
     /// when tracing began (the start-up snapshot).
     pub fn tracker(&self, max_sockets: usize) -> Tracker {
         let mut tracker = Tracker::new(max_sockets);
-        if let Input::Kernel(_) = self {
-            tracker.seed(startup_snapshot());
+        let hz = match self {
+            Input::Kernel(source) => {
+                tracker.seed(startup_snapshot());
+                source.timewait_hz
+            }
+            Input::File { reader, .. } => reader.hz,
+        };
+        if let Some(hz) = hz {
+            tracker.set_hz(hz);
         }
         tracker
+    }
+
+    /// The kernel's HZ when TIME_WAIT is tracked.
+    pub fn timewait_hz(&self) -> Option<u32> {
+        match self {
+            Input::Kernel(source) => source.timewait_hz,
+            Input::File { reader, .. } => reader.hz,
+        }
     }
 
     /// The clock that maps the events' monotonic times to wall time.
@@ -182,8 +249,10 @@ impl Input {
 /// still runs: such sockets are then only "first seen mid-life".
 fn startup_snapshot() -> Vec<Seed> {
     use crate::model::TcpState::*;
-    // Timewait and request sockets never appear on the tracepoint.
+    // Request sockets never appear on the tracepoint; timewait sockets (TIME_WAIT, and
+    // FIN_WAIT2 for orphans) end on their timer.
     let states = [
+        TimeWait,
         Established,
         SynSent,
         SynRecv,
@@ -217,6 +286,7 @@ fn open_kernel(trace: &TraceArgs) -> Result<KernelSource> {
     Ok(KernelSource::open(&KernelOptions {
         filter: trace.filter(),
         ring_size: trace.ring_size,
+        timewait: !trace.no_timewait,
     })?)
 }
 
@@ -232,6 +302,7 @@ pub async fn run(
         Input::Kernel(source) => run_live(*source, trace, interval, p).await,
         Input::File { reader, path } => {
             p.filter = Some(trace.filter());
+            p.timewait = !trace.no_timewait;
             replay(reader, &path, interval, p)
         }
     };
@@ -275,8 +346,8 @@ async fn run_live(
             return;
         }
         match decode(b) {
-            Ok(t) => {
-                if let Err(e) = p.transition(&t) {
+            Ok(ev) => {
+                if let Err(e) = p.event(&ev) {
                     *failed = Some(e);
                 }
             }
@@ -295,8 +366,19 @@ async fn run_live(
                 }
             }
             _ = drain_tick.tick() => {
-                // Below the kernel's wakeup threshold events wait for this timer.
-                if events.drain_now(|b| feed(p, &mut failed, b)) > 0
+                // Below the kernel's wakeup threshold events wait for this timer. Every
+                // event stamped before `now` is in the ring by now, so timer cancels that
+                // nothing followed by then can be settled.
+                let now = monotonic_now_ns();
+                let drained = events.drain_now(|b| feed(p, &mut failed, b)) > 0;
+                let settled = match p.settle(now) {
+                    Ok(any) => any,
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                        false
+                    }
+                };
+                if (drained || settled)
                     && failed.is_none()
                     && let Err(e) = p.batch_done()
                 {
@@ -353,14 +435,15 @@ fn replay(
             Ok(Some(Item::Event(t))) => {
                 p.totals.events += 1;
                 if let Some(step) = step {
-                    let due = *next_tick.get_or_insert(t.ts_ns + step);
-                    if t.ts_ns >= due {
+                    let ts = t.ts_ns();
+                    let due = *next_tick.get_or_insert(ts + step);
+                    if ts >= due {
                         p.interval(due)?;
-                        next_tick = Some(due + step * ((t.ts_ns - due) / step + 1));
+                        next_tick = Some(due + step * ((ts - due) / step + 1));
                     }
                 }
-                last_ts = last_ts.max(t.ts_ns);
-                p.transition(&t)?;
+                last_ts = last_ts.max(t.ts_ns());
+                p.event(&t)?;
             }
             Ok(Some(Item::Lost(n))) => p.totals.lost = n,
             Ok(None) => break Ok(()),
@@ -503,8 +586,12 @@ pub async fn stats(args: &StatsArgs) -> Result<()> {
 pub async fn record(args: &RecordArgs) -> Result<()> {
     let source = open_kernel(&args.trace)?;
     let file = create(&args.output)?;
-    let writer = RecordWriter::new(BufWriter::with_capacity(1 << 16, file), WallClock::now())
-        .with_context(|| format!("writing {}", args.output.display()))?;
+    let writer = RecordWriter::new(
+        BufWriter::with_capacity(1 << 16, file),
+        WallClock::now(),
+        source.timewait_hz,
+    )
+    .with_context(|| format!("writing {}", args.output.display()))?;
     let mut sink = RecordSink { writer, events: 0 };
     let mut p = Pipeline::new(Tracker::default(), vec![&mut sink]);
     run(

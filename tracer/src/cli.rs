@@ -185,6 +185,10 @@ pub struct TraceArgs {
     /// Size of the kernel ring buffer: a power of two, at least 4K (8M, 16M, 1G…).
     #[arg(long, value_parser = parse_ring_size, default_value = "8M")]
     pub ring_size: u32,
+    /// Do not follow sockets into TIME_WAIT (skips the timer tracepoints, which fire for
+    /// every kernel timer): the FIN_WAIT2/CLOSING -> CLOSE of the kernel is shown instead.
+    #[arg(long)]
+    pub no_timewait: bool,
 }
 
 impl TraceArgs {

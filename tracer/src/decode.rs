@@ -1,11 +1,13 @@
-//! Bytes from the ring buffer (or a recording) into typed [`Transition`]s.
+//! Bytes from the ring buffer (or a recording) into typed [`KernelEvent`]s.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use thiserror::Error;
 use tracer_common::{AF_INET, AF_INET6, EVENT_SIZE, kind};
 
-use crate::model::{Comm, Family, Task, TcpState, Transition};
+use crate::model::{
+    Comm, Family, KernelEvent, Task, TcpState, TimerOp, TimewaitEvent, Transition, Via,
+};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -37,7 +39,7 @@ fn bytes16(b: &[u8], off: usize) -> [u8; 16] {
 
 /// Decodes one [`tracer_common::Event`] record. The length is checked first; every other
 /// field is validated, so arbitrary bytes give an error, never a panic.
-pub fn decode(b: &[u8]) -> Result<Transition, DecodeError> {
+pub fn decode(b: &[u8]) -> Result<KernelEvent, DecodeError> {
     if b.len() != EVENT_SIZE {
         return Err(DecodeError::Length { got: b.len() });
     }
@@ -52,10 +54,16 @@ pub fn decode(b: &[u8]) -> Result<Transition, DecodeError> {
     let dport = u16_at(b, 74);
     let family_raw = u16_at(b, 76);
     let (oldstate, newstate, ev_kind) = (b[78], b[79], b[80]);
+    let expires = u64_at(b, 88);
+    let jiffies = u64_at(b, 96);
 
-    if ev_kind != kind::SET_STATE {
-        return Err(DecodeError::Kind(ev_kind));
-    }
+    let op = match ev_kind {
+        kind::SET_STATE => None,
+        kind::TW_ARM => Some(TimerOp::Arm),
+        kind::TW_CANCEL => Some(TimerOp::Cancel),
+        kind::TW_EXPIRE => Some(TimerOp::Expire),
+        other => return Err(DecodeError::Kind(other)),
+    };
     let (family, saddr, daddr) = match family_raw {
         AF_INET => (Family::Ipv4, v4(&saddr), v4(&daddr)),
         AF_INET6 => (
@@ -65,9 +73,30 @@ pub fn decode(b: &[u8]) -> Result<Transition, DecodeError> {
         ),
         other => return Err(DecodeError::Family(other)),
     };
-    let old = TcpState::from_kernel(oldstate).ok_or(DecodeError::State(oldstate))?;
     let new = TcpState::from_kernel(newstate).ok_or(DecodeError::State(newstate))?;
-    Ok(Transition {
+    let task = Task {
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        comm: Comm::new(comm),
+    };
+    if let Some(op) = op {
+        return Ok(KernelEvent::Timewait(TimewaitEvent {
+            ts_ns,
+            op,
+            tw: sk,
+            family,
+            saddr,
+            sport,
+            daddr,
+            dport,
+            substate: new,
+            expires,
+            jiffies,
+            task,
+        }));
+    }
+    let old = TcpState::from_kernel(oldstate).ok_or(DecodeError::State(oldstate))?;
+    Ok(KernelEvent::Transition(Transition {
         ts_ns,
         sk,
         family,
@@ -77,39 +106,58 @@ pub fn decode(b: &[u8]) -> Result<Transition, DecodeError> {
         dport,
         old,
         new,
-        task: Task {
-            pid: (pid_tgid >> 32) as u32,
-            tid: pid_tgid as u32,
-            comm: Comm::new(comm),
-        },
-    })
+        task,
+        via: Via::Tracepoint,
+    }))
 }
 
 fn v4(raw: &[u8; 16]) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
 }
 
-/// Encodes a transition back into the kernel's record layout: the inverse of [`decode`],
-/// used by the recorder and by tests.
-pub fn encode(t: &Transition) -> [u8; EVENT_SIZE] {
+/// Encodes an event back into the kernel's record layout: the inverse of [`decode`], used
+/// by the recorder and by tests.
+pub fn encode(ev: &KernelEvent) -> [u8; EVENT_SIZE] {
     let mut b = [0u8; EVENT_SIZE];
-    b[0..8].copy_from_slice(&t.ts_ns.to_ne_bytes());
-    b[8..16].copy_from_slice(&t.sk.to_ne_bytes());
-    let pid_tgid = (u64::from(t.task.pid) << 32) | u64::from(t.task.tid);
+    let (ts_ns, sk, task, family, saddr, daddr, sport, dport) = match ev {
+        KernelEvent::Transition(t) => (
+            t.ts_ns, t.sk, t.task, t.family, t.saddr, t.daddr, t.sport, t.dport,
+        ),
+        KernelEvent::Timewait(tw) => (
+            tw.ts_ns, tw.tw, tw.task, tw.family, tw.saddr, tw.daddr, tw.sport, tw.dport,
+        ),
+    };
+    b[0..8].copy_from_slice(&ts_ns.to_ne_bytes());
+    b[8..16].copy_from_slice(&sk.to_ne_bytes());
+    let pid_tgid = (u64::from(task.pid) << 32) | u64::from(task.tid);
     b[16..24].copy_from_slice(&pid_tgid.to_ne_bytes());
-    b[24..40].copy_from_slice(&addr16(t.saddr));
-    b[40..56].copy_from_slice(&addr16(t.daddr));
-    b[56..72].copy_from_slice(&t.task.comm.raw());
-    b[72..74].copy_from_slice(&t.sport.to_ne_bytes());
-    b[74..76].copy_from_slice(&t.dport.to_ne_bytes());
-    let family = match t.family {
+    b[24..40].copy_from_slice(&addr16(saddr));
+    b[40..56].copy_from_slice(&addr16(daddr));
+    b[56..72].copy_from_slice(&task.comm.raw());
+    b[72..74].copy_from_slice(&sport.to_ne_bytes());
+    b[74..76].copy_from_slice(&dport.to_ne_bytes());
+    let family = match family {
         Family::Ipv4 => AF_INET,
         Family::Ipv6 => AF_INET6,
     };
     b[76..78].copy_from_slice(&family.to_ne_bytes());
-    b[78] = t.old as u8;
-    b[79] = t.new as u8;
-    b[80] = kind::SET_STATE;
+    match ev {
+        KernelEvent::Transition(t) => {
+            b[78] = t.old as u8;
+            b[79] = t.new as u8;
+            b[80] = kind::SET_STATE;
+        }
+        KernelEvent::Timewait(tw) => {
+            b[79] = tw.substate as u8;
+            b[80] = match tw.op {
+                TimerOp::Arm => kind::TW_ARM,
+                TimerOp::Cancel => kind::TW_CANCEL,
+                TimerOp::Expire => kind::TW_EXPIRE,
+            };
+            b[88..96].copy_from_slice(&tw.expires.to_ne_bytes());
+            b[96..104].copy_from_slice(&tw.jiffies.to_ne_bytes());
+        }
+    }
     b
 }
 
@@ -144,9 +192,15 @@ mod tests {
         assert_eq!(offset_of!(Event, oldstate), 78);
         assert_eq!(offset_of!(Event, newstate), 79);
         assert_eq!(offset_of!(Event, kind), 80);
+        assert_eq!(offset_of!(Event, expires), 88);
+        assert_eq!(offset_of!(Event, jiffies), 96);
     }
 
     fn raw_event(family: u16, saddr: [u8; 16], old: u8, new: u8) -> [u8; EVENT_SIZE] {
+        raw_kind(kind::SET_STATE, family, saddr, old, new)
+    }
+
+    fn raw_kind(k: u8, family: u16, saddr: [u8; 16], old: u8, new: u8) -> [u8; EVENT_SIZE] {
         let ev = Event {
             ts_ns: 431_492_173_553,
             skaddr: 0xffff_8881_02cf_b780,
@@ -159,18 +213,35 @@ mod tests {
             family,
             oldstate: old,
             newstate: new,
-            kind: kind::SET_STATE,
+            kind: k,
             _pad: [0; 7],
+            expires: if k == kind::SET_STATE {
+                0
+            } else {
+                4_296_890_675
+            },
+            jiffies: if k == kind::SET_STATE {
+                0
+            } else {
+                4_296_875_675
+            },
         };
         // SAFETY: `Event` is `repr(C)` plain data of exactly EVENT_SIZE bytes.
         unsafe { std::mem::transmute::<Event, [u8; EVENT_SIZE]>(ev) }
+    }
+
+    fn transition(b: &[u8]) -> Transition {
+        match decode(b) {
+            Ok(KernelEvent::Transition(t)) => t,
+            other => panic!("not a transition: {other:?}"),
+        }
     }
 
     #[test]
     fn decodes_an_ipv4_event() {
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        let t = decode(&raw_event(AF_INET, addr, 2, 1)).expect("valid event");
+        let t = transition(&raw_event(AF_INET, addr, 2, 1));
         assert_eq!(t.ts_ns, 431_492_173_553);
         assert_eq!(t.sk, 0xffff_8881_02cf_b780);
         assert_eq!(t.family, Family::Ipv4);
@@ -180,12 +251,39 @@ mod tests {
         assert_eq!((t.old, t.new), (TcpState::SynSent, TcpState::Established));
         assert_eq!((t.task.pid, t.task.tid), (13212, 13215));
         assert_eq!(t.task.comm.to_str_lossy(), "python3");
+        assert_eq!(t.via, Via::Tracepoint);
+    }
+
+    #[test]
+    fn decodes_timewait_events() {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        for (k, op) in [
+            (kind::TW_ARM, TimerOp::Arm),
+            (kind::TW_CANCEL, TimerOp::Cancel),
+            (kind::TW_EXPIRE, TimerOp::Expire),
+        ] {
+            let Ok(KernelEvent::Timewait(tw)) = decode(&raw_kind(k, AF_INET, addr, 0, 6)) else {
+                panic!("kind {k} is a timewait event");
+            };
+            assert_eq!(tw.op, op);
+            assert_eq!(tw.tw, 0xffff_8881_02cf_b780);
+            assert_eq!(tw.substate, TcpState::TimeWait);
+            assert_eq!(tw.saddr, "10.0.0.2".parse::<IpAddr>().unwrap());
+            assert_eq!((tw.sport, tw.dport), (59682, 7794));
+            assert_eq!((tw.expires, tw.jiffies), (4_296_890_675, 4_296_875_675));
+        }
+        // The substate must be a state.
+        assert_eq!(
+            decode(&raw_kind(kind::TW_ARM, AF_INET, addr, 0, 0)),
+            Err(DecodeError::State(0))
+        );
     }
 
     #[test]
     fn decodes_an_ipv6_event() {
         let addr: Ipv6Addr = "2001:db8::42".parse().unwrap();
-        let t = decode(&raw_event(AF_INET6, addr.octets(), 10, 7)).expect("valid event");
+        let t = transition(&raw_event(AF_INET6, addr.octets(), 10, 7));
         assert_eq!(t.family, Family::Ipv6);
         assert_eq!(t.saddr, IpAddr::V6(addr));
         assert_eq!((t.old, t.new), (TcpState::Listen, TcpState::Close));
@@ -195,6 +293,7 @@ mod tests {
     fn rejects_bad_records() {
         let ok = raw_event(AF_INET, [0; 16], 1, 4);
         assert_eq!(decode(&ok[..87]), Err(DecodeError::Length { got: 87 }));
+        assert_eq!(decode(&ok[..103]), Err(DecodeError::Length { got: 103 }));
         assert_eq!(decode(&[]), Err(DecodeError::Length { got: 0 }));
         assert_eq!(
             decode(&raw_event(3, [0; 16], 1, 4)),
@@ -224,6 +323,11 @@ mod tests {
             let raw = raw_event(family, raw16, 8, 9);
             let t = decode(&raw).expect("valid event");
             assert_eq!(encode(&t), raw);
+            for k in [kind::TW_ARM, kind::TW_CANCEL, kind::TW_EXPIRE] {
+                let raw = raw_kind(k, family, raw16, 0, 5);
+                let tw = decode(&raw).expect("valid event");
+                assert_eq!(encode(&tw), raw);
+            }
         }
     }
 

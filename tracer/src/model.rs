@@ -160,4 +160,73 @@ pub struct Transition {
     pub new: TcpState,
     /// The task on the CPU (in softirq, often unrelated to the socket).
     pub task: Task,
+    pub via: Via,
+}
+
+/// Where a transition comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// Reported by the kernel on `sock:inet_sock_set_state`.
+    Tracepoint,
+    /// Derived from a timewait socket's timer: → TIME_WAIT, and TIME_WAIT (or the FIN_WAIT2
+    /// substate) → CLOSE, which the tracepoint never reports.
+    Timewait,
+}
+
+impl Via {
+    pub fn name(self) -> &'static str {
+        match self {
+            Via::Tracepoint => "tracepoint",
+            Via::Timewait => "timewait",
+        }
+    }
+}
+
+/// What happened to a timewait socket's timer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerOp {
+    /// Armed: a new timewait socket, or a re-arm of one.
+    Arm,
+    /// Detached: before its expiry, before a re-arm, or because the socket was killed.
+    Cancel,
+    /// Ran out.
+    Expire,
+}
+
+/// One event of a timewait socket's timer, as the kernel reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimewaitEvent {
+    /// Kernel CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub op: TimerOp,
+    /// Address of the kernel `struct inet_timewait_sock`.
+    pub tw: u64,
+    pub family: Family,
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+    /// `tw_substate`: TIME_WAIT, or FIN_WAIT2 for an orphan waiting out `tcp_fin_timeout`.
+    pub substate: TcpState,
+    /// The timer's expiry, in jiffies.
+    pub expires: u64,
+    /// Jiffies when the event fired.
+    pub jiffies: u64,
+    pub task: Task,
+}
+
+/// One decoded ring buffer record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelEvent {
+    Transition(Transition),
+    Timewait(TimewaitEvent),
+}
+
+impl KernelEvent {
+    pub fn ts_ns(&self) -> u64 {
+        match self {
+            KernelEvent::Transition(t) => t.ts_ns,
+            KernelEvent::Timewait(tw) => tw.ts_ns,
+        }
+    }
 }

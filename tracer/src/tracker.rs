@@ -7,13 +7,22 @@
 //! no clock and does no I/O: "now" is passed in where ages matter, so it runs the same on
 //! live and recorded streams. Memory is bounded: past `max_sockets` the least recently
 //! active socket is evicted (its life handed back, marked `evicted`).
+//!
+//! TIME_WAIT: the kernel moves a closing socket into a separate timewait socket and reports
+//! the full socket's FIN_WAIT2 (or CLOSING) → CLOSE, never TIME_WAIT. The timewait
+//! socket's timer events (see `source/timewait.rs`) carry its 4-tuple; the tracker joins
+//! the timewait socket to the life that ended into it, hides that X → CLOSE, and derives
+//! the TCP view: → TIME_WAIT when the socket enters it, TIME_WAIT → CLOSE when its timer
+//! runs out (`time_wait_expired`) or it is killed early (`time_wait_killed`). Derived
+//! transitions are handed out by [`Tracker::take_derived`].
 
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
 
 use lru::LruCache;
 
-use crate::model::{Comm, Family, TcpState, Transition};
+use crate::model::{Comm, Family, Task, TcpState, TimerOp, TimewaitEvent, Transition, Via};
 
 /// Default cap on tracked sockets.
 pub const DEFAULT_MAX_SOCKETS: usize = 262_144;
@@ -145,6 +154,9 @@ pub struct Observed {
     /// The socket's ports as known so far (the event's own may still be 0).
     pub sport: u16,
     pub dport: u16,
+    /// Not a step of the TCP view: the kernel's X → CLOSE of a socket that lives on as a
+    /// timewait socket (its → TIME_WAIT is derived instead).
+    pub hidden: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -159,8 +171,47 @@ pub struct Tracker {
     socks: LruCache<u64, SocketLife>,
     /// Sockets of the start-up snapshot not seen on the tracepoint yet, by 4-tuple (the
     /// snapshot has no `struct sock` address): their state then.
-    seeds: std::collections::HashMap<Tuple, TcpState>,
+    seeds: HashMap<Tuple, TcpState>,
     stats: TrackerStats,
+    /// Live timewait sockets, by `inet_timewait_sock` address.
+    tw: LruCache<u64, Timewait>,
+    /// Timewait sockets armed but not yet joined to the full socket that became them
+    /// (its X → CLOSE follows the arming, on the same CPU).
+    tw_join: HashMap<Tuple, u64>,
+    /// Timer cancels waiting for their expiry or re-arm, oldest first: (time, address).
+    pending: VecDeque<(u64, u64)>,
+    /// Derived transitions not yet handed out.
+    derived: Vec<(Transition, Observed)>,
+    clock: Option<Jiffies>,
+}
+
+/// How long after a timer cancel its expiry or re-arm may still show up. The kernel emits
+/// them microseconds apart on one CPU; past this the timewait socket was killed.
+pub const SETTLE_NS: u64 = 100_000_000;
+/// A re-arm follows its cancel within the same locked section of the timer code.
+const REARM_NS: u64 = 1_000_000;
+/// `TCP_TIMEWAIT_LEN`: every entry into TIME_WAIT (and restart of it) arms the timer for
+/// this long.
+const TIMEWAIT_LEN_S: u64 = 60;
+
+/// One timewait socket, carrying on the life of the socket that became it.
+struct Timewait {
+    life: SocketLife,
+    /// The kernel's `tw_substate` as last seen.
+    substate: TcpState,
+    /// A cancel not resolved yet (expiry, re-arm, or kill).
+    cancel: Option<TimewaitEvent>,
+}
+
+/// Maps jiffies to kernel monotonic time, learned from the timer events themselves.
+#[derive(Clone, Copy, Debug)]
+struct Jiffies {
+    tick_ns: u64,
+    /// `TCP_TIMEWAIT_LEN` in jiffies.
+    timewait_len: u64,
+    /// Monotonic ns of jiffy 0: the least `ts - jiffies * tick` seen, which is the tick
+    /// edge plus the shortest delay observed.
+    base: Option<i128>,
 }
 
 /// Local address and port, remote address and port.
@@ -185,10 +236,28 @@ impl Default for Tracker {
 impl Tracker {
     /// A tracker holding at most `max_sockets` live sockets (at least 1).
     pub fn new(max_sockets: usize) -> Self {
+        let cap = NonZeroUsize::new(max_sockets).unwrap_or(NonZeroUsize::MIN);
         Tracker {
-            socks: LruCache::new(NonZeroUsize::new(max_sockets).unwrap_or(NonZeroUsize::MIN)),
-            seeds: std::collections::HashMap::new(),
+            socks: LruCache::new(cap),
+            seeds: HashMap::new(),
             stats: TrackerStats::default(),
+            tw: LruCache::new(cap),
+            tw_join: HashMap::new(),
+            pending: VecDeque::new(),
+            derived: Vec::new(),
+            clock: None,
+        }
+    }
+
+    /// The kernel's HZ, which places an entry into TIME_WAIT that the kernel made without
+    /// a timer event (from the timer's `expires`). Without it such entries are unknown.
+    pub fn set_hz(&mut self, hz: u32) {
+        if hz > 0 {
+            self.clock = Some(Jiffies {
+                tick_ns: (1_000_000_000 + u64::from(hz) / 2) / u64::from(hz),
+                timewait_len: TIMEWAIT_LEN_S * u64::from(hz),
+                base: None,
+            });
         }
     }
 
@@ -218,23 +287,41 @@ impl Tracker {
         counts
     }
 
+    /// Live timewait sockets (in the TIME_WAIT or FIN_WAIT2 substate).
+    pub fn timewait_sockets(&self) -> usize {
+        self.tw.len()
+    }
+
     /// Snapshot sockets not seen on the tracepoint since (they may have ended unseen).
     pub fn seeded(&self) -> usize {
         self.seeds.len()
     }
 
-    /// Number of sockets being tracked.
+    /// Number of sockets being tracked, timewait sockets included.
     pub fn live(&self) -> usize {
-        self.socks.len()
+        self.socks.len() + self.tw.len()
     }
 
     pub fn stats(&self) -> &TrackerStats {
         &self.stats
     }
 
-    /// The tracked sockets, most recently active first.
+    /// The tracked sockets, most recently active first, then the timewait sockets.
     pub fn sockets(&self) -> impl Iterator<Item = &SocketLife> {
-        self.socks.iter().map(|(_, life)| life)
+        self.socks
+            .iter()
+            .map(|(_, life)| life)
+            .chain(self.tw.iter().map(|(_, tw)| &tw.life))
+    }
+
+    /// Transitions derived since the last call (→ TIME_WAIT, TIME_WAIT → CLOSE), in order.
+    pub fn take_derived(&mut self) -> impl Iterator<Item = (Transition, Observed)> + '_ {
+        self.derived.drain(..)
+    }
+
+    /// Whether derived transitions wait to be taken.
+    pub fn has_derived(&self) -> bool {
+        !self.derived.is_empty()
     }
 
     /// Feeds one transition. Lives that end (the socket closed, or another was evicted to
@@ -306,38 +393,371 @@ impl Tracker {
             ns: None,
         });
 
-        let observed = Observed {
+        let mut observed = Observed {
             old_ns,
             owner: life.owner,
             sport: life.sport,
             dport: life.dport,
+            hidden: false,
         };
         if t.new == TcpState::Close
             && let Some(mut life) = self.socks.pop(&t.sk)
         {
-            life.end = End::from_close(t.old);
-            life.lifetime_ns = lifetime(&life, entered);
-            ended.push(life);
+            if matches!(t.old, TcpState::FinWait2 | TcpState::Closing)
+                && !self.tw_join.is_empty()
+                && let Some(tw) = self.tw_join.remove(&tuple(&life))
+            {
+                // The socket lives on as a timewait socket: this CLOSE is not its end.
+                life.spans.pop();
+                if let Some(last) = life.spans.last_mut() {
+                    last.ns = None;
+                }
+                self.join(tw, life, t.task);
+                observed.hidden = true;
+            } else {
+                life.end = End::from_close(t.old);
+                life.lifetime_ns = lifetime(&life, entered);
+                ended.push(life);
+            }
         }
         observed
     }
 
-    /// Ends every tracked life as `still_open` at `now_ns` (tracing stopped).
+    /// Feeds one timewait timer event. Lives that end are pushed onto `ended`; derived
+    /// transitions wait in [`Tracker::take_derived`].
+    pub fn timewait(&mut self, ev: &TimewaitEvent, ended: &mut Vec<SocketLife>) {
+        self.learn_jiffies(ev);
+        match ev.op {
+            TimerOp::Arm => self.armed(ev, ended),
+            TimerOp::Cancel => {
+                let tw = self.timewait_entry(ev, ended);
+                tw.cancel = Some(*ev);
+                self.pending.push_back((ev.ts_ns, ev.tw));
+            }
+            TimerOp::Expire => {
+                let tw = self.timewait_entry(ev, ended);
+                tw.cancel = None;
+                let at = self.flip_time(ev);
+                let end = match ev.substate {
+                    TcpState::TimeWait => End::TimeWaitExpired,
+                    // An orphan's FIN_WAIT2 ran out its tcp_fin_timeout.
+                    _ => End::Closed,
+                };
+                self.end_timewait(ev, at, end, ended);
+            }
+        }
+    }
+
+    /// Resolves the timer cancels older than `upto_ns - SETTLE_NS` that neither an expiry
+    /// nor a re-arm followed: those timewait sockets were killed (port reuse, RST or SYN,
+    /// namespace teardown). Called with event times, with "now" while live, and with
+    /// `u64::MAX` at the end.
+    pub fn settle(&mut self, upto_ns: u64, ended: &mut Vec<SocketLife>) {
+        while let Some(&(ts, addr)) = self.pending.front() {
+            if ts.saturating_add(SETTLE_NS) > upto_ns {
+                break;
+            }
+            self.pending.pop_front();
+            let Some(cancel) = self.tw.peek(&addr).and_then(|tw| tw.cancel) else {
+                continue;
+            };
+            if cancel.ts_ns == ts {
+                self.killed(&cancel, ended);
+            }
+        }
+    }
+
+    fn killed(&mut self, cancel: &TimewaitEvent, ended: &mut Vec<SocketLife>) {
+        let at = self.flip_time(cancel);
+        self.end_timewait(cancel, at, End::TimeWaitKilled, ended);
+    }
+
+    /// A timer armed: a new timewait socket, or a re-arm of a known one.
+    fn armed(&mut self, ev: &TimewaitEvent, ended: &mut Vec<SocketLife>) {
+        if let Some(tw) = self.tw.get_mut(&ev.tw) {
+            let same = tuple(&tw.life) == ev_tuple(ev);
+            let rearm = match &tw.cancel {
+                Some(c) => same && ev.ts_ns.saturating_sub(c.ts_ns) <= REARM_NS,
+                None => same,
+            };
+            if rearm {
+                // The substate turned TIME_WAIT (the peer's FIN) or TIME_WAIT restarted.
+                tw.cancel = None;
+                if ev.substate != tw.substate {
+                    tw.substate = ev.substate;
+                    move_to(
+                        &mut tw.life,
+                        ev.substate,
+                        Some(ev.ts_ns),
+                        ev,
+                        &mut self.derived,
+                    );
+                }
+                return;
+            }
+            // A new timewait socket where one lived: that one was killed.
+            match tw.cancel {
+                Some(c) => self.killed(&c, ended),
+                None => self.end_timewait(ev, None, End::TimeWaitKilled, ended),
+            }
+        }
+        let life = SocketLife {
+            sk: ev.tw,
+            family: ev.family,
+            saddr: ev.saddr,
+            sport: ev.sport,
+            daddr: ev.daddr,
+            dport: ev.dport,
+            owner: None,
+            role: Role::Unknown,
+            first_seen_mid_life: true,
+            spans: vec![Span {
+                state: ev.substate,
+                entered_ns: Some(ev.ts_ns),
+                ns: None,
+            }],
+            end: End::StillOpen,
+            lifetime_ns: None,
+            existed_at_start: false,
+        };
+        self.put_timewait(ev.tw, life, ev.substate, ended);
+        self.tw_join.insert(ev_tuple(ev), ev.tw);
+    }
+
+    /// The known timewait socket `ev` is about, or a new record for one that began before
+    /// tracing (or was evicted).
+    fn timewait_entry(&mut self, ev: &TimewaitEvent, ended: &mut Vec<SocketLife>) -> &mut Timewait {
+        if !self.tw.contains(&ev.tw) {
+            let seed = self.seeds.remove(&ev_tuple(ev));
+            let life = SocketLife {
+                sk: ev.tw,
+                family: ev.family,
+                saddr: ev.saddr,
+                sport: ev.sport,
+                daddr: ev.daddr,
+                dport: ev.dport,
+                owner: None,
+                role: Role::Unknown,
+                first_seen_mid_life: true,
+                spans: vec![Span {
+                    state: ev.substate,
+                    entered_ns: None,
+                    ns: None,
+                }],
+                end: End::StillOpen,
+                lifetime_ns: None,
+                existed_at_start: seed.is_some(),
+            };
+            self.put_timewait(ev.tw, life, ev.substate, ended);
+        }
+        match self.tw.get_mut(&ev.tw) {
+            Some(tw) => tw,
+            None => unreachable_timewait(ev.tw),
+        }
+    }
+
+    fn put_timewait(
+        &mut self,
+        addr: u64,
+        life: SocketLife,
+        substate: TcpState,
+        ended: &mut Vec<SocketLife>,
+    ) {
+        if self.tw.len() == self.tw.cap().get()
+            && let Some((_, mut victim)) = self.tw.pop_lru()
+        {
+            self.tw_join.remove(&tuple(&victim.life));
+            victim.life.end = End::Evicted;
+            self.stats.evicted += 1;
+            ended.push(victim.life);
+        }
+        self.tw.put(
+            addr,
+            Timewait {
+                life,
+                substate,
+                cancel: None,
+            },
+        );
+    }
+
+    /// The full socket `life` ended into the timewait socket at `addr`: the timewait
+    /// socket carries on that life (its owner, role and states).
+    fn join(&mut self, addr: u64, mut life: SocketLife, task: Task) {
+        let Some(tw) = self.tw.get_mut(&addr) else {
+            return;
+        };
+        for span in &tw.life.spans {
+            if life.state() != Some(span.state) {
+                let at = span.entered_ns;
+                let ts = at.unwrap_or(0);
+                move_to_at(&mut life, span.state, at, ts, task, &mut self.derived);
+            }
+        }
+        tw.life = life;
+    }
+
+    /// When the kernel turned the FIN_WAIT2 substate into TIME_WAIT without a timer event
+    /// (the re-arm stayed in the same timer-wheel bucket): the timer was then set to
+    /// `TCP_TIMEWAIT_LEN` from that moment, so its `expires` places it, within a tick.
+    /// `None` when the event shows no such flip or the time cannot be placed.
+    fn flip_time(&self, ev: &TimewaitEvent) -> Option<u64> {
+        let tw = self.tw.peek(&ev.tw)?;
+        if ev.substate == tw.substate || ev.substate != TcpState::TimeWait {
+            return None;
+        }
+        let clock = self.clock?;
+        let entry = ev.expires.checked_sub(clock.timewait_len)?;
+        let ns = clock.base?
+            + i128::from(entry) * i128::from(clock.tick_ns)
+            + i128::from(clock.tick_ns / 2);
+        u64::try_from(ns).ok()
+    }
+
+    /// Ends the timewait socket of `ev` at `ev.ts_ns` (after a substate flip at `flip`,
+    /// when the event shows one).
+    fn end_timewait(
+        &mut self,
+        ev: &TimewaitEvent,
+        flip: Option<u64>,
+        end: End,
+        ended: &mut Vec<SocketLife>,
+    ) {
+        let Some(mut tw) = self.tw.pop(&ev.tw) else {
+            return;
+        };
+        if self.tw_join.get(&tuple(&tw.life)) == Some(&ev.tw) {
+            self.tw_join.remove(&tuple(&tw.life));
+        }
+        if ev.substate != tw.substate {
+            move_to_at(
+                &mut tw.life,
+                ev.substate,
+                flip,
+                ev.ts_ns,
+                ev.task,
+                &mut self.derived,
+            );
+        }
+        move_to(
+            &mut tw.life,
+            TcpState::Close,
+            Some(ev.ts_ns),
+            ev,
+            &mut self.derived,
+        );
+        tw.life.end = end;
+        tw.life.lifetime_ns = lifetime(&tw.life, ev.ts_ns);
+        ended.push(tw.life);
+    }
+
+    fn learn_jiffies(&mut self, ev: &TimewaitEvent) {
+        if let Some(clock) = &mut self.clock
+            && ev.jiffies != 0
+        {
+            let base = i128::from(ev.ts_ns) - i128::from(ev.jiffies) * i128::from(clock.tick_ns);
+            clock.base = Some(clock.base.map_or(base, |b| b.min(base)));
+        }
+    }
+
+    /// Ends every tracked life as `still_open` at `now_ns` (tracing stopped), timewait
+    /// sockets included.
     pub fn close_all(&mut self, now_ns: u64) -> Vec<SocketLife> {
-        let mut out = Vec::with_capacity(self.socks.len());
-        while let Some((_, mut life)) = self.socks.pop_lru() {
+        let mut out = Vec::with_capacity(self.live());
+        let tws = std::iter::from_fn(|| self.tw.pop_lru().map(|(_, tw)| tw.life));
+        let mut lives: Vec<SocketLife> = tws.collect();
+        while let Some((_, life)) = self.socks.pop_lru() {
+            lives.push(life);
+        }
+        for mut life in lives {
             life.end = End::StillOpen;
             life.lifetime_ns = lifetime(&life, now_ns);
             out.push(life);
         }
+        self.tw_join.clear();
+        self.pending.clear();
         out
     }
+}
+
+fn tuple(life: &SocketLife) -> Tuple {
+    (life.saddr, life.sport, life.daddr, life.dport)
+}
+
+fn ev_tuple(ev: &TimewaitEvent) -> Tuple {
+    (ev.saddr, ev.sport, ev.daddr, ev.dport)
+}
+
+/// Moves `life` into `state` at `at` (`None`: not known when), with a derived transition
+/// stamped by the timer event `ev`.
+fn move_to(
+    life: &mut SocketLife,
+    state: TcpState,
+    at: Option<u64>,
+    ev: &TimewaitEvent,
+    derived: &mut Vec<(Transition, Observed)>,
+) {
+    move_to_at(life, state, at, ev.ts_ns, ev.task, derived);
+}
+
+/// As [`move_to`]: `ts_ns` is when the move became known (no later than it happened).
+fn move_to_at(
+    life: &mut SocketLife,
+    state: TcpState,
+    at: Option<u64>,
+    ts_ns: u64,
+    task: Task,
+    derived: &mut Vec<(Transition, Observed)>,
+) {
+    let last_entered = life.spans.last().and_then(|s| s.entered_ns);
+    // Never before the previous entry (clamped as in `observe`).
+    let at = at.map(|a| last_entered.map_or(a, |e| a.max(e)));
+    let old = life.state().unwrap_or(state);
+    let mut old_ns = None;
+    if let Some(last) = life.spans.last_mut() {
+        old_ns = last.entered_ns.zip(at).map(|(e, a)| a - e);
+        last.ns = old_ns;
+    }
+    life.spans.push(Span {
+        state,
+        entered_ns: at,
+        ns: None,
+    });
+    let t = Transition {
+        ts_ns: at.unwrap_or(ts_ns),
+        sk: life.sk,
+        family: life.family,
+        saddr: life.saddr,
+        sport: life.sport,
+        daddr: life.daddr,
+        dport: life.dport,
+        old,
+        new: state,
+        task,
+        via: Via::Timewait,
+    };
+    derived.push((
+        t,
+        Observed {
+            old_ns,
+            owner: life.owner,
+            sport: life.sport,
+            dport: life.dport,
+            hidden: false,
+        },
+    ));
 }
 
 #[cold]
 fn unreachable_observed(t: &Transition) -> ! {
     // `put` just inserted the key into a cache with room for it.
     panic!("tracker lost socket {:#x} right after inserting it", t.sk)
+}
+
+#[cold]
+fn unreachable_timewait(addr: u64) -> ! {
+    // `put_timewait` just inserted the key into a cache with room for it.
+    panic!("tracker lost timewait socket {addr:#x} right after inserting it")
 }
 
 /// A new record for the first transition seen of a socket.
@@ -415,6 +835,7 @@ pub(crate) mod tests {
                 tid: pid,
                 comm: Comm::from_name(&format!("task{pid}")),
             },
+            via: Via::Tracepoint,
         }
     }
 

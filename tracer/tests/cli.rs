@@ -209,13 +209,14 @@ fn without_privileges_says_so() {
 /// A recording written by the library's writer: two socket lives on port 8080.
 fn recording() -> Vec<u8> {
     use tracer::clock::WallClock;
-    use tracer::model::{Comm, Family, Task, TcpState::*, Transition};
+    use tracer::model::{Comm, Family, KernelEvent, Task, TcpState::*, Transition, Via};
     use tracer::source::record::RecordWriter;
     let mut w = RecordWriter::new(
         Vec::new(),
         WallClock {
             boot_offset_ns: 1_795_299_000_000_000_000,
         },
+        None,
     )
     .unwrap();
     for (sk, base) in [(1u64, 1_000_000_000u64), (2, 2_000_000_000)] {
@@ -226,7 +227,7 @@ fn recording() -> Vec<u8> {
             (CloseWait, LastAck, 251_000_000),
             (LastAck, Close, 251_050_000),
         ] {
-            w.event(&Transition {
+            w.event(&KernelEvent::Transition(Transition {
                 ts_ns: base + at,
                 sk,
                 family: Family::Ipv4,
@@ -241,7 +242,8 @@ fn recording() -> Vec<u8> {
                     tid: 77,
                     comm: Comm::from_name("srv"),
                 },
-            })
+                via: Via::Tracepoint,
+            }))
             .unwrap();
         }
     }

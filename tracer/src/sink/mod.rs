@@ -12,7 +12,7 @@ pub mod watch;
 use std::io;
 
 use crate::app::Totals;
-use crate::model::Transition;
+use crate::model::{KernelEvent, Transition};
 use crate::tracker::{Observed, SocketLife, Tracker};
 
 /// Output format shared by the commands.
@@ -29,6 +29,12 @@ pub trait Sink {
     fn started(&mut self) -> io::Result<()> {
         Ok(())
     }
+    /// Every event as decoded, before the tracker (the recorder keeps them raw).
+    fn event(&mut self, _ev: &KernelEvent) -> io::Result<()> {
+        Ok(())
+    }
+    /// A transition of the TCP view: as the kernel reported it, or derived from a timewait
+    /// socket (`t.via`).
     fn transition(&mut self, _t: &Transition, _o: &Observed) -> io::Result<()> {
         Ok(())
     }

@@ -4,9 +4,9 @@ use std::io::{self, Write};
 
 use super::Sink;
 use crate::app::Totals;
-use crate::model::Transition;
+use crate::model::KernelEvent;
 use crate::source::record::RecordWriter;
-use crate::tracker::{Observed, Tracker};
+use crate::tracker::Tracker;
 
 pub struct RecordSink<W: Write> {
     pub writer: RecordWriter<W>,
@@ -14,9 +14,9 @@ pub struct RecordSink<W: Write> {
 }
 
 impl<W: Write> Sink for RecordSink<W> {
-    fn transition(&mut self, t: &Transition, _o: &Observed) -> io::Result<()> {
+    fn event(&mut self, ev: &KernelEvent) -> io::Result<()> {
         self.events += 1;
-        self.writer.event(t)
+        self.writer.event(ev)
     }
 
     fn batch_done(

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{Format, Sink};
 use crate::clock::TimeFormatter;
-use crate::model::Transition;
+use crate::model::{Transition, Via};
 use crate::tracker::Observed;
 
 /// Prints transitions to `out`. Lines are built in a reused buffer; flushing is the
@@ -38,6 +38,8 @@ struct JsonLine<'a> {
     comm: &'a str,
     owner_pid: Option<u32>,
     owner_comm: Option<&'a str>,
+    /// `tracepoint`, or `timewait` for a transition derived from a timewait socket.
+    via: &'static str,
 }
 
 pub const TEXT_HEADER: &str = "TIME         PID     COMM             LADDR:LPORT                RADDR:RPORT                OLD          -> NEW          MS";
@@ -92,6 +94,9 @@ impl<W: Write> WatchPrinter<W> {
             }
             None => line.push('-'),
         }
+        if t.via == Via::Timewait {
+            line.push_str(" (timewait)");
+        }
     }
 
     fn json(&mut self, t: &Transition, o: &Observed) -> io::Result<()> {
@@ -118,6 +123,7 @@ impl<W: Write> WatchPrinter<W> {
             comm: &comm,
             owner_pid: o.owner.map(|o| o.pid),
             owner_comm: owner_comm.as_deref(),
+            via: t.via.name(),
         };
         // Straight into the output buffer: no intermediate line to re-validate.
         serde_json::to_writer(&mut self.out, &rec).map_err(io::Error::other)?;
@@ -198,6 +204,7 @@ mod tests {
                 tid: 13213,
                 comm: Comm::from_name("python3"),
             },
+            via: Via::Tracepoint,
         }
     }
 
@@ -210,6 +217,7 @@ mod tests {
             }),
             sport: 59682,
             dport: 7794,
+            hidden: false,
         }
     }
 
@@ -229,7 +237,7 @@ mod tests {
                 r#"{"time":"2026-11-21T22:10:02.123456789Z","ts_ns":431492173553,"sk":"0xffff888102cfb780","#,
                 r#""family":"ipv4","saddr":"127.0.0.1","sport":59682,"daddr":"127.0.0.1","dport":7794,"#,
                 r#""old":"SYN_SENT","new":"ESTABLISHED","old_ns":90000,"#,
-                r#""pid":13212,"comm":"python3","owner_pid":13212,"owner_comm":"python3"}"#,
+                r#""pid":13212,"comm":"python3","owner_pid":13212,"owner_comm":"python3","via":"tracepoint"}"#,
                 "\n"
             )
         );
@@ -243,6 +251,7 @@ mod tests {
             owner: None,
             sport: 59682,
             dport: 7794,
+            hidden: false,
         };
         p.transition(&sample(Family::Ipv6), &o).unwrap();
         let v: serde_json::Value = serde_json::from_str(output(p).trim()).unwrap();

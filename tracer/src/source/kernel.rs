@@ -1,5 +1,6 @@
-//! The live source: loads the eBPF program, attaches it to `sock:inet_sock_set_state` and
-//! reads raw event records from its ring buffer.
+//! The live source: loads the eBPF programs, attaches them to `sock:inet_sock_set_state`
+//! (and, for TIME_WAIT, to `timer:timer_start`, `timer_cancel` and `timer_expire_entry`) and
+//! reads raw event records from their ring buffer.
 
 use std::io;
 
@@ -11,15 +12,22 @@ use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tracer_common::{
     AF_INET, AF_INET6, CONFIG_GLOBAL, Config, EVENTS_MAP, LOST_MAP, LPORTS_MAP, MAX_FILTER_PORTS,
-    RPORTS_MAP,
+    RPORTS_MAP, TIMEWAIT_GLOBAL, TimewaitLayout,
 };
 
+use super::timewait::{self, TimewaitSetup};
 use super::tracefs::{self, TracefsError};
 use crate::model::Family;
 
 /// The eBPF object built by `build.rs`.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 const PROGRAM_NAME: &str = "inet_sock_set_state";
+/// The timewait programs and the `timer:*` tracepoints they attach to.
+const TIMEWAIT_PROGRAMS: [(&str, &str); 3] = [
+    ("tw_timer_start", "timer_start"),
+    ("tw_timer_cancel", "timer_cancel"),
+    ("tw_timer_expire_entry", "timer_expire_entry"),
+];
 
 /// Default ring buffer size: at this machine's top churn (~150 k transitions/s of 96 bytes
 /// each) it holds over half a second of events, so a stalled reader loses nothing.
@@ -64,6 +72,8 @@ pub struct KernelOptions {
     pub filter: KernelFilter,
     /// Ring buffer bytes: a power of two, a multiple of the page size.
     pub ring_size: u32,
+    /// Follow timewait sockets through the timer tracepoints (off: `--no-timewait`).
+    pub timewait: bool,
 }
 
 /// How often the reader drains the ring when the kernel has not woken it: the most a
@@ -81,6 +91,8 @@ pub struct KernelSource {
     pub events: EventRing,
     pub logs: KernelLogs,
     pub lost: LostCounter,
+    /// TIME_WAIT tracking, when on: the kernel's HZ (timer expiries are in jiffies).
+    pub timewait_hz: Option<u32>,
     // Owns the program and its link.
     _ebpf: Ebpf,
 }
@@ -159,8 +171,21 @@ impl KernelSource {
             filter_rport: u8::from(!f.rports.is_empty()),
             wakeup_bytes: wakeup_bytes(opts.ring_size),
         };
+        let timewait = if opts.timewait {
+            match timewait::discover(&root) {
+                Ok(setup) => Some(setup),
+                Err(why) => {
+                    log::warn!("TIME_WAIT tracking unavailable ({why}); running without it");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let tw_layout = timewait.map_or(TimewaitLayout::EMPTY, |t| t.layout);
         let mut ebpf = EbpfLoader::new()
             .override_global(CONFIG_GLOBAL, &config, true)
+            .override_global(TIMEWAIT_GLOBAL, &tw_layout, true)
             .map_max_entries(EVENTS_MAP, opts.ring_size)
             .load(PROGRAM)
             .map_err(bpf_err("loading the eBPF object"))?;
@@ -221,6 +246,16 @@ impl KernelSource {
         program
             .attach("sock", "inet_sock_set_state")
             .map_err(bpf_err("attaching to sock:inet_sock_set_state"))?;
+        let timewait_hz = match timewait {
+            Some(setup) => match attach_timewait(&mut ebpf, setup) {
+                Ok(hz) => Some(hz),
+                Err(e) => {
+                    log::warn!("TIME_WAIT tracking unavailable ({e}); running without it");
+                    None
+                }
+            },
+            None => None,
+        };
 
         let ring = ebpf.take_map(EVENTS_MAP).ok_or_else(|| SourceError::Bpf {
             what: "ring buffer",
@@ -240,9 +275,36 @@ impl KernelSource {
             events: EventRing(ring),
             logs: KernelLogs(logger),
             lost: LostCounter(lost),
+            timewait_hz,
             _ebpf: ebpf,
         })
     }
+}
+
+/// Loads and attaches the three timer programs. A failure leaves the ones attached so far
+/// matching nothing the others would complete, so the caller runs without TIME_WAIT
+/// tracking only after all three are in.
+fn attach_timewait(ebpf: &mut Ebpf, setup: TimewaitSetup) -> Result<u32, SourceError> {
+    for (name, tracepoint) in TIMEWAIT_PROGRAMS {
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| SourceError::Bpf {
+                what: "loading the eBPF object",
+                source: format!("program {name} missing").into(),
+            })?
+            .try_into()
+            .map_err(bpf_err("loading the eBPF object"))?;
+        program.load().map_err(|e| {
+            if let ProgramError::LoadError { verifier_log, .. } = &e {
+                log::debug!("verifier log of {name}:\n{verifier_log}");
+            }
+            bpf_err("loading a timewait program")(e)
+        })?;
+        program
+            .attach("timer", tracepoint)
+            .map_err(bpf_err("attaching to a timer tracepoint"))?;
+    }
+    Ok(setup.hz)
 }
 
 impl EventRing {

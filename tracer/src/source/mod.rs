@@ -5,6 +5,7 @@ pub mod kernel;
 pub mod procs;
 pub mod record;
 pub mod sockdiag;
+pub mod timewait;
 pub mod tracefs;
 
 use crate::model::TcpState;

@@ -5,10 +5,10 @@
 //! ```text
 //! header, 32 bytes:
 //!   0  magic       8 bytes  "TCPLENS\0"
-//!   8  version     u16      1
+//!   8  version     u16      2 (version 1 files, with 88-byte events, are still read)
 //!  10  header_len  u16      32
-//!  12  event_size  u16      size of one event payload (88)
-//!  14  reserved    u16      0
+//!  12  event_size  u16      size of one event payload (104; 88 in version 1)
+//!  14  hz          u16      the recording kernel's HZ when TIME_WAIT was tracked, else 0
 //!  16  boot_offset i64      Unix-epoch ns at kernel monotonic 0 on the recording host
 //!  24  reserved    u64      0
 //! records, each:
@@ -19,8 +19,10 @@
 //! ```
 //!
 //! An event payload is `tracer_common::Event` exactly as the kernel wrote it (see
-//! `decode.rs`). A lost record carries the kernel's drop count so far (u64); the last one
-//! holds the total.
+//! `decode.rs`): state transitions and the raw timewait timer events, so a replay derives
+//! TIME_WAIT exactly as the live run did. A lost record carries the kernel's drop count so
+//! far (u64); the last one holds the total. Version 1 events are the first 88 bytes of
+//! today's (no timewait kinds, no `expires`/`jiffies`).
 
 use std::io::{self, Read, Write};
 
@@ -29,10 +31,12 @@ use tracer_common::EVENT_SIZE;
 
 use crate::clock::WallClock;
 use crate::decode::{DecodeError, decode, encode};
-use crate::model::Transition;
+use crate::model::KernelEvent;
 
 pub const MAGIC: [u8; 8] = *b"TCPLENS\0";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// Event payload size of version 1 files.
+const V1_EVENT_SIZE: usize = 88;
 pub const HEADER_LEN: usize = 32;
 const REC_EVENT: u8 = 1;
 const REC_LOST: u8 = 2;
@@ -41,7 +45,9 @@ const REC_LOST: u8 = 2;
 pub enum RecordError {
     #[error("not a tcplens record file (bad magic)")]
     Magic,
-    #[error("record file version {0} is not supported (this tcplens reads version {VERSION})")]
+    #[error(
+        "record file version {0} is not supported (this tcplens reads versions 1 and {VERSION})"
+    )]
     Version(u16),
     #[error("corrupt header at byte {offset}: {what}")]
     Header { offset: u64, what: String },
@@ -62,19 +68,23 @@ pub struct RecordWriter<W: Write> {
 }
 
 impl<W: Write> RecordWriter<W> {
-    pub fn new(mut out: W, clock: WallClock) -> io::Result<Self> {
+    /// `hz`: the kernel's HZ when TIME_WAIT is tracked (replays need it to place a
+    /// timewait socket's entry into TIME_WAIT from its timer's expiry).
+    pub fn new(mut out: W, clock: WallClock, hz: Option<u32>) -> io::Result<Self> {
         let mut h = [0u8; HEADER_LEN];
         h[0..8].copy_from_slice(&MAGIC);
         h[8..10].copy_from_slice(&VERSION.to_le_bytes());
         h[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
         h[12..14].copy_from_slice(&(EVENT_SIZE as u16).to_le_bytes());
+        let hz = hz.and_then(|hz| u16::try_from(hz).ok()).unwrap_or(0);
+        h[14..16].copy_from_slice(&hz.to_le_bytes());
         let offset = i64::try_from(clock.boot_offset_ns).unwrap_or(0);
         h[16..24].copy_from_slice(&offset.to_le_bytes());
         out.write_all(&h)?;
         Ok(RecordWriter { out, last_lost: 0 })
     }
 
-    pub fn event(&mut self, t: &Transition) -> io::Result<()> {
+    pub fn event(&mut self, t: &KernelEvent) -> io::Result<()> {
         let mut rec = [0u8; 4 + EVENT_SIZE];
         rec[0] = REC_EVENT;
         rec[2..4].copy_from_slice(&(EVENT_SIZE as u16).to_le_bytes());
@@ -107,7 +117,7 @@ impl<W: Write> RecordWriter<W> {
 /// What one record holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Item {
-    Event(Transition),
+    Event(KernelEvent),
     /// The kernel's drop count so far.
     Lost(u64),
 }
@@ -116,7 +126,11 @@ pub enum Item {
 pub struct RecordReader<R: Read> {
     input: R,
     offset: u64,
+    /// Payload bytes of one event in this file (88 in version 1).
+    event_size: usize,
     pub clock: WallClock,
+    /// The recording kernel's HZ, when TIME_WAIT was tracked.
+    pub hz: Option<u32>,
 }
 
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
@@ -146,9 +160,11 @@ impl<R: Read> RecordReader<R> {
             });
         }
         let version = u16::from_le_bytes([h[8], h[9]]);
-        if version != VERSION {
-            return Err(RecordError::Version(version));
-        }
+        let want_size = match version {
+            1 => V1_EVENT_SIZE,
+            VERSION => EVENT_SIZE,
+            other => return Err(RecordError::Version(other)),
+        };
         let header_len = u16::from_le_bytes([h[10], h[11]]);
         if usize::from(header_len) != HEADER_LEN {
             return Err(RecordError::Header {
@@ -157,20 +173,26 @@ impl<R: Read> RecordReader<R> {
             });
         }
         let event_size = u16::from_le_bytes([h[12], h[13]]);
-        if usize::from(event_size) != EVENT_SIZE {
+        if usize::from(event_size) != want_size {
             return Err(RecordError::Header {
                 offset: 12,
-                what: format!("event size {event_size}, expected {EVENT_SIZE}"),
+                what: format!("event size {event_size}, expected {want_size}"),
             });
         }
+        let hz = match (version, u16::from_le_bytes([h[14], h[15]])) {
+            (1, _) | (_, 0) => None,
+            (_, hz) => Some(u32::from(hz)),
+        };
         let mut off = [0u8; 8];
         off.copy_from_slice(&h[16..24]);
         Ok(RecordReader {
             input,
             offset: HEADER_LEN as u64,
+            event_size: want_size,
             clock: WallClock {
                 boot_offset_ns: i128::from(i64::from_le_bytes(off)),
             },
+            hz,
         })
     }
 
@@ -195,7 +217,7 @@ impl<R: Read> RecordReader<R> {
         }
         let len = usize::from(u16::from_le_bytes([head[2], head[3]]));
         let (kind, want) = match head[0] {
-            REC_EVENT => (REC_EVENT, EVENT_SIZE),
+            REC_EVENT => (REC_EVENT, self.event_size),
             REC_LOST => (REC_LOST, 8),
             other => {
                 return Err(RecordError::Corrupt {
@@ -223,6 +245,7 @@ impl<R: Read> RecordReader<R> {
             n.copy_from_slice(&payload[..8]);
             return Ok(Some(Item::Lost(u64::from_le_bytes(n))));
         }
+        // A version 1 payload is the start of today's event; the rest stays zero.
         decode(&payload)
             .map(|t| Some(Item::Event(t)))
             .map_err(|source| RecordError::Event {
@@ -239,16 +262,20 @@ mod tests {
     use crate::tracker::tests::tr;
     use proptest::prelude::*;
 
+    fn ev(t: crate::model::Transition) -> KernelEvent {
+        KernelEvent::Transition(t)
+    }
+
     fn sample_file() -> Vec<u8> {
         let clock = WallClock {
             boot_offset_ns: 1_795_000_000_000_000_000,
         };
-        let mut w = RecordWriter::new(Vec::new(), clock).unwrap();
-        w.event(&tr(1, 10, TcpState::Close, TcpState::SynSent, 5))
+        let mut w = RecordWriter::new(Vec::new(), clock, Some(250)).unwrap();
+        w.event(&ev(tr(1, 10, TcpState::Close, TcpState::SynSent, 5)))
             .unwrap();
         w.lost(3).unwrap();
         w.lost(3).unwrap(); // unchanged: not written again
-        w.event(&tr(1, 20, TcpState::SynSent, TcpState::Established, 5))
+        w.event(&ev(tr(1, 20, TcpState::SynSent, TcpState::Established, 5)))
             .unwrap();
         w.out
     }
@@ -271,19 +298,46 @@ mod tests {
     #[test]
     fn round_trip() {
         let bytes = sample_file();
-        assert_eq!(bytes.len(), 32 + 92 + 12 + 92);
+        assert_eq!(bytes.len(), 32 + 108 + 12 + 108);
         let r = RecordReader::new(&bytes[..]).unwrap();
         assert_eq!(r.clock.boot_offset_ns, 1_795_000_000_000_000_000);
+        assert_eq!(r.hz, Some(250));
         let (items, end) = read_all(&bytes);
         end.unwrap();
         assert_eq!(
             items,
             [
-                Item::Event(tr(1, 10, TcpState::Close, TcpState::SynSent, 5)),
+                Item::Event(ev(tr(1, 10, TcpState::Close, TcpState::SynSent, 5))),
                 Item::Lost(3),
-                Item::Event(tr(1, 20, TcpState::SynSent, TcpState::Established, 5)),
+                Item::Event(ev(tr(1, 20, TcpState::SynSent, TcpState::Established, 5))),
             ]
         );
+    }
+
+    /// A version 1 file (88-byte events, written by tcplens before TIME_WAIT tracking) reads
+    /// as the same transitions.
+    #[test]
+    fn reads_version_1_files() {
+        let v2 = sample_file();
+        let mut v1 = v2[..32].to_vec();
+        v1[8] = 1;
+        v1[12..14].copy_from_slice(&88u16.to_le_bytes());
+        v1[14..16].copy_from_slice(&0u16.to_le_bytes());
+        let mut off = 32;
+        while off < v2.len() {
+            let len = usize::from(u16::from_le_bytes([v2[off + 2], v2[off + 3]]));
+            if v2[off] == REC_EVENT {
+                v1.extend_from_slice(&v2[off..off + 2]);
+                v1.extend_from_slice(&88u16.to_le_bytes());
+                v1.extend_from_slice(&v2[off + 4..off + 4 + 88]);
+            } else {
+                v1.extend_from_slice(&v2[off..off + 4 + len]);
+            }
+            off += 4 + len;
+        }
+        let r = RecordReader::new(&v1[..]).unwrap();
+        assert_eq!(r.hz, None);
+        assert_eq!(read_all(&v1).0, read_all(&v2).0);
     }
 
     #[test]
@@ -294,16 +348,16 @@ mod tests {
         assert_eq!(items.len(), 2);
         assert_eq!(
             end.unwrap_err().to_string(),
-            "truncated at byte 136: in a record"
+            "truncated at byte 152: in a record"
         );
         // An unknown record type.
         let mut bad = good.clone();
-        bad[124] = 9;
+        bad[140] = 9;
         let (items, end) = read_all(&bad);
         assert_eq!(items.len(), 1);
         assert_eq!(
             end.unwrap_err().to_string(),
-            "corrupt record at byte 124: unknown record type 9"
+            "corrupt record at byte 140: unknown record type 9"
         );
         // A bad state inside an event payload (byte 4 + 78 of the first record).
         let mut bad = good.clone();
@@ -319,10 +373,10 @@ mod tests {
             end.unwrap_err().to_string(),
             "not a tcplens record file (bad magic)"
         );
-        let mut v2 = good.clone();
-        v2[8] = 2;
-        let (_, end) = read_all(&v2);
-        assert!(matches!(end, Err(RecordError::Version(2))));
+        let mut v3 = good.clone();
+        v3[8] = 3;
+        let (_, end) = read_all(&v3);
+        assert!(matches!(end, Err(RecordError::Version(3))));
         let (_, end) = read_all(&good[..20]);
         assert_eq!(
             end.unwrap_err().to_string(),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::libc;
 use tracer::decode::decode;
-use tracer::model::{TcpState, Transition};
+use tracer::model::{KernelEvent, TcpState, TimewaitEvent, Transition};
 use tracer::source::kernel::{
     DEFAULT_RING_SIZE, DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelSource,
 };
@@ -254,11 +254,20 @@ pub fn set_rcvbuf(l: &TcpListener, bytes: i32) {
     assert_eq!(r, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
 }
 
+fn push_event(events: &mut Vec<Transition>, timewait: &mut Vec<TimewaitEvent>, b: &[u8]) {
+    match decode(b).expect("kernel event decodes") {
+        KernelEvent::Transition(t) => events.push(t),
+        KernelEvent::Timewait(tw) => timewait.push(tw),
+    }
+}
+
 /// The real eBPF program, loaded and attached in this process, and what it reported.
 pub struct Capture {
     rt: tokio::runtime::Runtime,
     source: Option<KernelSource>,
     pub events: Vec<Transition>,
+    /// Timewait timer events, in arrival order.
+    pub timewait: Vec<TimewaitEvent>,
 }
 
 impl Capture {
@@ -273,13 +282,19 @@ impl Capture {
                 KernelSource::open(&KernelOptions {
                     filter,
                     ring_size: DEFAULT_RING_SIZE,
+                    timewait: true,
                 })
             })
             .expect("loading and attaching the eBPF program");
+        assert!(
+            source.timewait_hz.is_some(),
+            "TIME_WAIT tracking must be available on the test machine"
+        );
         Capture {
             rt,
             source: Some(source),
             events: Vec::new(),
+            timewait: Vec::new(),
         }
     }
 
@@ -296,20 +311,23 @@ impl Capture {
     /// wakeups).
     pub fn wait_for(&mut self, timeout: Duration, mut done: impl FnMut(&[Transition]) -> bool) {
         let deadline = Instant::now() + timeout;
-        let Capture { rt, source, events } = self;
+        let Capture {
+            rt,
+            source,
+            events,
+            timewait,
+        } = self;
         let source = source.as_mut().expect("capture running");
         loop {
-            source
-                .events
-                .drain_now(|b| events.push(decode(b).expect("kernel event decodes")));
+            source.events.drain_now(|b| push_event(events, timewait, b));
             let left = deadline.saturating_duration_since(Instant::now());
             if done(events) || left.is_zero() {
                 break;
             }
             rt.block_on(async {
-                let read = source.events.next_batch(|b| {
-                    events.push(decode(b).expect("kernel event decodes"));
-                });
+                let read = source
+                    .events
+                    .next_batch(|b| push_event(events, timewait, b));
                 let _ = tokio::time::timeout(left.min(DRAIN_INTERVAL), read).await;
             });
         }
