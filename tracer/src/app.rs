@@ -212,11 +212,11 @@ impl Input {
 
     /// A tracker for this input: on the live kernel, seeded with the sockets that existed
     /// when tracing began (the start-up snapshot).
-    pub fn tracker(&self, max_sockets: usize) -> Tracker {
+    pub fn tracker(&self, max_sockets: usize, filter: &KernelFilter) -> Tracker {
         let mut tracker = Tracker::new(max_sockets);
         let hz = match self {
             Input::Kernel(source) => {
-                tracker.seed(startup_snapshot());
+                tracker.seed(startup_snapshot(filter));
                 source.timewait_hz
             }
             Input::File { reader, .. } => reader.hz,
@@ -247,7 +247,7 @@ impl Input {
 /// Every TCP socket on the host now (sock_diag, every network namespace), taken right after
 /// the program is attached so that no socket falls between the two. Without it tcplens
 /// still runs: such sockets are then only "first seen mid-life".
-fn startup_snapshot() -> Vec<Seed> {
+fn startup_snapshot(filter: &KernelFilter) -> Vec<Seed> {
     use crate::model::TcpState::*;
     // Request sockets never appear on the tracepoint; timewait sockets (TIME_WAIT, and
     // FIN_WAIT2 for orphans) end on their timer.
@@ -267,6 +267,7 @@ fn startup_snapshot() -> Vec<Seed> {
     match sockdiag::dump_all(&states) {
         Ok(found) => found
             .into_iter()
+            .filter(|s| filter.keeps_socket(s.family, s.sport, s.dport))
             .map(|s| Seed {
                 saddr: s.saddr,
                 sport: s.sport,
@@ -525,7 +526,7 @@ fn sinks<'a>(
 pub async fn serve(args: &ServeArgs) -> Result<()> {
     let mut metrics = metrics(Some(args.listen))?;
     let input = Input::Kernel(Box::new(open_kernel(&args.trace)?));
-    let tracker = input.tracker(args.max_sockets);
+    let tracker = input.tracker(args.max_sockets, &args.trace.filter());
     let mut none = NoOutput;
     let mut p = Pipeline::new(tracker, sinks(&mut none, &mut metrics));
     run(input, &args.trace, Some(Duration::from_secs(1)), &mut p).await?;
@@ -546,7 +547,7 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
         printer: WatchPrinter::new(out, args.format, formatter(input.clock())),
         line_flush: tty,
     };
-    let tracker = input.tracker(args.common.max_sockets);
+    let tracker = input.tracker(args.common.max_sockets, &args.common.trace.filter());
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
     p.owner_pid = args.common.pid;
     run(input, &args.common.trace, None, &mut p).await?;
@@ -558,7 +559,7 @@ pub async fn timeline(args: &TimelineArgs) -> Result<()> {
     let input = Input::open(&args.common)?;
     let (out, _) = stdout();
     let mut sink = TimelineSink::new(out, args.format, formatter(input.clock()));
-    let tracker = input.tracker(args.common.max_sockets);
+    let tracker = input.tracker(args.common.max_sockets, &args.common.trace.filter());
     let mut p = Pipeline::new(tracker, vec![&mut sink]);
     p.owner_pid = args.common.pid;
     run(input, &args.common.trace, None, &mut p).await?;
@@ -575,7 +576,7 @@ pub async fn stats(args: &StatsArgs) -> Result<()> {
     let input = Input::open(&args.common)?;
     let (out, _) = stdout();
     let mut sink = StatsSink::new(out, args.format, formatter(input.clock()), args.by);
-    let tracker = input.tracker(args.common.max_sockets);
+    let tracker = input.tracker(args.common.max_sockets, &args.common.trace.filter());
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
     p.owner_pid = args.common.pid;
     run(input, &args.common.trace, args.interval, &mut p).await?;
@@ -631,7 +632,7 @@ pub async fn leaks(args: &LeaksArgs) -> Result<bool> {
         },
     );
     let input = Input::Kernel(Box::new(source));
-    let tracker = input.tracker(args.max_sockets);
+    let tracker = input.tracker(args.max_sockets, &args.trace.filter());
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
     run(input, &args.trace, Some(args.interval), &mut p).await?;
     report(&p.totals);

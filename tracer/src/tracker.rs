@@ -1102,6 +1102,258 @@ pub(crate) mod tests {
         assert_eq!(t.live(), 0);
     }
 
+    fn twe(op: TimerOp, ts: u64, substate: TcpState, expires: u64, jiffies: u64) -> TimewaitEvent {
+        let t = tr(1, 0, Close, Close, 0);
+        TimewaitEvent {
+            ts_ns: ts,
+            op,
+            tw: 0xbeef,
+            family: t.family,
+            saddr: t.saddr,
+            sport: t.sport,
+            daddr: t.daddr,
+            dport: t.dport,
+            substate,
+            expires,
+            jiffies,
+            task: Task {
+                pid: 0,
+                tid: 0,
+                comm: Comm::from_name("swapper/0"),
+            },
+        }
+    }
+
+    /// Connect, close first, FIN_WAIT2: what every timewait test starts from (socket 1,
+    /// owner pid 7, FIN_WAIT2 entered at 1_200).
+    fn closing(t: &mut Tracker) {
+        let (_, ended) = feed(
+            t,
+            &[
+                tr(1, 100, Close, SynSent, 7),
+                tr(1, 200, SynSent, Established, 9),
+                tr(1, 1_000, Established, FinWait1, 7),
+                tr(1, 1_200, FinWait1, FinWait2, 9),
+            ],
+        );
+        assert!(ended.is_empty());
+    }
+
+    fn derived(t: &mut Tracker) -> Vec<(TcpState, TcpState, u64, Option<u64>)> {
+        t.take_derived()
+            .map(|(tr, o)| {
+                assert_eq!(tr.via, Via::Timewait);
+                (tr.old, tr.new, tr.ts_ns, o.old_ns)
+            })
+            .collect()
+    }
+
+    fn states(life: &SocketLife) -> Vec<(TcpState, Option<u64>, Option<u64>)> {
+        life.spans
+            .iter()
+            .map(|s| (s.state, s.entered_ns, s.ns))
+            .collect()
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn time_wait_joins_the_life_and_expires() {
+        let mut t = Tracker::default();
+        t.set_hz(250);
+        closing(&mut t);
+        let mut ended = Vec::new();
+        // The peer's FIN: the timewait socket is armed in TIME_WAIT, then the full socket
+        // goes FIN_WAIT2 -> CLOSE.
+        t.timewait(&twe(TimerOp::Arm, 5_000, TimeWait, 15_000, 0), &mut ended);
+        let o = t.observe(&tr(1, 5_010, FinWait2, Close, 0), &mut ended);
+        assert!(
+            o.hidden,
+            "the kernel's FIN_WAIT2 -> CLOSE is not the TCP view"
+        );
+        assert!(ended.is_empty());
+        assert_eq!(derived(&mut t), [(FinWait2, TimeWait, 5_000, Some(3_800))]);
+        assert_eq!(t.state_counts()[TimeWait as usize], 1);
+        assert_eq!(t.timewait_sockets(), 1);
+        // 60 s later: cancel, then expiry.
+        let end = 5_000 + 60 * S;
+        t.timewait(
+            &twe(TimerOp::Cancel, end, TimeWait, 15_000, 15_000),
+            &mut ended,
+        );
+        t.timewait(
+            &twe(TimerOp::Expire, end + 20, TimeWait, 15_000, 15_000),
+            &mut ended,
+        );
+        t.settle(u64::MAX, &mut ended);
+        assert_eq!(
+            derived(&mut t),
+            [(TimeWait, Close, end + 20, Some(60 * S + 20))]
+        );
+        let life = &ended[0];
+        assert_eq!(life.end, End::TimeWaitExpired);
+        assert_eq!(life.sk, 1, "the life keeps the full socket's identity");
+        assert_eq!(life.role, Role::Active);
+        assert_eq!(life.owner.map(|o| o.pid), Some(7));
+        assert_eq!(
+            states(life)[3..],
+            [
+                (FinWait2, Some(1_200), Some(3_800)),
+                (TimeWait, Some(5_000), Some(60 * S + 20)),
+                (Close, Some(end + 20), None),
+            ]
+        );
+        assert_eq!(life.lifetime_ns, Some(end + 20 - 100));
+        assert_eq!(t.live(), 0);
+    }
+
+    #[test]
+    fn a_silent_flip_is_placed_from_the_timer_expiry() {
+        let mut t = Tracker::default();
+        t.set_hz(250);
+        closing(&mut t);
+        let mut ended = Vec::new();
+        // Jiffy j starts at 10 s + j * 4 ms. The app closed first: the timewait socket
+        // starts in FIN_WAIT2 right at the tick of jiffy 1000, armed for 60 s.
+        let at = |j: u64| 10 * S + j * 4_000_000;
+        t.timewait(
+            &twe(TimerOp::Arm, at(1_000), FinWait2, 16_000, 1_000),
+            &mut ended,
+        );
+        t.observe(&tr(1, at(1_000) + 10, FinWait2, Close, 0), &mut ended);
+        assert_eq!(derived(&mut t), [], "FIN_WAIT2 just goes on");
+        // The peer's FIN at jiffy 1125 (0.5 s later) re-armed the timer to 1125 + 15000
+        // without any event; the expiry shows TIME_WAIT.
+        let end = at(16_125) + 2_000_000;
+        t.timewait(
+            &twe(TimerOp::Cancel, end, TimeWait, 16_125, 16_125),
+            &mut ended,
+        );
+        t.timewait(
+            &twe(TimerOp::Expire, end + 10, TimeWait, 16_125, 16_125),
+            &mut ended,
+        );
+        // Placed in the middle of jiffy 1125.
+        let flip = at(1_125) + 2_000_000;
+        assert_eq!(
+            derived(&mut t),
+            [
+                (FinWait2, TimeWait, flip, Some(flip - 1_200)),
+                (TimeWait, Close, end + 10, Some(end + 10 - flip)),
+            ]
+        );
+        assert_eq!(ended[0].end, End::TimeWaitExpired);
+    }
+
+    #[test]
+    fn a_rearm_after_cancel_is_the_flip_not_an_end() {
+        let mut t = Tracker::default();
+        t.set_hz(250);
+        closing(&mut t);
+        let mut ended = Vec::new();
+        t.timewait(
+            &twe(TimerOp::Arm, 2 * S, FinWait2, 16_000, 1_000),
+            &mut ended,
+        );
+        t.observe(&tr(1, 2 * S + 10, FinWait2, Close, 0), &mut ended);
+        // 3 s later the FIN re-arms into another timer bucket: cancel, then arm.
+        t.timewait(
+            &twe(TimerOp::Cancel, 5 * S, TimeWait, 16_000, 1_750),
+            &mut ended,
+        );
+        t.timewait(
+            &twe(TimerOp::Arm, 5 * S + 5_000, TimeWait, 16_750, 1_750),
+            &mut ended,
+        );
+        t.settle(5 * S + SETTLE_NS * 2, &mut ended);
+        assert!(ended.is_empty(), "a re-arm is no kill");
+        assert_eq!(
+            derived(&mut t),
+            [(
+                FinWait2,
+                TimeWait,
+                5 * S + 5_000,
+                Some(5 * S + 5_000 - 1_200)
+            )]
+        );
+    }
+
+    #[test]
+    fn a_cancel_nothing_follows_is_a_kill() {
+        let mut t = Tracker::default();
+        t.set_hz(250);
+        closing(&mut t);
+        let mut ended = Vec::new();
+        t.timewait(
+            &twe(TimerOp::Arm, 2 * S, TimeWait, 16_000, 1_000),
+            &mut ended,
+        );
+        t.observe(&tr(1, 2 * S + 10, FinWait2, Close, 0), &mut ended);
+        derived(&mut t);
+        t.timewait(
+            &twe(TimerOp::Cancel, 3 * S, TimeWait, 16_000, 1_250),
+            &mut ended,
+        );
+        t.settle(3 * S + SETTLE_NS - 1, &mut ended);
+        assert!(ended.is_empty(), "not settled before the margin");
+        t.settle(3 * S + SETTLE_NS, &mut ended);
+        assert_eq!(derived(&mut t), [(TimeWait, Close, 3 * S, Some(S))]);
+        assert_eq!(ended[0].end, End::TimeWaitKilled);
+        assert_eq!(t.live(), 0);
+    }
+
+    #[test]
+    fn an_orphan_fin_wait2_runs_out() {
+        let mut t = Tracker::default();
+        t.set_hz(250);
+        closing(&mut t);
+        let mut ended = Vec::new();
+        t.timewait(
+            &twe(TimerOp::Arm, 2 * S, FinWait2, 1_500, 1_000),
+            &mut ended,
+        );
+        t.observe(&tr(1, 2 * S + 10, FinWait2, Close, 0), &mut ended);
+        t.timewait(
+            &twe(TimerOp::Cancel, 4 * S, FinWait2, 1_500, 1_500),
+            &mut ended,
+        );
+        t.timewait(
+            &twe(TimerOp::Expire, 4 * S + 10, FinWait2, 1_500, 1_500),
+            &mut ended,
+        );
+        assert_eq!(
+            derived(&mut t),
+            [(FinWait2, Close, 4 * S + 10, Some(4 * S + 10 - 1_200))]
+        );
+        assert_eq!(ended[0].end, End::Closed);
+        assert!(!ended[0].spans.iter().any(|s| s.state == TimeWait));
+    }
+
+    #[test]
+    fn a_timewait_socket_from_before_tracing() {
+        let mut t = Tracker::default();
+        let here = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        t.seed([Seed {
+            saddr: here,
+            sport: 40000,
+            daddr: here,
+            dport: 8080,
+            state: TimeWait,
+        }]);
+        assert_eq!(t.state_counts()[TimeWait as usize], 1);
+        let mut ended = Vec::new();
+        t.timewait(&twe(TimerOp::Cancel, 2 * S, TimeWait, 1, 1), &mut ended);
+        t.timewait(&twe(TimerOp::Expire, 2 * S + 1, TimeWait, 1, 1), &mut ended);
+        let life = &ended[0];
+        assert!(life.existed_at_start && life.first_seen_mid_life);
+        assert_eq!(
+            states(life),
+            [(TimeWait, None, None), (Close, Some(2 * S + 1), None)]
+        );
+        assert_eq!(life.end, End::TimeWaitExpired);
+        assert_eq!(t.state_counts()[TimeWait as usize], 0);
+    }
+
     fn any_state() -> impl Strategy<Value = TcpState> {
         (1u8..=12).prop_map(|n| TcpState::from_kernel(n).unwrap())
     }

@@ -109,6 +109,8 @@ struct JsonWindow<'a> {
     connect_ns: Option<Summary>,
     accept_ns: Option<Summary>,
     lifetime_ns: Option<Summary>,
+    /// Sockets in each state at the time of the report (TIME_WAIT included), when known.
+    live: &'a BTreeMap<&'static str, u64>,
 }
 
 pub struct StatsSink<W: Write> {
@@ -160,7 +162,14 @@ impl<W: Write> StatsSink<W> {
     }
 
     /// Prints the window ending at `now_ns` and starts a new one.
-    fn report(&mut self, now_ns: u64, totals: &Totals) -> io::Result<()> {
+    fn report(&mut self, now_ns: u64, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
+        let live: BTreeMap<&'static str, u64> = tracker
+            .state_counts()
+            .iter()
+            .enumerate()
+            .filter(|&(_, &n)| n > 0)
+            .filter_map(|(i, &n)| Some((TcpState::from_kernel(i as u8)?.name(), n)))
+            .collect();
         let start = self.window_start_ns.unwrap_or(now_ns);
         let window_ns = now_ns.saturating_sub(start);
         let mut time = String::new();
@@ -171,13 +180,13 @@ impl<W: Write> StatsSink<W> {
                 let mut any = false;
                 for (key, g) in groups.iter().filter(|(_, g)| !g.is_empty()) {
                     any = true;
-                    self.json(&time, window_ns, totals, Some(key.as_str()), g)?;
+                    self.json(&time, window_ns, totals, Some(key.as_str()), g, &live)?;
                 }
                 if !any {
-                    self.json(&time, window_ns, totals, None, &Group::default())?;
+                    self.json(&time, window_ns, totals, None, &Group::default(), &live)?;
                 }
             }
-            Format::Text => self.text(now_ns, window_ns, totals, &groups)?,
+            Format::Text => self.text(now_ns, window_ns, totals, &groups, &live)?,
         }
         self.out.flush()?;
         self.window_start_ns = Some(now_ns);
@@ -191,6 +200,7 @@ impl<W: Write> StatsSink<W> {
         totals: &Totals,
         key: Option<&str>,
         g: &Group,
+        live: &BTreeMap<&'static str, u64>,
     ) -> io::Result<()> {
         let rec = JsonWindow {
             time: time.to_string(),
@@ -206,6 +216,7 @@ impl<W: Write> StatsSink<W> {
             connect_ns: g.connect.as_ref().map(Summary::of),
             accept_ns: g.accept.as_ref().map(Summary::of),
             lifetime_ns: g.lifetime.as_ref().map(Summary::of),
+            live,
         };
         serde_json::to_writer(&mut self.out, &rec).map_err(io::Error::other)?;
         self.out.write_all(b"\n")
@@ -217,6 +228,7 @@ impl<W: Write> StatsSink<W> {
         window_ns: u64,
         totals: &Totals,
         groups: &BTreeMap<String, Group>,
+        live: &BTreeMap<&'static str, u64>,
     ) -> io::Result<()> {
         let mut s = String::new();
         self.times.time_of_day(now_ns, &mut s);
@@ -226,6 +238,13 @@ impl<W: Write> StatsSink<W> {
             human_ns(window_ns),
             totals.lost
         );
+        if !live.is_empty() {
+            s.push_str("live sockets:");
+            for (state, n) in live {
+                let _ = write!(s, " {state} {n}");
+            }
+            s.push('\n');
+        }
         if groups.values().all(Group::is_empty) {
             s.push_str("(no completed durations)\n");
         }
@@ -336,12 +355,12 @@ impl<W: Write> Sink for StatsSink<W> {
         Ok(())
     }
 
-    fn interval(&mut self, now_ns: u64, totals: &Totals, _tracker: &Tracker) -> io::Result<()> {
-        self.report(now_ns, totals)
+    fn interval(&mut self, now_ns: u64, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
+        self.report(now_ns, totals, tracker)
     }
 
-    fn finish(&mut self, now_ns: u64, totals: &Totals, _tracker: &Tracker) -> io::Result<()> {
-        self.report(now_ns, totals)
+    fn finish(&mut self, now_ns: u64, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
+        self.report(now_ns, totals, tracker)
     }
 }
 
