@@ -88,6 +88,7 @@ fn watch_json_as_a_user_runs_it() {
         "comm",
         "owner_pid",
         "owner_comm",
+        "via",
     ];
     let pid = u64::from(std::process::id());
     for v in &lines {
@@ -104,6 +105,7 @@ fn watch_json_as_a_user_runs_it() {
         assert_eq!(v["saddr"], "127.0.0.1");
         assert_eq!(v["sport"], u64::from(PORT));
         assert!(v["sk"].as_str().unwrap().starts_with("0xffff"), "{v}");
+        assert_eq!(v["via"], "tracepoint", "the server side never enters TIME_WAIT");
     }
     // The listener: created and closed by this process, which owns it.
     let l = &lines[0];
@@ -257,7 +259,7 @@ fn replay_needs_no_root_and_reports_corruption_by_offset() {
     let good = dir.join(format!("tcplens-cli-good-{}.rec", std::process::id()));
     let cut = dir.join(format!("tcplens-cli-cut-{}.rec", std::process::id()));
     let bytes = recording();
-    assert_eq!(bytes.len(), 32 + 10 * 92);
+    assert_eq!(bytes.len(), 32 + 10 * 108);
     std::fs::write(&good, &bytes).unwrap();
     std::fs::write(&cut, &bytes[..bytes.len() - 40]).unwrap(); // inside the last record
     for p in [&good, &cut] {
@@ -302,7 +304,7 @@ fn replay_needs_no_root_and_reports_corruption_by_offset() {
     );
     assert_eq!(lives[0]["end"], "closed");
     assert_eq!(lives[1]["end"], "still_open");
-    let last_record = 32 + 9 * 92;
+    let last_record = 32 + 9 * 108;
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains(&format!("truncated at byte {last_record}: in a record"))
