@@ -52,6 +52,8 @@ pub struct Pipeline<'a> {
     pub owner_pid: Option<u32>,
     /// Follow timewait sockets (off: `--no-timewait`, which also skips them on replay).
     pub timewait: bool,
+    /// Live on this host: sock_diag may complete what the events show.
+    live: bool,
     pub totals: Totals,
 }
 
@@ -64,6 +66,7 @@ impl<'a> Pipeline<'a> {
             filter: None,
             owner_pid: None,
             timewait: true,
+            live: false,
             totals: Totals::default(),
         }
     }
@@ -159,6 +162,9 @@ impl<'a> Pipeline<'a> {
     }
 
     pub fn interval(&mut self, now_ns: u64) -> io::Result<()> {
+        if self.live && self.tracker.has_fin_wait2_timewait() {
+            self.timewait_flips();
+        }
         let (totals, tracker) = (self.totals, &self.tracker);
         self.sinks
             .iter_mut()
@@ -176,6 +182,24 @@ impl<'a> Pipeline<'a> {
             .try_for_each(|s| s.finish(now_ns, &totals, tracker))?;
         self.ended = self.tracker.close_all(now_ns);
         self.flush_ended()
+    }
+}
+
+impl Pipeline<'_> {
+    /// The kernel turns a timewait socket's FIN_WAIT2 substate into TIME_WAIT on the
+    /// peer's FIN, often without a timer event (see `tracker.rs`); sock_diag shows the
+    /// turn, so the live TIME_WAIT count is right at every interval.
+    fn timewait_flips(&mut self) {
+        match sockdiag::dump_all(&[crate::model::TcpState::TimeWait]) {
+            Ok(found) => {
+                let tuples = found
+                    .into_iter()
+                    .map(|s| (s.saddr, s.sport, s.daddr, s.dport))
+                    .collect();
+                self.tracker.saw_in_time_wait(&tuples);
+            }
+            Err(e) => log::debug!("sock_diag for TIME_WAIT sockets: {e}"),
+        }
     }
 }
 
@@ -300,7 +324,10 @@ pub async fn run(
     p: &mut Pipeline<'_>,
 ) -> Result<()> {
     let result = match input {
-        Input::Kernel(source) => run_live(*source, trace, interval, p).await,
+        Input::Kernel(source) => {
+            p.live = true;
+            run_live(*source, trace, interval, p).await
+        }
         Input::File { reader, path } => {
             p.filter = Some(trace.filter());
             p.timewait = !trace.no_timewait;

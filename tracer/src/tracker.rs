@@ -201,6 +201,10 @@ struct Timewait {
     substate: TcpState,
     /// A cancel not resolved yet (expiry, re-arm, or kill).
     cancel: Option<TimewaitEvent>,
+    /// sock_diag shows TIME_WAIT while the timer events still say FIN_WAIT2: the kernel
+    /// flipped the substate without a timer event. Counted as TIME_WAIT; the flip itself
+    /// is placed from the timer's expiry when it ends.
+    diag_time_wait: bool,
 }
 
 /// Maps jiffies to kernel monotonic time, learned from the timer events themselves.
@@ -276,10 +280,18 @@ impl Tracker {
     /// current state, plus snapshot sockets not seen on the tracepoint since.
     pub fn state_counts(&self) -> [u64; 13] {
         let mut counts = [0u64; 13];
-        for life in self.sockets() {
+        for (_, life) in self.socks.iter() {
             if let Some(state) = life.state() {
                 counts[state as usize] += 1;
             }
+        }
+        for (_, tw) in self.tw.iter() {
+            let state = if tw.diag_time_wait {
+                TcpState::TimeWait
+            } else {
+                tw.substate
+            };
+            counts[state as usize] += 1;
         }
         for state in self.seeds.values() {
             counts[*state as usize] += 1;
@@ -290,6 +302,24 @@ impl Tracker {
     /// Live timewait sockets (in the TIME_WAIT or FIN_WAIT2 substate).
     pub fn timewait_sockets(&self) -> usize {
         self.tw.len()
+    }
+
+    /// Whether a timewait socket is in FIN_WAIT2 as far as its timer events show (its
+    /// turn to TIME_WAIT may have come without one).
+    pub fn has_fin_wait2_timewait(&self) -> bool {
+        self.tw
+            .iter()
+            .any(|(_, tw)| tw.substate == TcpState::FinWait2 && !tw.diag_time_wait)
+    }
+
+    /// sock_diag's list of the sockets in TIME_WAIT now: timewait sockets among them that
+    /// the timer events still show in FIN_WAIT2 are counted in TIME_WAIT from now on.
+    pub fn saw_in_time_wait(&mut self, in_time_wait: &std::collections::HashSet<Tuple>) {
+        for (_, tw) in self.tw.iter_mut() {
+            if tw.substate == TcpState::FinWait2 && in_time_wait.contains(&tuple(&tw.life)) {
+                tw.diag_time_wait = true;
+            }
+        }
     }
 
     /// Snapshot sockets not seen on the tracepoint since (they may have ended unseen).
@@ -577,6 +607,7 @@ impl Tracker {
                 life,
                 substate,
                 cancel: None,
+                diag_time_wait: false,
             },
         );
     }

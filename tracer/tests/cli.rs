@@ -105,7 +105,10 @@ fn watch_json_as_a_user_runs_it() {
         assert_eq!(v["saddr"], "127.0.0.1");
         assert_eq!(v["sport"], u64::from(PORT));
         assert!(v["sk"].as_str().unwrap().starts_with("0xffff"), "{v}");
-        assert_eq!(v["via"], "tracepoint", "the server side never enters TIME_WAIT");
+        assert_eq!(
+            v["via"], "tracepoint",
+            "the server side never enters TIME_WAIT"
+        );
     }
     // The listener: created and closed by this process, which owns it.
     let l = &lines[0];

@@ -1,0 +1,434 @@
+//! Real kernel: TIME_WAIT followed through the timewait socket's timer, as `tcplens`
+//! reports it. Each scenario runs in a network namespace of its own; the long one (natural
+//! expiry, about 62 s) runs in parallel with the others.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{ErrorKind, Read as _, Write as _};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::*;
+use serde_json::Value;
+
+fn finish(r: Running) -> String {
+    let f = r.wait();
+    assert!(f.status.success(), "tcplens failed: {}", f.stderr);
+    assert!(f.stderr.contains(" 0 lost in the kernel"), "{}", f.stderr);
+    assert!(
+        !f.stderr.contains("TIME_WAIT tracking unavailable"),
+        "{}",
+        f.stderr
+    );
+    f.stdout
+}
+
+/// The timeline lives whose local or remote port is `port`.
+fn lives_on(out: &str, port: u16) -> Vec<Value> {
+    json_lines(out)
+        .into_iter()
+        .filter(|v| v["sport"] == port || v["dport"] == port)
+        .collect()
+}
+
+fn names(life: &Value) -> Vec<String> {
+    life["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["state"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn ns_in(life: &Value, state: &str) -> u64 {
+    let spans: Vec<&Value> = life["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == state)
+        .collect();
+    assert_eq!(spans.len(), 1, "one {state} in {life}");
+    spans[0]["ns"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{state} has no duration: {life}"))
+}
+
+fn near(got_ns: u64, want: Duration, tol: Duration) -> bool {
+    (i128::from(got_ns) - want.as_nanos() as i128).unsigned_abs() <= tol.as_nanos()
+}
+
+/// `ss -Htan state time-wait` in the calling thread's namespace: (local port, remote port).
+fn ss_time_wait() -> Vec<(u16, u16)> {
+    let out = Command::new("ss")
+        .args(["-Htan", "state", "time-wait"])
+        .output()
+        .expect("running ss");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let port = |c: &str| c.rsplit(':').next()?.parse().ok();
+            Some((port(cols.get(2)?)?, port(cols.get(3)?)?))
+        })
+        .collect()
+}
+
+/// The timer wheel runs a 60 s timer in a bucket of 512 jiffies (2.048 s at HZ=250): a
+/// TIME_WAIT lasts from 60 s to 60 s + one bucket.
+const WHEEL_SLACK: Duration = Duration::from_millis(2_100);
+
+#[test]
+fn natural_expiry_in_both_orders() {
+    const PORT: u16 = 21501;
+    let port = PORT.to_string();
+    let timeline = start_tcplens(&[
+        "timeline",
+        "--format",
+        "json",
+        "-D",
+        &port,
+        "--duration",
+        "66s",
+    ]);
+    let watch = start_tcplens(&[
+        "watch",
+        "--format",
+        "json",
+        "-D",
+        &port,
+        "--duration",
+        "66s",
+    ]);
+    let measured = in_netns(|| {
+        let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
+        // A: the application closes first, the peer's FIN comes 300 ms later.
+        let a = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
+        let a_port = a.local_addr().unwrap().port();
+        let (a_srv, _) = listener.accept().unwrap();
+        drop(a);
+        std::thread::sleep(Duration::from_millis(300));
+        drop(a_srv);
+        let a_entry = Instant::now();
+        // B: the peer's FIN comes while the application still holds the socket (it shut
+        // down its side only): TIME_WAIT straight from FIN_WAIT2.
+        let b = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
+        let b_port = b.local_addr().unwrap().port();
+        let (b_srv, _) = listener.accept().unwrap();
+        b.shutdown(Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        drop(b_srv);
+        let b_entry = Instant::now();
+        std::thread::sleep(Duration::from_millis(50));
+        drop(b);
+        // When does each leave TIME_WAIT, as ss sees it?
+        let mut gone = [None, None];
+        let deadline = Instant::now() + Duration::from_secs(64);
+        while gone.iter().any(Option::is_none) && Instant::now() < deadline {
+            let tw = ss_time_wait();
+            for (i, (p, entry)) in [(a_port, a_entry), (b_port, b_entry)].iter().enumerate() {
+                if gone[i].is_none() && !tw.iter().any(|&(l, _)| l == *p) {
+                    gone[i] = Some(entry.elapsed());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        [(a_port, gone[0], 300), (b_port, gone[1], 100)]
+    });
+    let out = finish(timeline);
+    let me = u64::from(std::process::id());
+    for (client_port, gone, fin_wait2_ms) in measured {
+        let gone = gone.expect("the timewait socket left TIME_WAIT within 64 s");
+        let lives = lives_on(&out, client_port);
+        assert_eq!(lives.len(), 1, "{lives:#?}");
+        let life = &lives[0];
+        assert_eq!(
+            names(life),
+            [
+                "SYN_SENT",
+                "ESTABLISHED",
+                "FIN_WAIT1",
+                "FIN_WAIT2",
+                "TIME_WAIT",
+                "CLOSE"
+            ]
+        );
+        assert_eq!(life["end"], "time_wait_expired", "{life}");
+        assert_eq!(life["role"], "active");
+        assert_eq!(life["owner_pid"], me, "the owner carries through: {life}");
+        let tw = ns_in(life, "TIME_WAIT");
+        assert!(
+            tw >= 60_000_000_000 && tw <= (Duration::from_secs(60) + WHEEL_SLACK).as_nanos() as u64,
+            "TIME_WAIT {tw} ns"
+        );
+        assert!(
+            near(tw, gone, Duration::from_millis(100)),
+            "TIME_WAIT {tw} ns; ss saw it go after {gone:?}"
+        );
+        let fw2 = ns_in(life, "FIN_WAIT2");
+        assert!(
+            near(
+                fw2,
+                Duration::from_millis(fin_wait2_ms),
+                Duration::from_millis(15)
+            ),
+            "FIN_WAIT2 {fw2} ns, expected {fin_wait2_ms} ms"
+        );
+    }
+    // watch: the derived transitions, marked, and never the kernel's FIN_WAIT2 -> CLOSE.
+    let lines = json_lines(&finish(watch));
+    for (client_port, ..) in measured {
+        let mine: Vec<&Value> = lines.iter().filter(|v| v["sport"] == client_port).collect();
+        let steps: Vec<(String, String, String)> = mine
+            .iter()
+            .map(|v| {
+                (
+                    v["old"].as_str().unwrap().into(),
+                    v["new"].as_str().unwrap().into(),
+                    v["via"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        let s = |o: &str, n: &str, v: &str| (o.to_string(), n.to_string(), v.to_string());
+        // (The first, CLOSE -> SYN_SENT, has local port 0.)
+        assert_eq!(
+            steps[2..],
+            [
+                s("FIN_WAIT1", "FIN_WAIT2", "tracepoint"),
+                s("FIN_WAIT2", "TIME_WAIT", "timewait"),
+                s("TIME_WAIT", "CLOSE", "timewait"),
+            ],
+            "{mine:#?}"
+        );
+        assert_eq!(mine[4]["owner_pid"], me);
+        assert!(mine[4]["old_ns"].as_u64().unwrap() >= 60_000_000_000);
+    }
+}
+
+/// A client socket bound to `local_port` with SO_REUSEADDR, connected to `port`.
+fn connect_from(local_port: u16, port: u16) -> TcpStream {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket,
+        sockopt::ReuseAddr,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, ReuseAddr, &true).unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(127, 0, 0, 1, local_port),
+    )
+    .unwrap();
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(127, 0, 0, 1, port),
+    )
+    .expect("connect (reusing the port in TIME_WAIT)");
+    TcpStream::from(fd)
+}
+
+#[test]
+fn port_reuse_kills_time_wait() {
+    const PORT: u16 = 21502;
+    const CLIENT_PORT: u16 = 45502;
+    let timeline = start_tcplens(&[
+        "timeline",
+        "--format",
+        "json",
+        "-L",
+        &CLIENT_PORT.to_string(),
+        "--duration",
+        "4s",
+    ]);
+    let in_time_wait = in_netns(|| {
+        sysctl("net/ipv4/tcp_tw_reuse", "1");
+        let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
+        let c = connect_from(CLIENT_PORT, PORT);
+        let (srv, _) = listener.accept().unwrap();
+        drop(c);
+        std::thread::sleep(Duration::from_millis(100));
+        drop(srv);
+        let entry = Instant::now();
+        // tcp_tw_reuse takes a timewait socket over once it is a second old.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(ss_time_wait(), [(CLIENT_PORT, PORT)]);
+        let again = connect_from(CLIENT_PORT, PORT);
+        let held = entry.elapsed();
+        assert_eq!(
+            ss_time_wait(),
+            [],
+            "the reuse took the timewait socket's place"
+        );
+        let (_srv, _) = listener.accept().unwrap();
+        drop(again);
+        held
+    });
+    let lives = lives_on(&finish(timeline), CLIENT_PORT);
+    let first = lives
+        .iter()
+        .find(|l| l["end"] == "time_wait_killed" && l["states"].as_array().unwrap().len() == 6)
+        .unwrap_or_else(|| panic!("a killed TIME_WAIT: {lives:#?}"));
+    assert_eq!(first["role"], "active");
+    let tw = ns_in(first, "TIME_WAIT");
+    assert!(
+        near(tw, in_time_wait, Duration::from_millis(50)),
+        "TIME_WAIT {tw} ns, test measured {in_time_wait:?}"
+    );
+}
+
+#[test]
+fn orphan_fin_wait2_times_out() {
+    const PORT: u16 = 21504;
+    let port = PORT.to_string();
+    let timeline = start_tcplens(&[
+        "timeline",
+        "--format",
+        "json",
+        "-D",
+        &port,
+        "--duration",
+        "4s",
+    ]);
+    let client_port = in_netns(|| {
+        sysctl("net/ipv4/tcp_fin_timeout", "2");
+        let p = connect_pair("127.0.0.1", PORT);
+        drop(p.client); // the peer never closes: FIN_WAIT2 until tcp_fin_timeout
+        std::thread::sleep(Duration::from_millis(3000));
+        assert_eq!(ss_time_wait(), []);
+        drop(p.server);
+        p.client_port
+    });
+    let lives = lives_on(&finish(timeline), client_port);
+    assert_eq!(lives.len(), 1, "{lives:#?}");
+    let life = &lives[0];
+    assert_eq!(
+        names(life),
+        ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]
+    );
+    assert_eq!(life["end"], "closed");
+    // 2 s, rounded up by the timer wheel (500 jiffies: buckets of 64 jiffies, 256 ms).
+    let fw2 = ns_in(life, "FIN_WAIT2");
+    assert!(
+        (2_000_000_000..=2_300_000_000).contains(&fw2),
+        "FIN_WAIT2 {fw2} ns"
+    );
+}
+
+#[test]
+fn simultaneous_close_enters_time_wait_on_both_sides() {
+    // As in kernel.rs: the client's FIN waits behind a zero window while the server's
+    // arrives, so the client goes FIN_WAIT1 -> CLOSING; the server's own FIN was acked
+    // first, so it goes FIN_WAIT2 -> TIME_WAIT. (Both sides in CLOSING needs the two FINs
+    // in flight at once, which loopback without netem cannot hold deterministically.)
+    const PORT: u16 = 21505;
+    let timeline = start_tcplens(&["timeline", "--format", "json", "--duration", "3s"]);
+    let client_port = in_netns(|| {
+        let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
+        set_rcvbuf(&listener, 4096);
+        let mut client = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
+        let client_port = client.local_addr().unwrap().port();
+        let (mut server, _) = listener.accept().unwrap();
+        client.set_nonblocking(true).unwrap();
+        let chunk = [7u8; 65536];
+        loop {
+            match client.write(&chunk) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        client.shutdown(Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        server.shutdown(Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let mut buf = vec![0u8; 65536];
+        while server.read(&mut buf).unwrap() > 0 {}
+        client.set_nonblocking(false).unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let tw: HashSet<(u16, u16)> = ss_time_wait().into_iter().collect();
+        assert_eq!(
+            tw,
+            HashSet::from([(client_port, PORT), (PORT, client_port)]),
+            "both sides in TIME_WAIT"
+        );
+        client_port
+    });
+    let lives = lives_on(&finish(timeline), client_port);
+    assert_eq!(lives.len(), 2, "{lives:#?}");
+    for life in &lives {
+        let n = names(life);
+        let via = if life["role"] == "active" {
+            "CLOSING"
+        } else {
+            "FIN_WAIT2"
+        };
+        assert_eq!(
+            n[n.len() - 4..],
+            ["FIN_WAIT1", via, "TIME_WAIT", "CLOSE"],
+            "{life}"
+        );
+        // The namespace ended with the test: the kernel purged its timewait sockets.
+        assert_eq!(life["end"], "time_wait_killed");
+        let tw = ns_in(life, "TIME_WAIT");
+        assert!(
+            (300_000_000..3_000_000_000).contains(&tw),
+            "TIME_WAIT {tw} ns"
+        );
+    }
+}
+
+#[test]
+fn live_time_wait_count_equals_ss() {
+    const PORT: u16 = 21506;
+    const N: usize = 200;
+    let port = PORT.to_string();
+    let stats = start_tcplens(&[
+        "stats",
+        "--format",
+        "json",
+        "-D",
+        &port,
+        "--interval",
+        "1s",
+        "--duration",
+        "6s",
+    ]);
+    let (all_in, counted, ss_count) = in_netns(|| {
+        let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
+        for _ in 0..N {
+            let c = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
+            let (s, _) = listener.accept().unwrap();
+            drop(c); // the application closes first: the common order
+            drop(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let all_in = SystemTime::now();
+        std::thread::sleep(Duration::from_millis(2600));
+        let counted = SystemTime::now();
+        let ss_count = ss_time_wait().len();
+        (all_in, counted, ss_count)
+    });
+    assert_eq!(ss_count, N);
+    let reports = json_lines(&finish(stats));
+    let in_window: Vec<&Value> = reports
+        .iter()
+        .filter(|r| {
+            let t: jiff::Timestamp = r["time"].as_str().unwrap().parse().unwrap();
+            let t = SystemTime::from(t);
+            t > all_in && t < counted
+        })
+        .collect();
+    assert!(in_window.len() >= 2, "interval reports: {reports:#?}");
+    for r in in_window {
+        assert_eq!(r["live"]["TIME_WAIT"], ss_count as u64, "{r}");
+    }
+}
