@@ -432,3 +432,149 @@ fn live_time_wait_count_equals_ss() {
         assert_eq!(r["live"]["TIME_WAIT"], ss_count as u64, "{r}");
     }
 }
+
+/// The next sequence number `s` will send (`TCP_REPAIR` lets a privileged process read
+/// it; repair mode is left again right away).
+fn write_seq(s: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd as _;
+    const TCP_REPAIR: i32 = 19;
+    const TCP_REPAIR_QUEUE: i32 = 20;
+    const TCP_QUEUE_SEQ: i32 = 21;
+    const TCP_SEND_QUEUE: i32 = 2;
+    let fd = s.as_raw_fd();
+    let set = |opt: i32, v: i32| {
+        // SAFETY: setsockopt on an open socket with an i32 value.
+        let r = unsafe {
+            nix::libc::setsockopt(
+                fd,
+                nix::libc::IPPROTO_TCP,
+                opt,
+                (&v as *const i32).cast(),
+                4,
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "setsockopt {opt}: {}",
+            std::io::Error::last_os_error()
+        );
+    };
+    set(TCP_REPAIR, 1);
+    set(TCP_REPAIR_QUEUE, TCP_SEND_QUEUE);
+    let mut seq: u32 = 0;
+    let mut len: nix::libc::socklen_t = 4;
+    // SAFETY: getsockopt into a u32 of the given length.
+    let r = unsafe {
+        nix::libc::getsockopt(
+            fd,
+            nix::libc::IPPROTO_TCP,
+            TCP_QUEUE_SEQ,
+            (&mut seq as *mut u32).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "TCP_QUEUE_SEQ: {}", std::io::Error::last_os_error());
+    set(TCP_REPAIR, 0);
+    seq
+}
+
+/// Sends a bare RST from 127.0.0.1:`sport` to 127.0.0.1:`dport` with sequence `seq`,
+/// through a raw socket (the kernel adds the IP header).
+fn send_rst(sport: u16, dport: u16, seq: u32) {
+    let mut h = [0u8; 20];
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    h[4..8].copy_from_slice(&seq.to_be_bytes());
+    h[12] = 5 << 4; // data offset: 5 words
+    h[13] = 0x04; // RST
+    // Checksum over the pseudo-header (127.0.0.1 twice, protocol 6, length 20) and header.
+    let mut sum: u32 = 0x7f00 + 0x0001 + 0x7f00 + 0x0001 + 6 + 20;
+    for w in h.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    h[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    // SAFETY: a raw socket, one sendto of a fully initialised buffer, then close.
+    unsafe {
+        let fd = nix::libc::socket(
+            nix::libc::AF_INET,
+            nix::libc::SOCK_RAW,
+            nix::libc::IPPROTO_TCP,
+        );
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let to = nix::libc::sockaddr_in {
+            sin_family: nix::libc::AF_INET as nix::libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: nix::libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            },
+            sin_zero: [0; 8],
+        };
+        let n = nix::libc::sendto(
+            fd,
+            h.as_ptr().cast(),
+            h.len(),
+            0,
+            (&to as *const nix::libc::sockaddr_in).cast(),
+            std::mem::size_of::<nix::libc::sockaddr_in>() as nix::libc::socklen_t,
+        );
+        assert_eq!(n, 20, "sendto: {}", std::io::Error::last_os_error());
+        nix::libc::close(fd);
+    }
+}
+
+#[test]
+fn rst_kills_time_wait() {
+    const PORT: u16 = 21503;
+    let port = PORT.to_string();
+    let timeline = start_tcplens(&[
+        "timeline",
+        "--format",
+        "json",
+        "-D",
+        &port,
+        "--duration",
+        "3s",
+    ]);
+    let (client_port, in_time_wait) = in_netns(|| {
+        sysctl("net/ipv4/tcp_rfc1337", "0");
+        let p = connect_pair("127.0.0.1", PORT);
+        drop(p.client);
+        std::thread::sleep(Duration::from_millis(100));
+        // The server's FIN will carry this sequence number; the timewait socket then
+        // expects seq + 1 next, and an RST there "assassinates" it (RFC 1337).
+        let seq = write_seq(&p.server);
+        drop(p.server);
+        let entry = Instant::now();
+        std::thread::sleep(Duration::from_millis(700));
+        assert_eq!(ss_time_wait(), [(p.client_port, PORT)]);
+        send_rst(PORT, p.client_port, seq.wrapping_add(1));
+        let held = entry.elapsed();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(ss_time_wait(), [], "the RST killed the timewait socket");
+        (p.client_port, held)
+    });
+    let lives = lives_on(&finish(timeline), client_port);
+    assert_eq!(lives.len(), 1, "{lives:#?}");
+    let life = &lives[0];
+    assert_eq!(
+        names(life),
+        [
+            "SYN_SENT",
+            "ESTABLISHED",
+            "FIN_WAIT1",
+            "FIN_WAIT2",
+            "TIME_WAIT",
+            "CLOSE"
+        ]
+    );
+    assert_eq!(life["end"], "time_wait_killed");
+    let tw = ns_in(life, "TIME_WAIT");
+    assert!(
+        near(tw, in_time_wait, Duration::from_millis(30)),
+        "TIME_WAIT {tw} ns, test measured {in_time_wait:?}"
+    );
+}
