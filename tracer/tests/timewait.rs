@@ -404,12 +404,18 @@ fn live_time_wait_count_equals_ss() {
     ]);
     let (all_in, counted, ss_count) = in_netns(|| {
         let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
-        for _ in 0..N {
-            let c = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
-            let (s, _) = listener.accept().unwrap();
-            drop(c); // the application closes first: the common order
-            drop(s);
-        }
+        let pairs: Vec<(TcpStream, TcpStream)> = (0..N)
+            .map(|_| {
+                let c = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
+                (c, listener.accept().unwrap().0)
+            })
+            .collect();
+        // The applications close first (the common order); the peers' FINs come 200 ms
+        // later, which turns the timewait sockets from FIN_WAIT2 to TIME_WAIT, mostly
+        // without a timer event.
+        let servers: Vec<TcpStream> = pairs.into_iter().map(|(_, s)| s).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        drop(servers);
         std::thread::sleep(Duration::from_millis(50));
         let all_in = SystemTime::now();
         std::thread::sleep(Duration::from_millis(2600));
