@@ -35,6 +35,8 @@ use std::sync::Arc;
 pub struct Totals {
     /// Events read (from the ring buffer or the file).
     pub events: u64,
+    /// Of the events, timewait timer events (the rest are state transitions).
+    pub timewait: u64,
     /// Events the kernel dropped because the ring buffer was full.
     pub lost: u64,
     /// Ring buffer records that did not decode (a bug if ever non-zero: the ABI is shared).
@@ -88,6 +90,7 @@ impl<'a> Pipeline<'a> {
         match ev {
             KernelEvent::Transition(t) => self.transition(t)?,
             KernelEvent::Timewait(tw) => {
+                self.totals.timewait += 1;
                 let kept = self
                     .filter
                     .as_ref()
@@ -501,8 +504,9 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 fn report(totals: &Totals) {
     eprintln!(
-        "tcplens: {} events read, {} lost in the kernel{}",
+        "tcplens: {} events read ({} timewait), {} lost in the kernel{}",
         totals.events,
+        totals.timewait,
         totals.lost,
         if totals.bad > 0 {
             format!(", {} undecodable", totals.bad)

@@ -137,7 +137,7 @@ fn watch_json_as_a_user_runs_it() {
         (now - first.as_nanosecond()).abs() < 10_000_000_000,
         "time is today's"
     );
-    assert!(rest.contains("events read, 0 lost in the kernel"), "{rest}");
+    assert!(rest.contains("timewait), 0 lost in the kernel"), "{rest}");
 }
 
 #[test]
@@ -161,7 +161,7 @@ fn watch_text_and_sigterm() {
     );
     assert!(lines[7].contains("LISTEN       -> CLOSE"), "{out}");
     assert!(
-        rest.contains("7 events read, 0 lost in the kernel"),
+        rest.contains("7 events read (0 timewait), 0 lost in the kernel"),
         "{rest}"
     );
 }

@@ -21,16 +21,18 @@ pub enum Mode {
     WatchJson,
     Stats,
     Timeline,
+    WatchNoTimewait,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 7] = [
         Mode::ChurnAlone,
         Mode::Tcpstates,
         Mode::WatchText,
         Mode::WatchJson,
         Mode::Stats,
         Mode::Timeline,
+        Mode::WatchNoTimewait,
     ];
 
     fn name(self) -> &'static str {
@@ -41,6 +43,7 @@ impl Mode {
             Mode::WatchJson => "(d) tcplens watch --format json > file",
             Mode::Stats => "(e) tcplens stats",
             Mode::Timeline => "(f) tcplens timeline > file",
+            Mode::WatchNoTimewait => "(g) tcplens watch --no-timewait > file",
         }
     }
 
@@ -55,6 +58,7 @@ impl Mode {
             Mode::WatchJson => &["watch", "--format", "json"],
             Mode::Stats => &["stats"],
             Mode::Timeline => &["timeline"],
+            Mode::WatchNoTimewait => &["watch", "--no-timewait"],
             Mode::ChurnAlone | Mode::Tcpstates => &[],
         });
         Some(cmd)
@@ -71,6 +75,10 @@ pub struct Sample {
     pub lost: u64,
     pub user_ns_per_event: f64,
     pub kernel_ns_per_event: f64,
+    /// Runs per second of the timewait programs (every kernel timer start, cancel and
+    /// expiry on the host) and their cost per run.
+    pub timer_runs_per_s: f64,
+    pub timer_ns_per_run: f64,
     pub peak_rss_kib: u64,
 }
 
@@ -118,8 +126,13 @@ fn status_kib(pid: u32, key: &str) -> Result<u64> {
         .with_context(|| format!("{key} in /proc/{pid}/status"))
 }
 
-/// Tracepoint programs loaded now: (id, run_time_ns, run_cnt).
-fn tracepoint_progs() -> Result<Vec<(u32, u64, u64)>> {
+/// Names (as bpftool truncates them) of tcplens's timewait programs.
+fn is_timer_prog(name: &str) -> bool {
+    name.starts_with("tw_timer")
+}
+
+/// Tracepoint programs loaded now: (id, run_time_ns, run_cnt, name).
+fn tracepoint_progs() -> Result<Vec<(u32, u64, u64, String)>> {
     let out = Command::new("bpftool")
         .args(["prog", "show", "-j"])
         .output()
@@ -135,6 +148,7 @@ fn tracepoint_progs() -> Result<Vec<(u32, u64, u64)>> {
                         p["id"].as_u64().unwrap_or(0) as u32,
                         p["run_time_ns"].as_u64().unwrap_or(0),
                         p["run_cnt"].as_u64().unwrap_or(0),
+                        p["name"].as_str().unwrap_or("").to_string(),
                     )
                 })
                 .collect()
@@ -157,21 +171,22 @@ fn start(mode: Mode, tcplens: &Path, dir: &Path) -> Result<Option<Tracer>> {
         .with_context(|| format!("starting {}", mode.name()))?;
     // Ready when its program is attached: a new tracepoint program shows up and stays.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let progs = loop {
-        let now: Vec<u32> = tracepoint_progs()?
+    let new_progs = || -> Result<Vec<u32>> {
+        Ok(tracepoint_progs()?
             .into_iter()
             .map(|p| p.0)
             .filter(|id| !before.contains(id))
-            .collect();
-        if !now.is_empty() {
-            break now;
-        }
+            .collect())
+    };
+    while new_progs()?.is_empty() {
         if Instant::now() > deadline {
             bail!("{} did not attach within 20 s", mode.name());
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
-    std::thread::sleep(Duration::from_millis(300)); // attach completes, output set up
+    }
+    // All of its programs attached, output set up.
+    std::thread::sleep(Duration::from_millis(500));
+    let progs = new_progs()?;
     Ok(Some(Tracer {
         child,
         stdout,
@@ -180,11 +195,19 @@ fn start(mode: Mode, tcplens: &Path, dir: &Path) -> Result<Option<Tracer>> {
     }))
 }
 
-fn run_stats(progs: &[u32]) -> Result<(u64, u64)> {
+/// Over a tracer's programs: (run time of all, runs of the transition programs, run time
+/// of the timer programs, runs of the timer programs).
+fn run_stats(progs: &[u32]) -> Result<(u64, u64, u64, u64)> {
     Ok(tracepoint_progs()?
         .into_iter()
         .filter(|p| progs.contains(&p.0))
-        .fold((0, 0), |(t, c), p| (t + p.1, c + p.2)))
+        .fold((0, 0, 0, 0), |(t, c, tt, tc), p| {
+            if is_timer_prog(&p.3) {
+                (t + p.1, c, tt + p.1, tc + p.2)
+            } else {
+                (t + p.1, c + p.2, tt, tc)
+            }
+        }))
 }
 
 /// Runs one mode once.
@@ -196,7 +219,7 @@ pub fn sample(mode: Mode, tcplens: &Path, opts: &Opts) -> Result<Sample> {
             Some(t.child.id()),
             cpu_ns(t.child.id())?,
         ),
-        None => ((0, 0), None, 0.0),
+        None => ((0, 0, 0, 0), None, 0.0),
     };
     let r = churn::run(Duration::from_secs(opts.seconds), opts.threads, 9000)?;
     std::thread::sleep(Duration::from_millis(500)); // let the reader drain
@@ -227,21 +250,29 @@ pub fn sample(mode: Mode, tcplens: &Path, opts: &Opts) -> Result<Sample> {
     if seen > 0 {
         s.user_ns_per_event = (cpu1 - cpu0) / seen as f64;
     }
+    // Per transition: the timer programs' cost is part of what each transition costs.
     if k1.1 > k0.1 {
         s.kernel_ns_per_event = (k1.0 - k0.0) as f64 / (k1.1 - k0.1) as f64;
+    }
+    if k1.3 > k0.3 {
+        s.timer_ns_per_run = (k1.2 - k0.2) as f64 / (k1.3 - k0.3) as f64;
+        s.timer_runs_per_s = (k1.3 - k0.3) as f64 / r.elapsed.as_secs_f64();
     }
     Ok(s)
 }
 
-/// `tcplens: N events read, M lost in the kernel` on stderr.
+/// `tcplens: N events read (W timewait), M lost in the kernel` on stderr: transitions
+/// (N - W) and lost.
 fn tcplens_counts(stderr: &Path) -> Result<(u64, u64)> {
     let text = std::fs::read_to_string(stderr)?;
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("tcplens: ")
-            && let Some((read, rest)) = rest.split_once(" events read, ")
+            && let Some((read, rest)) = rest.split_once(" events read (")
+            && let Some((tw, rest)) = rest.split_once(" timewait), ")
             && let Some((lost, _)) = rest.split_once(" lost")
         {
-            return Ok((read.parse()?, lost.parse()?));
+            let (read, tw): (u64, u64) = (read.parse()?, tw.parse()?);
+            return Ok((read - tw.min(read), lost.parse()?));
         }
     }
     bail!("no totals in {}: {text}", stderr.display())
@@ -266,6 +297,15 @@ fn tcpstates_counts(stdout: &Path, stderr: &Path) -> Result<(u64, u64)> {
         }
     }
     Ok((seen, lost))
+}
+
+/// A figure, or a dash where there is none (no timer programs in that mode).
+fn dash_or(v: f64, decimals: usize) -> String {
+    if v > 0.0 {
+        format!("{v:.decimals$}")
+    } else {
+        "–".into()
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -299,21 +339,21 @@ pub fn side_by_side(tcplens: &Path, opts: &Opts) -> Result<String> {
         "{} rounds of {} s each, {} connecting + {} accepting threads; medians (lost: median / max).\n\n",
         opts.rounds, opts.seconds, opts.threads, opts.threads
     ));
-    t.push_str("| mode | connections/s | vs (a) | transitions/s seen | seen / expected | lost (median / max) | user ns/event | kernel ns/event | peak RSS MiB |\n");
-    t.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    t.push_str("| mode | connections/s | vs (a) | transitions/s seen | seen / expected | lost (median / max) | user ns/event | kernel ns/transition | timer runs/s | timer ns/run | peak RSS MiB |\n");
+    t.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (mode, samples) in &all {
         let m = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
         let conn = m(|s| s.conn_per_s);
         let max_lost = samples.iter().map(|s| s.lost).max().unwrap_or(0);
         if *mode == Mode::ChurnAlone {
             t.push_str(&format!(
-                "| {} | {conn:.0} | 1.00 | – | – | – | – | – | – |\n",
+                "| {} | {conn:.0} | 1.00 | – | – | – | – | – | – | – | – |\n",
                 mode.name()
             ));
             continue;
         }
         t.push_str(&format!(
-            "| {} | {conn:.0} | {:.2} | {:.0} | {:.3} | {:.0} / {max_lost} | {:.0} | {:.0} | {:.1} |\n",
+            "| {} | {conn:.0} | {:.2} | {:.0} | {:.3} | {:.0} / {max_lost} | {:.0} | {:.0} | {} | {} | {:.1} |\n",
             mode.name(),
             conn / base,
             m(|s| s.seen_per_s),
@@ -321,6 +361,8 @@ pub fn side_by_side(tcplens: &Path, opts: &Opts) -> Result<String> {
             m(|s| s.lost as f64),
             m(|s| s.user_ns_per_event),
             m(|s| s.kernel_ns_per_event),
+            dash_or(m(|s| s.timer_runs_per_s), 0),
+            dash_or(m(|s| s.timer_ns_per_run), 0),
             m(|s| s.peak_rss_kib as f64) / 1024.0,
         ));
     }

@@ -455,6 +455,7 @@ mod tests {
             0,
             &Totals {
                 events: 6,
+                timewait: 0,
                 lost: 3,
                 bad: 0,
             },
