@@ -531,25 +531,7 @@ impl Tracker {
                 None => self.end_timewait(ev, None, End::TimeWaitKilled, ended),
             }
         }
-        let life = SocketLife {
-            sk: ev.tw,
-            family: ev.family,
-            saddr: ev.saddr,
-            sport: ev.sport,
-            daddr: ev.daddr,
-            dport: ev.dport,
-            owner: None,
-            role: Role::Unknown,
-            first_seen_mid_life: true,
-            spans: vec![Span {
-                state: ev.substate,
-                entered_ns: Some(ev.ts_ns),
-                ns: None,
-            }],
-            end: End::StillOpen,
-            lifetime_ns: None,
-            existed_at_start: false,
-        };
+        let life = timewait_life(ev, Some(ev.ts_ns), false);
         self.put_timewait(ev.tw, life, ev.substate, ended);
         self.tw_join.insert(ev_tuple(ev), ev.tw);
     }
@@ -559,25 +541,7 @@ impl Tracker {
     fn timewait_entry(&mut self, ev: &TimewaitEvent, ended: &mut Vec<SocketLife>) -> &mut Timewait {
         if !self.tw.contains(&ev.tw) {
             let seed = self.seeds.remove(&ev_tuple(ev));
-            let life = SocketLife {
-                sk: ev.tw,
-                family: ev.family,
-                saddr: ev.saddr,
-                sport: ev.sport,
-                daddr: ev.daddr,
-                dport: ev.dport,
-                owner: None,
-                role: Role::Unknown,
-                first_seen_mid_life: true,
-                spans: vec![Span {
-                    state: ev.substate,
-                    entered_ns: None,
-                    ns: None,
-                }],
-                end: End::StillOpen,
-                lifetime_ns: None,
-                existed_at_start: seed.is_some(),
-            };
+            let life = timewait_life(ev, None, seed.is_some());
             self.put_timewait(ev.tw, life, ev.substate, ended);
         }
         match self.tw.get_mut(&ev.tw) {
@@ -708,6 +672,30 @@ impl Tracker {
         self.tw_join.clear();
         self.pending.clear();
         out
+    }
+}
+
+/// A timewait socket's own life, before (or without) the connection it came from: its
+/// substate entered at `entered` (`None`: before tracing).
+fn timewait_life(ev: &TimewaitEvent, entered: Option<u64>, existed_at_start: bool) -> SocketLife {
+    SocketLife {
+        sk: ev.tw,
+        family: ev.family,
+        saddr: ev.saddr,
+        sport: ev.sport,
+        daddr: ev.daddr,
+        dport: ev.dport,
+        owner: None,
+        role: Role::Unknown,
+        first_seen_mid_life: true,
+        spans: vec![Span {
+            state: ev.substate,
+            entered_ns: entered,
+            ns: None,
+        }],
+        end: End::StillOpen,
+        lifetime_ns: None,
+        existed_at_start,
     }
 }
 

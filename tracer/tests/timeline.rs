@@ -44,23 +44,6 @@ fn on_port(lives: &[Value], port: u16) -> Vec<Value> {
         .collect()
 }
 
-fn state_ns(life: &Value, state: &str) -> u64 {
-    let spans: Vec<&Value> = life["states"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["state"] == state)
-        .collect();
-    assert_eq!(spans.len(), 1, "one {state} in {life}");
-    spans[0]["ns"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{state} has no duration: {life}"))
-}
-
-fn near(got_ns: u64, want: Duration, tol: Duration) -> bool {
-    (i128::from(got_ns) - want.as_nanos() as i128).unsigned_abs() <= tol.as_nanos()
-}
-
 #[test]
 fn close_wait_and_established_durations_owner_and_replay() {
     const PORT: u16 = 21201;

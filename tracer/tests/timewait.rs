@@ -42,23 +42,6 @@ fn names(life: &Value) -> Vec<String> {
         .collect()
 }
 
-fn ns_in(life: &Value, state: &str) -> u64 {
-    let spans: Vec<&Value> = life["states"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["state"] == state)
-        .collect();
-    assert_eq!(spans.len(), 1, "one {state} in {life}");
-    spans[0]["ns"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{state} has no duration: {life}"))
-}
-
-fn near(got_ns: u64, want: Duration, tol: Duration) -> bool {
-    (i128::from(got_ns) - want.as_nanos() as i128).unsigned_abs() <= tol.as_nanos()
-}
-
 /// `ss -Htan state time-wait` in the calling thread's namespace: (local port, remote port).
 fn ss_time_wait() -> Vec<(u16, u16)> {
     let out = Command::new("ss")
@@ -158,7 +141,7 @@ fn natural_expiry_in_both_orders() {
         assert_eq!(life["end"], "time_wait_expired", "{life}");
         assert_eq!(life["role"], "active");
         assert_eq!(life["owner_pid"], me, "the owner carries through: {life}");
-        let tw = ns_in(life, "TIME_WAIT");
+        let tw = state_ns(life, "TIME_WAIT");
         assert!(
             tw >= 60_000_000_000 && tw <= (Duration::from_secs(60) + WHEEL_SLACK).as_nanos() as u64,
             "TIME_WAIT {tw} ns"
@@ -167,7 +150,7 @@ fn natural_expiry_in_both_orders() {
             near(tw, gone, Duration::from_millis(100)),
             "TIME_WAIT {tw} ns; ss saw it go after {gone:?}"
         );
-        let fw2 = ns_in(life, "FIN_WAIT2");
+        let fw2 = state_ns(life, "FIN_WAIT2");
         assert!(
             near(
                 fw2,
@@ -276,7 +259,7 @@ fn port_reuse_kills_time_wait() {
         .find(|l| l["end"] == "time_wait_killed" && l["states"].as_array().unwrap().len() == 6)
         .unwrap_or_else(|| panic!("a killed TIME_WAIT: {lives:#?}"));
     assert_eq!(first["role"], "active");
-    let tw = ns_in(first, "TIME_WAIT");
+    let tw = state_ns(first, "TIME_WAIT");
     assert!(
         near(tw, in_time_wait, Duration::from_millis(50)),
         "TIME_WAIT {tw} ns, test measured {in_time_wait:?}"
@@ -314,7 +297,7 @@ fn orphan_fin_wait2_times_out() {
     );
     assert_eq!(life["end"], "closed");
     // 2 s, rounded up by the timer wheel (500 jiffies: buckets of 64 jiffies, 256 ms).
-    let fw2 = ns_in(life, "FIN_WAIT2");
+    let fw2 = state_ns(life, "FIN_WAIT2");
     assert!(
         (2_000_000_000..=2_300_000_000).contains(&fw2),
         "FIN_WAIT2 {fw2} ns"
@@ -378,7 +361,7 @@ fn simultaneous_close_enters_time_wait_on_both_sides() {
         );
         // The namespace ended with the test: the kernel purged its timewait sockets.
         assert_eq!(life["end"], "time_wait_killed");
-        let tw = ns_in(life, "TIME_WAIT");
+        let tw = state_ns(life, "TIME_WAIT");
         assert!(
             (300_000_000..3_000_000_000).contains(&tw),
             "TIME_WAIT {tw} ns"
@@ -578,7 +561,7 @@ fn rst_kills_time_wait() {
         ]
     );
     assert_eq!(life["end"], "time_wait_killed");
-    let tw = ns_in(life, "TIME_WAIT");
+    let tw = state_ns(life, "TIME_WAIT");
     assert!(
         near(tw, in_time_wait, Duration::from_millis(30)),
         "TIME_WAIT {tw} ns, test measured {in_time_wait:?}"

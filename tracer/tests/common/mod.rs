@@ -124,6 +124,25 @@ pub fn json_lines(out: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The duration (`ns`) of the one span of `state` in a timeline life.
+pub fn state_ns(life: &serde_json::Value, state: &str) -> u64 {
+    let spans: Vec<&serde_json::Value> = life["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == state)
+        .collect();
+    assert_eq!(spans.len(), 1, "one {state} in {life}");
+    spans[0]["ns"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{state} has no duration: {life}"))
+}
+
+/// Whether `got_ns` is within `tol` of `want`.
+pub fn near(got_ns: u64, want: Duration, tol: Duration) -> bool {
+    (i128::from(got_ns) - want.as_nanos() as i128).unsigned_abs() <= tol.as_nanos()
+}
+
 /// 127.0.0.1:`port` for raw socket calls in forked children.
 fn loopback_v4(port: u16) -> libc::sockaddr_in {
     libc::sockaddr_in {
