@@ -56,12 +56,16 @@ pub struct Pipeline<'a> {
     pub timewait: bool,
     /// Live on this host: sock_diag may complete what the events show.
     live: bool,
+    /// A sink reports live socket counts.
+    counts_live: bool,
     pub totals: Totals,
 }
 
 impl<'a> Pipeline<'a> {
     pub fn new(tracker: Tracker, sinks: Vec<&'a mut dyn Sink>) -> Self {
+        let counts_live = sinks.iter().any(|s| s.counts_live_sockets());
         Pipeline {
+            counts_live,
             tracker,
             sinks,
             ended: Vec::new(),
@@ -165,9 +169,7 @@ impl<'a> Pipeline<'a> {
     }
 
     pub fn interval(&mut self, now_ns: u64) -> io::Result<()> {
-        if self.live && self.tracker.has_fin_wait2_timewait() {
-            self.timewait_flips();
-        }
+        self.timewait_flips();
         let (totals, tracker) = (self.totals, &self.tracker);
         self.sinks
             .iter_mut()
@@ -191,8 +193,12 @@ impl<'a> Pipeline<'a> {
 impl Pipeline<'_> {
     /// The kernel turns a timewait socket's FIN_WAIT2 substate into TIME_WAIT on the
     /// peer's FIN, often without a timer event (see `tracker.rs`); sock_diag shows the
-    /// turn, so the live TIME_WAIT count is right at every interval.
+    /// turn, so the live TIME_WAIT count is right at every interval and every second
+    /// (only for sinks that report it, and only while some timewait socket may be due).
     fn timewait_flips(&mut self) {
+        if !(self.live && self.counts_live && self.tracker.has_fin_wait2_timewait()) {
+            return;
+        }
         match sockdiag::dump_all(&[crate::model::TcpState::TimeWait]) {
             Ok(found) => {
                 let tuples = found
@@ -418,6 +424,7 @@ async fn run_live(
             }
             forwarded = logs.forward_logs() => forwarded?,
             _ = lost_check.tick() => {
+                p.timewait_flips();
                 p.totals.lost = lost.get()?;
                 if p.totals.lost > reported_lost {
                     log::warn!("{} events lost so far (ring buffer full): a larger --ring-size may help", p.totals.lost);

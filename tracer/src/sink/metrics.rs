@@ -319,6 +319,10 @@ impl<S: SocketSnapshot> Sink for MetricsSink<S> {
         Ok(())
     }
 
+    fn counts_live_sockets(&self) -> bool {
+        true
+    }
+
     fn batch_done(&mut self, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
         self.refresh(totals, tracker, false)
     }

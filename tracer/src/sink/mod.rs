@@ -25,6 +25,11 @@ pub enum Format {
 }
 
 pub trait Sink {
+    /// Whether it reports live socket counts per state (which sock_diag completes for
+    /// timewait sockets, see `Pipeline`).
+    fn counts_live_sockets(&self) -> bool {
+        false
+    }
     /// Tracing has started (the program is attached, or the file is open).
     fn started(&mut self) -> io::Result<()> {
         Ok(())

@@ -355,6 +355,10 @@ impl<W: Write> Sink for StatsSink<W> {
         Ok(())
     }
 
+    fn counts_live_sockets(&self) -> bool {
+        true
+    }
+
     fn interval(&mut self, now_ns: u64, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
         self.report(now_ns, totals, tracker)
     }
