@@ -567,3 +567,38 @@ fn rst_kills_time_wait() {
         "TIME_WAIT {tw} ns, test measured {in_time_wait:?}"
     );
 }
+
+#[test]
+fn no_timewait_shows_the_kernel_view() {
+    const PORT: u16 = 21507;
+    let port = PORT.to_string();
+    let timeline = start_tcplens(&[
+        "timeline",
+        "--format",
+        "json",
+        "--no-timewait",
+        "-D",
+        &port,
+        "--duration",
+        "2s",
+    ]);
+    let client_port = in_netns(|| {
+        let p = connect_pair("127.0.0.1", PORT);
+        drop(p.client);
+        std::thread::sleep(Duration::from_millis(100));
+        drop(p.server);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(ss_time_wait(), [(p.client_port, PORT)]);
+        p.client_port
+    });
+    let f = timeline.wait();
+    assert!(f.status.success(), "{}", f.stderr);
+    assert!(f.stderr.contains("(0 timewait)"), "{}", f.stderr);
+    let lives = lives_on(&f.stdout, client_port);
+    assert_eq!(lives.len(), 1, "{lives:#?}");
+    assert_eq!(
+        names(&lives[0]),
+        ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]
+    );
+    assert_eq!(lives[0]["end"], "closed");
+}
