@@ -294,12 +294,18 @@ fn attach_timewait(ebpf: &mut Ebpf, setup: TimewaitSetup) -> Result<u32, SourceE
             })?
             .try_into()
             .map_err(bpf_err("loading the eBPF object"))?;
-        program.load().map_err(|e| {
-            if let ProgramError::LoadError { verifier_log, .. } = &e {
+        match program.load() {
+            Ok(()) => {}
+            // Root loaded the transition program already: a refusal here is the verifier's.
+            Err(ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            }) => {
                 log::debug!("verifier log of {name}:\n{verifier_log}");
+                return Err(SourceError::Verifier(io_error));
             }
-            bpf_err("loading a timewait program")(e)
-        })?;
+            Err(e) => return Err(bpf_err("loading a timewait program")(e)),
+        }
         program
             .attach("timer", tracepoint)
             .map_err(bpf_err("attaching to a timer tracepoint"))?;
