@@ -335,6 +335,7 @@ pub async fn run(
     let result = match input {
         Input::Kernel(source) => {
             p.live = true;
+            p.timewait &= source.timewait_hz.is_some();
             run_live(*source, trace, interval, p).await
         }
         Input::File { reader, path } => {

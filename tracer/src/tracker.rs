@@ -196,15 +196,20 @@ const TIMEWAIT_LEN_S: u64 = 60;
 
 /// One timewait socket, carrying on the life of the socket that became it.
 struct Timewait {
+    /// Its last span is the kernel's `tw_substate` as the timer events last showed it.
     life: SocketLife,
-    /// The kernel's `tw_substate` as last seen.
-    substate: TcpState,
     /// A cancel not resolved yet (expiry, re-arm, or kill).
     cancel: Option<TimewaitEvent>,
     /// sock_diag shows TIME_WAIT while the timer events still say FIN_WAIT2: the kernel
     /// flipped the substate without a timer event. Counted as TIME_WAIT; the flip itself
     /// is placed from the timer's expiry when it ends.
     diag_time_wait: bool,
+}
+
+impl Timewait {
+    fn in_fin_wait2(&self) -> bool {
+        self.life.state() == Some(TcpState::FinWait2)
+    }
 }
 
 /// Maps jiffies to kernel monotonic time, learned from the timer events themselves.
@@ -287,11 +292,13 @@ impl Tracker {
         }
         for (_, tw) in self.tw.iter() {
             let state = if tw.diag_time_wait {
-                TcpState::TimeWait
+                Some(TcpState::TimeWait)
             } else {
-                tw.substate
+                tw.life.state()
             };
-            counts[state as usize] += 1;
+            if let Some(state) = state {
+                counts[state as usize] += 1;
+            }
         }
         for state in self.seeds.values() {
             counts[*state as usize] += 1;
@@ -309,14 +316,14 @@ impl Tracker {
     pub fn has_fin_wait2_timewait(&self) -> bool {
         self.tw
             .iter()
-            .any(|(_, tw)| tw.substate == TcpState::FinWait2 && !tw.diag_time_wait)
+            .any(|(_, tw)| tw.in_fin_wait2() && !tw.diag_time_wait)
     }
 
     /// sock_diag's list of the sockets in TIME_WAIT now: timewait sockets among them that
     /// the timer events still show in FIN_WAIT2 are counted in TIME_WAIT from now on.
     pub fn saw_in_time_wait(&mut self, in_time_wait: &std::collections::HashSet<Tuple>) {
         for (_, tw) in self.tw.iter_mut() {
-            if tw.substate == TcpState::FinWait2 && in_time_wait.contains(&tuple(&tw.life)) {
+            if tw.in_fin_wait2() && in_time_wait.contains(&tuple(&tw.life)) {
                 tw.diag_time_wait = true;
             }
         }
@@ -513,8 +520,7 @@ impl Tracker {
             if rearm {
                 // The substate turned TIME_WAIT (the peer's FIN) or TIME_WAIT restarted.
                 tw.cancel = None;
-                if ev.substate != tw.substate {
-                    tw.substate = ev.substate;
+                if tw.life.state() != Some(ev.substate) {
                     move_to(
                         &mut tw.life,
                         ev.substate,
@@ -532,7 +538,7 @@ impl Tracker {
             }
         }
         let life = timewait_life(ev, Some(ev.ts_ns), false);
-        self.put_timewait(ev.tw, life, ev.substate, ended);
+        self.put_timewait(ev.tw, life, ended);
         self.tw_join.insert(ev_tuple(ev), ev.tw);
     }
 
@@ -542,7 +548,7 @@ impl Tracker {
         if !self.tw.contains(&ev.tw) {
             let seed = self.seeds.remove(&ev_tuple(ev));
             let life = timewait_life(ev, None, seed.is_some());
-            self.put_timewait(ev.tw, life, ev.substate, ended);
+            self.put_timewait(ev.tw, life, ended);
         }
         match self.tw.get_mut(&ev.tw) {
             Some(tw) => tw,
@@ -550,13 +556,7 @@ impl Tracker {
         }
     }
 
-    fn put_timewait(
-        &mut self,
-        addr: u64,
-        life: SocketLife,
-        substate: TcpState,
-        ended: &mut Vec<SocketLife>,
-    ) {
+    fn put_timewait(&mut self, addr: u64, life: SocketLife, ended: &mut Vec<SocketLife>) {
         if self.tw.len() == self.tw.cap().get()
             && let Some((_, mut victim)) = self.tw.pop_lru()
         {
@@ -569,7 +569,6 @@ impl Tracker {
             addr,
             Timewait {
                 life,
-                substate,
                 cancel: None,
                 diag_time_wait: false,
             },
@@ -598,7 +597,7 @@ impl Tracker {
     /// `None` when the event shows no such flip or the time cannot be placed.
     fn flip_time(&self, ev: &TimewaitEvent) -> Option<u64> {
         let tw = self.tw.peek(&ev.tw)?;
-        if ev.substate == tw.substate || ev.substate != TcpState::TimeWait {
+        if ev.substate != TcpState::TimeWait || tw.life.state() == Some(TcpState::TimeWait) {
             return None;
         }
         let clock = self.clock?;
@@ -624,7 +623,7 @@ impl Tracker {
         if self.tw_join.get(&tuple(&tw.life)) == Some(&ev.tw) {
             self.tw_join.remove(&tuple(&tw.life));
         }
-        if ev.substate != tw.substate {
+        if tw.life.state() != Some(ev.substate) {
             move_to_at(
                 &mut tw.life,
                 ev.substate,

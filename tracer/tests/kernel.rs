@@ -191,37 +191,8 @@ fn simultaneous_close_goes_through_closing() {
     const PORT: u16 = 21004;
     let mut cap = Capture::everything();
     let (client_port, received) = in_netns(|| {
-        let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
-        set_rcvbuf(&listener, 4096);
-        let mut client = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
-        let client_port = client.local_addr().unwrap().port();
-        let (mut server, _) = listener.accept().unwrap();
-        client.set_nonblocking(true).unwrap();
-        let chunk = [7u8; 65536];
-        let mut sent = 0usize;
-        loop {
-            match client.write(&chunk) {
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => panic!("write: {e}"),
-            }
-        }
-        client.shutdown(Shutdown::Write).unwrap(); // FIN_WAIT1, FIN queued, not sent
-        std::thread::sleep(Duration::from_millis(50));
-        server.shutdown(Shutdown::Write).unwrap(); // server FIN reaches the client
-        std::thread::sleep(Duration::from_millis(50));
-        let mut received = 0usize;
-        let mut buf = vec![0u8; 65536];
-        loop {
-            match server.read(&mut buf).unwrap() {
-                0 => break,
-                n => received += n,
-            }
-        }
+        let (client_port, sent, received) = crossing_fins(PORT);
         assert_eq!(received, sent, "all data arrives before the FIN");
-        let mut rest = Vec::new();
-        client.set_nonblocking(false).unwrap();
-        client.read_to_end(&mut rest).unwrap();
         (client_port, received)
     });
     assert!(received > 0);

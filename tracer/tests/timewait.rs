@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
@@ -58,6 +57,16 @@ fn ss_time_wait() -> Vec<(u16, u16)> {
         })
         .collect()
 }
+
+/// An active socket's TCP view through TIME_WAIT.
+const THROUGH_TIME_WAIT: [&str; 6] = [
+    "SYN_SENT",
+    "ESTABLISHED",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE",
+];
 
 /// The timer wheel runs a 60 s timer in a bucket of 512 jiffies (2.048 s at HZ=250): a
 /// TIME_WAIT lasts from 60 s to 60 s + one bucket.
@@ -127,17 +136,7 @@ fn natural_expiry_in_both_orders() {
         let lives = lives_on(&out, client_port);
         assert_eq!(lives.len(), 1, "{lives:#?}");
         let life = &lives[0];
-        assert_eq!(
-            names(life),
-            [
-                "SYN_SENT",
-                "ESTABLISHED",
-                "FIN_WAIT1",
-                "FIN_WAIT2",
-                "TIME_WAIT",
-                "CLOSE"
-            ]
-        );
+        assert_eq!(names(life), THROUGH_TIME_WAIT);
         assert_eq!(life["end"], "time_wait_expired", "{life}");
         assert_eq!(life["role"], "active");
         assert_eq!(life["owner_pid"], me, "the owner carries through: {life}");
@@ -306,36 +305,14 @@ fn orphan_fin_wait2_times_out() {
 
 #[test]
 fn simultaneous_close_enters_time_wait_on_both_sides() {
-    // As in kernel.rs: the client's FIN waits behind a zero window while the server's
-    // arrives, so the client goes FIN_WAIT1 -> CLOSING; the server's own FIN was acked
+    // As in kernel.rs (`crossing_fins`): the client goes FIN_WAIT1 -> CLOSING; the server's own FIN was acked
     // first, so it goes FIN_WAIT2 -> TIME_WAIT. (Both sides in CLOSING needs the two FINs
     // in flight at once, which loopback without netem cannot hold deterministically.)
     const PORT: u16 = 21505;
     let timeline = start_tcplens(&["timeline", "--format", "json", "--duration", "3s"]);
     let client_port = in_netns(|| {
-        let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
-        set_rcvbuf(&listener, 4096);
-        let mut client = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
-        let client_port = client.local_addr().unwrap().port();
-        let (mut server, _) = listener.accept().unwrap();
-        client.set_nonblocking(true).unwrap();
-        let chunk = [7u8; 65536];
-        loop {
-            match client.write(&chunk) {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => panic!("write: {e}"),
-            }
-        }
-        client.shutdown(Shutdown::Write).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-        server.shutdown(Shutdown::Write).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-        let mut buf = vec![0u8; 65536];
-        while server.read(&mut buf).unwrap() > 0 {}
-        client.set_nonblocking(false).unwrap();
-        let mut rest = Vec::new();
-        client.read_to_end(&mut rest).unwrap();
+        let (client_port, sent, received) = crossing_fins(PORT);
+        assert_eq!(received, sent);
         std::thread::sleep(Duration::from_millis(300));
         let tw: HashSet<(u16, u16)> = ss_time_wait().into_iter().collect();
         assert_eq!(
@@ -549,17 +526,7 @@ fn rst_kills_time_wait() {
     let lives = lives_on(&finish(timeline), client_port);
     assert_eq!(lives.len(), 1, "{lives:#?}");
     let life = &lives[0];
-    assert_eq!(
-        names(life),
-        [
-            "SYN_SENT",
-            "ESTABLISHED",
-            "FIN_WAIT1",
-            "FIN_WAIT2",
-            "TIME_WAIT",
-            "CLOSE"
-        ]
-    );
+    assert_eq!(names(life), THROUGH_TIME_WAIT);
     assert_eq!(life["end"], "time_wait_killed");
     let tw = state_ns(life, "TIME_WAIT");
     assert!(

@@ -221,29 +221,7 @@ impl KernelSource {
             }
         }
 
-        let program: &mut TracePoint = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| SourceError::Bpf {
-                what: "loading the eBPF object",
-                source: format!("program {PROGRAM_NAME} missing").into(),
-            })?
-            .try_into()
-            .map_err(bpf_err("loading the eBPF object"))?;
-        match program.load() {
-            Ok(()) => {}
-            Err(ProgramError::LoadError {
-                io_error,
-                verifier_log,
-            }) => {
-                log::debug!("verifier log:\n{verifier_log}");
-                if matches!(io_error.raw_os_error(), Some(e) if e == nix::libc::EPERM) {
-                    return Err(SourceError::NotPrivileged);
-                }
-                return Err(SourceError::Verifier(io_error));
-            }
-            Err(e) => return Err(bpf_err("loading the eBPF program")(e)),
-        }
-        program
+        load_tracepoint(&mut ebpf, PROGRAM_NAME)?
             .attach("sock", "inet_sock_set_state")
             .map_err(bpf_err("attaching to sock:inet_sock_set_state"))?;
         let timewait_hz = match timewait {
@@ -281,31 +259,49 @@ impl KernelSource {
     }
 }
 
-/// Loads and attaches the three timer programs. A failure leaves the ones attached so far
-/// matching nothing the others would complete, so the caller runs without TIME_WAIT
-/// tracking only after all three are in.
+/// Loads the tracepoint program `name` of the object. A refusal is the verifier's
+/// (its log at RUST_LOG=debug), unless the kernel says EPERM: no privilege to load at all.
+/// (The verifier refuses some accesses with EACCES, which is not a privilege problem.)
+fn load_tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut TracePoint, SourceError> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or_else(|| SourceError::Bpf {
+            what: "loading the eBPF object",
+            source: format!("program {name} missing").into(),
+        })?
+        .try_into()
+        .map_err(bpf_err("loading the eBPF object"))?;
+    match program.load() {
+        Ok(()) => Ok(program),
+        Err(ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        }) => {
+            log::debug!("verifier log of {name}:\n{verifier_log}");
+            if io_error.raw_os_error() == Some(nix::libc::EPERM) {
+                return Err(SourceError::NotPrivileged);
+            }
+            Err(SourceError::Verifier(io_error))
+        }
+        Err(e) => Err(bpf_err("loading the eBPF program")(e)),
+    }
+}
+
+/// Loads the three timer programs, then attaches them: a verifier refusal leaves none
+/// attached. (Should an attach fail after another succeeded, the reader ignores the
+/// timewait events: `timewait_hz` is then `None`.)
 fn attach_timewait(ebpf: &mut Ebpf, setup: TimewaitSetup) -> Result<u32, SourceError> {
+    for (name, _) in TIMEWAIT_PROGRAMS {
+        load_tracepoint(ebpf, name)?;
+    }
     for (name, tracepoint) in TIMEWAIT_PROGRAMS {
         let program: &mut TracePoint = ebpf
             .program_mut(name)
+            .and_then(|p| p.try_into().ok())
             .ok_or_else(|| SourceError::Bpf {
-                what: "loading the eBPF object",
+                what: "attaching to a timer tracepoint",
                 source: format!("program {name} missing").into(),
-            })?
-            .try_into()
-            .map_err(bpf_err("loading the eBPF object"))?;
-        match program.load() {
-            Ok(()) => {}
-            // Root loaded the transition program already: a refusal here is the verifier's.
-            Err(ProgramError::LoadError {
-                io_error,
-                verifier_log,
-            }) => {
-                log::debug!("verifier log of {name}:\n{verifier_log}");
-                return Err(SourceError::Verifier(io_error));
-            }
-            Err(e) => return Err(bpf_err("loading a timewait program")(e)),
-        }
+            })?;
         program
             .attach("timer", tracepoint)
             .map_err(bpf_err("attaching to a timer tracepoint"))?;

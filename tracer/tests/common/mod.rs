@@ -155,6 +155,47 @@ fn loopback_v4(port: u16) -> libc::sockaddr_in {
     }
 }
 
+/// A simultaneous close on 127.0.0.1:`port`, made deterministic: the client's FIN is held
+/// back behind data the server's full receive buffer cannot take (zero window), so it is
+/// still unacknowledged in FIN_WAIT1 when the server's FIN arrives (FIN_WAIT1 -> CLOSING).
+/// Returns the client's port, and the bytes sent and received, which must match (all data
+/// arrives before the FIN). Both sockets are closed on return.
+pub fn crossing_fins(port: u16) -> (u16, usize, usize) {
+    use std::io::{ErrorKind, Read as _, Write as _};
+    use std::net::Shutdown;
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    set_rcvbuf(&listener, 4096);
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let client_port = client.local_addr().unwrap().port();
+    let (mut server, _) = listener.accept().unwrap();
+    client.set_nonblocking(true).unwrap();
+    let chunk = [7u8; 65536];
+    let mut sent = 0usize;
+    loop {
+        match client.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    client.shutdown(Shutdown::Write).unwrap(); // FIN_WAIT1, FIN queued, not sent
+    std::thread::sleep(Duration::from_millis(50));
+    server.shutdown(Shutdown::Write).unwrap(); // server FIN reaches the client
+    std::thread::sleep(Duration::from_millis(50));
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match server.read(&mut buf).unwrap() {
+            0 => break,
+            n => received += n,
+        }
+    }
+    let mut rest = Vec::new();
+    client.set_nonblocking(false).unwrap();
+    client.read_to_end(&mut rest).unwrap();
+    (client_port, sent, received)
+}
+
 /// Name given to scenario threads: the `comm` the kernel reports for them.
 pub const THREAD_NAME: &str = "tcplens-test";
 
