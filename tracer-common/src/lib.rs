@@ -1,21 +1,24 @@
-//! The binary contract between the tcplens eBPF program and its userspace.
+//! The binary contract between the tcplens eBPF programs and their userspace.
 //!
 //! Everything here is `#[repr(C)]` and shared verbatim by both sides: the kernel writes
 //! [`Event`]s into the ring buffer, userspace reads them back (see `tracer::decode`), and the
-//! loader fills [`Config`] into the program's read-only data before it is loaded.
+//! loader fills [`Config`] and [`TimewaitLayout`] into the programs' read-only data before
+//! they are loaded. Every offset in them comes from the running kernel's BTF: nothing of one
+//! kernel's layout is compiled in.
 #![no_std]
 
-/// `AF_INET`, as in the tracepoint's `family` field.
+/// `AF_INET`, as in `sock_common.skc_family`.
 pub const AF_INET: u16 = 2;
-/// `AF_INET6`, as in the tracepoint's `family` field.
+/// `AF_INET6`, as in `sock_common.skc_family`.
 pub const AF_INET6: u16 = 10;
 /// `IPPROTO_TCP`: the tracepoint also fires for SCTP and MPTCP, which are ignored.
 pub const IPPROTO_TCP: u16 = 6;
 
-/// Largest tracepoint record the kernel program copies (the 6.x record is 72 bytes).
-pub const MAX_RECORD_SIZE: u32 = 128;
 /// Largest number of ports in one of the `-L`/`-D` filter lists.
 pub const MAX_FILTER_PORTS: u32 = 64;
+/// Largest prefix of a socket (`struct sock` or `struct inet_timewait_sock`) the programs
+/// copy to read its addresses, ports, family, cookie, namespace and timewait substate.
+pub const MAX_HEAD: u32 = 160;
 
 /// Name of the ring buffer map carrying [`Event`]s.
 pub const EVENTS_MAP: &str = "EVENTS";
@@ -24,141 +27,150 @@ pub const LOST_MAP: &str = "LOST";
 /// Names of the `u16 -> u8` hash maps holding the local and remote port filters.
 pub const LPORTS_MAP: &str = "LPORTS";
 pub const RPORTS_MAP: &str = "RPORTS";
+/// Name of the per-CPU `u64` array counting, per [`tracepoint`], the events the nested
+/// programs handled (events their primary program was skipped for).
+pub const NESTED_MAP: &str = "NESTED";
 /// Name of the [`Config`] global.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
-/// Name of the [`TimewaitLayout`] global (kept apart from [`Config`] so that the programs
-/// on the busy `timer:*` tracepoints load only what they filter on).
+/// Name of the [`TimewaitLayout`] global.
 pub const TIMEWAIT_GLOBAL: &str = "TIMEWAIT";
 
-/// Byte offsets of the fields of `sock:inet_sock_set_state`, read at start-up from the
-/// tracepoint's format file so that no kernel's layout is compiled in.
+/// Where the fields tcplens reads sit in a socket's `struct sock_common` (which starts both
+/// `struct sock` and `struct inet_timewait_sock`), as byte offsets from the socket's start.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TracepointLayout {
-    /// Bytes of the record to copy (the end of its last field), at most [`MAX_RECORD_SIZE`].
-    pub record_size: u32,
-    pub skaddr: u32,
-    pub oldstate: u32,
-    pub newstate: u32,
-    pub sport: u32,
-    pub dport: u32,
-    pub family: u32,
-    pub protocol: u32,
-    pub saddr: u32,
+pub struct SockLayout {
+    /// `skc_daddr`, `skc_rcv_saddr`: IPv4 addresses, network order.
     pub daddr: u32,
-    pub saddr_v6: u32,
-    pub daddr_v6: u32,
+    pub rcv_saddr: u32,
+    /// `skc_dport`: the remote port, network order.
+    pub dport: u32,
+    /// The local port, network order: `inet_sock.inet_sport` (the tracepoint's own source:
+    /// `skc_num` is zeroed when the port is released at CLOSE) or
+    /// `inet_timewait_sock.tw_sport`. It may lie past `head` (then it is read apart).
+    pub sport: u32,
+    pub family: u32,
+    /// `skc_v6_daddr`, `skc_v6_rcv_saddr`.
+    pub v6_daddr: u32,
+    pub v6_rcv_saddr: u32,
+    /// `skc_cookie`: the socket cookie (a timewait socket's is its full socket's).
+    pub cookie: u32,
+    /// `skc_net.net`: the `struct net *` of the socket's network namespace.
+    pub net: u32,
+    /// Bytes of the socket to copy: past the last field the program reads, at most
+    /// [`MAX_HEAD`].
+    pub head: u32,
 }
 
-/// What the timewait programs need to know, all found at start-up: the address of
-/// `tw_timer_handler` (from /proc/kallsyms), the record offsets of the `timer:*` tracepoints
-/// (from their format files) and the struct offsets of `inet_timewait_sock`, `sock_common`
-/// and `timer_list` (from the kernel's BTF). Nothing here is compiled in for one kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TimewaitLayout {
-    /// Address of `tw_timer_handler`: the `function` of every timewait socket's timer.
-    pub handler: u64,
-    /// `timer:timer_start` record: `timer`, `function`, `expires`, `now`.
-    pub start_timer: u32,
-    pub start_function: u32,
-    pub start_expires: u32,
-    pub start_now: u32,
-    /// `timer:timer_cancel` record: `timer`.
-    pub cancel_timer: u32,
-    /// `timer:timer_expire_entry` record: `timer`, `function`, `now`.
-    pub expire_timer: u32,
-    pub expire_function: u32,
-    pub expire_now: u32,
-    /// `offsetof(struct inet_timewait_sock, tw_timer)`.
-    pub tw_timer: u32,
-    /// `offsetof(struct inet_timewait_sock, tw_substate)` (one byte).
-    pub tw_substate: u32,
-    /// `offsetof(struct timer_list, expires)` and `function`.
-    pub timer_expires: u32,
-    pub timer_function: u32,
-    /// Offsets in `struct sock_common` (which starts the timewait socket).
-    pub skc_daddr: u32,
-    pub skc_rcv_saddr: u32,
-    pub skc_dport: u32,
-    pub skc_num: u32,
-    pub skc_family: u32,
-    pub skc_v6_daddr: u32,
-    pub skc_v6_rcv_saddr: u32,
-    /// Bytes of the timewait socket to copy: past the last field above, at most
-    /// [`MAX_TW_READ`].
-    pub read_size: u32,
-}
-
-impl TimewaitLayout {
-    /// All zero: timewait tracking off (no timer matches a zero handler address).
-    pub const EMPTY: TimewaitLayout = TimewaitLayout {
-        handler: 0,
-        start_timer: 0,
-        start_function: 0,
-        start_expires: 0,
-        start_now: 0,
-        cancel_timer: 0,
-        expire_timer: 0,
-        expire_function: 0,
-        expire_now: 0,
-        tw_timer: 0,
-        tw_substate: 0,
-        timer_expires: 0,
-        timer_function: 0,
-        skc_daddr: 0,
-        skc_rcv_saddr: 0,
-        skc_dport: 0,
-        skc_num: 0,
-        skc_family: 0,
-        skc_v6_daddr: 0,
-        skc_v6_rcv_saddr: 0,
-        read_size: 0,
+impl SockLayout {
+    pub const EMPTY: SockLayout = SockLayout {
+        daddr: 0,
+        rcv_saddr: 0,
+        dport: 0,
+        sport: 0,
+        family: 0,
+        v6_daddr: 0,
+        v6_rcv_saddr: 0,
+        cookie: 0,
+        net: 0,
+        head: 0,
     };
 }
 
-/// Largest prefix of a timewait socket the kernel program copies.
-pub const MAX_TW_READ: u32 = 256;
-
-/// Load-time configuration of the kernel program.
+/// Load-time configuration of the transition program (and the filters of all programs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    pub layout: TracepointLayout,
+    /// `struct sock`'s common part.
+    pub sock: SockLayout,
+    /// `offsetof(struct sock, sk_protocol)` (a `u16` since Linux 5.6).
+    pub sk_protocol: u32,
+    /// `offsetof(struct net, ns.inum)`: the namespace's inode number.
+    pub net_inum: u32,
+    /// Non-zero: keep only sockets of the network namespace with this inode number.
+    pub netns: u32,
+    /// Wake the reader only once this many bytes wait in the ring; below it the reader
+    /// drains on its own timer. Batching wakeups is what keeps the per-event cost low at
+    /// high churn (one wakeup per event costs microseconds on both sides).
+    pub wakeup_bytes: u32,
     /// Keep only this family (`AF_INET`/`AF_INET6`); 0 keeps both.
     pub family: u16,
     /// Non-zero: keep only events whose local port is in `LPORTS`.
     pub filter_lport: u8,
     /// Non-zero: keep only events whose remote port is in `RPORTS`.
     pub filter_rport: u8,
-    /// Wake the reader only once this many bytes wait in the ring; below it the reader
-    /// drains on its own timer. Batching wakeups is what keeps the per-event cost low at
-    /// high churn (one wakeup per event costs microseconds on both sides).
-    pub wakeup_bytes: u32,
 }
 
 impl Config {
     /// All offsets zero, no filter: what the program holds until the loader fills it in.
     pub const EMPTY: Config = Config {
-        layout: TracepointLayout {
-            record_size: 0,
-            skaddr: 0,
-            oldstate: 0,
-            newstate: 0,
-            sport: 0,
-            dport: 0,
-            family: 0,
-            protocol: 0,
-            saddr: 0,
-            daddr: 0,
-            saddr_v6: 0,
-            daddr_v6: 0,
-        },
+        sock: SockLayout::EMPTY,
+        sk_protocol: 0,
+        net_inum: 0,
+        netns: 0,
+        wakeup_bytes: 0,
         family: 0,
         filter_lport: 0,
         filter_rport: 0,
-        wakeup_bytes: 0,
     };
+}
+
+/// What the timewait programs need: the address of `tw_timer_handler` (from
+/// /proc/kallsyms), which tells a timewait socket's timer from every other kernel timer,
+/// and the offsets of `struct timer_list` and `struct inet_timewait_sock` (from BTF).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimewaitLayout {
+    /// Address of `tw_timer_handler`; 0 turns timewait tracking off (no timer has it).
+    pub handler: u64,
+    /// `offsetof(struct timer_list, function)` and `expires`.
+    pub timer_function: u32,
+    pub timer_expires: u32,
+    /// `offsetof(struct inet_timewait_sock, tw_timer)`.
+    pub tw_timer: u32,
+    /// `offsetof(struct inet_timewait_sock, tw_substate)` (one byte); `sock.head` covers it.
+    pub tw_substate: u32,
+    /// The timewait socket's common part.
+    pub sock: SockLayout,
+}
+
+impl TimewaitLayout {
+    /// All zero: timewait tracking off.
+    pub const EMPTY: TimewaitLayout = TimewaitLayout {
+        handler: 0,
+        timer_function: 0,
+        timer_expires: 0,
+        tw_timer: 0,
+        tw_substate: 0,
+        sock: SockLayout::EMPTY,
+    };
+}
+
+/// The tracepoints, as indexes of the per-CPU busy depths and of `NESTED`.
+pub mod tracepoint {
+    pub const SET_STATE: u32 = 0;
+    pub const TIMER_START: u32 = 1;
+    pub const TIMER_CANCEL: u32 = 2;
+    pub const TIMER_EXPIRE: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Events each primary program remembers having handled, per CPU: its nested program
+/// looks its own event up there. A nested program would take over an event the primary
+/// did handle only if more than this many of that tracepoint's events came between the two
+/// programs' runs for it (interrupts within a few instructions).
+pub const HANDLED_RING: usize = 16;
+
+/// Name of the per-CPU array (one entry per [`tracepoint`]) of [`Handled`] rings.
+pub const HANDLED_MAP: &str = "HANDLED";
+
+/// The events a primary program handled last on a CPU: (first, second) keys from the
+/// event's own arguments, newest at `next - 1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Handled {
+    pub next: u64,
+    pub keys: [[u64; 2]; HANDLED_RING],
 }
 
 /// What an [`Event`] reports.
@@ -175,26 +187,40 @@ pub mod kind {
     pub const TW_EXPIRE: u8 = 4;
 }
 
-/// One record in the ring buffer. 104 bytes, 8-aligned, no implicit padding.
+/// One record in the ring buffer. 120 bytes, 8-aligned, no implicit padding: any bit
+/// pattern is a valid `Event`, so userspace reads one straight from the ring's bytes.
 ///
-/// For the timewait kinds, `skaddr` is the `inet_timewait_sock`, the 4-tuple is the
-/// timewait socket's, `oldstate` is 0 and `newstate` is its `tw_substate` (FIN_WAIT2 or
-/// TIME_WAIT).
+/// For the timewait kinds, `skaddr` is the `inet_timewait_sock`, the 4-tuple and cookie are
+/// the timewait socket's (its cookie is the full socket's, copied by the kernel),
+/// `oldstate` is 0 and `newstate` is its `tw_substate` (FIN_WAIT2 or TIME_WAIT).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
     /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
     pub ts_ns: u64,
-    /// Kernel address of the `struct sock`: the socket's identity while it lives.
+    /// Kernel address of the socket: its identity while it lives.
     pub skaddr: u64,
+    /// The socket cookie: its identity for its whole life, TIME_WAIT included (as
+    /// sock_diag and `ss -e` report it).
+    pub cookie: u64,
     /// `bpf_get_current_pid_tgid()` of the task on the CPU: tgid in the high half.
     pub pid_tgid: u64,
+    /// Timewait kinds: the timer's `expires`, in jiffies (0 for `SET_STATE`).
+    pub expires: u64,
+    /// Jiffies when the event fired (`bpf_jiffies64()`): with `ts_ns`, what maps the
+    /// kernel's tick to monotonic time.
+    pub jiffies: u64,
     /// Local address: 4 bytes for IPv4 (rest zero), 16 for IPv6; network order.
     pub saddr: [u8; 16],
     /// Remote address, as `saddr`.
     pub daddr: [u8; 16],
     /// `comm` of the task on the CPU, NUL-padded.
     pub comm: [u8; 16],
+    /// Inode number of the socket's network namespace.
+    pub netns: u32,
+    /// The CPU the event fired on: events of one CPU reach the ring in the order they
+    /// happened.
+    pub cpu: u32,
     /// Local port, host order.
     pub sport: u16,
     /// Remote port, host order.
@@ -206,22 +232,38 @@ pub struct Event {
     /// One of [`kind`].
     pub kind: u8,
     pub _pad: [u8; 7],
-    /// Timewait kinds: the timer's `expires`, in jiffies (0 for `SET_STATE`).
-    pub expires: u64,
-    /// Timewait kinds: jiffies when the event fired (0 for `SET_STATE`).
-    pub jiffies: u64,
 }
 
 /// Size of [`Event`] in bytes: what userspace expects of every ring buffer record.
 pub const EVENT_SIZE: usize = core::mem::size_of::<Event>();
-const _: () = assert!(EVENT_SIZE == 104);
+const _: () = assert!(EVENT_SIZE == 120);
 const _: () = assert!(core::mem::align_of::<Event>() == 8);
+// No implicit padding: the fields add up to the size (so every byte is written, and every
+// byte pattern is an `Event`).
+const _: () = assert!(8 * 6 + 16 * 3 + 4 * 2 + 2 * 3 + 3 + 7 == EVENT_SIZE);
+
+impl Event {
+    /// Reads an event from exactly [`EVENT_SIZE`] bytes (of any alignment).
+    pub fn from_bytes(b: &[u8]) -> Option<Event> {
+        if b.len() != EVENT_SIZE {
+            return None;
+        }
+        // SAFETY: `Event` is `repr(C)` plain data without padding, so any EVENT_SIZE bytes
+        // are a valid value; `read_unaligned` has no alignment requirement.
+        Some(unsafe { core::ptr::read_unaligned(b.as_ptr().cast::<Event>()) })
+    }
+
+    /// The event's bytes, as the kernel writes them.
+    pub fn to_bytes(&self) -> [u8; EVENT_SIZE] {
+        // SAFETY: as in `from_bytes`: no padding, so every byte is initialized.
+        unsafe { core::mem::transmute::<Event, [u8; EVENT_SIZE]>(*self) }
+    }
+}
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data `#[repr(C)]` structs without padding holes that matter to the
     // kernel (every byte is written by the loader before use).
     unsafe impl aya::Pod for super::Config {}
-    unsafe impl aya::Pod for super::TracepointLayout {}
     unsafe impl aya::Pod for super::TimewaitLayout {}
 }

@@ -1,29 +1,45 @@
-//! Kernel side of tcplens: a classic tracepoint program on `sock:inet_sock_set_state` that
-//! copies every TCP transition into the `EVENTS` ring buffer, and three programs on the
-//! `timer:*` tracepoints that follow timewait sockets, which that tracepoint never shows.
+//! Kernel side of tcplens: BTF tracepoint programs (`tp_btf`) that copy every TCP state
+//! transition (`sock:inet_sock_set_state`) and every event of a timewait socket's timer
+//! (`timer:timer_start`, `timer_cancel`, `timer_expire_entry`; that tracepoint never shows
+//! TIME_WAIT) into the `EVENTS` ring buffer.
 //!
-//! Field offsets come from the tracepoints' format files and the kernel's BTF, filled into
-//! `CONFIG` and `TIMEWAIT` by the loader; the `-4/-6`, `-L` and `-D` filters are applied here
-//! so that filtered-out events cost no ring buffer space. A full ring is never silent: the
-//! drop is counted per CPU in `LOST`.
+//! Every tracepoint has two programs, attached in this order: the primary, and a nested one
+//! for the events the primary is skipped for. The kernel runs a tracing program at most once
+//! at a time per CPU and skips (and counts as `recursion_misses`) an event that comes while
+//! it runs, e.g. a softirq's transition that interrupts a `close()`'s. The primary records
+//! each event it handles (a key from the event's arguments) in a per-CPU ring; the nested
+//! program runs right after it for the same event, and handles the event only if the ring
+//! does not have it: exactly the events the primary was skipped for. It counts them in
+//! `NESTED`. What neither handled (the nested program was busy too) is the primary's misses
+//! less that count: exact loss.
+//!
+//! Each event carries the socket cookie (a transition asks the kernel for it with
+//! `bpf_get_socket_cookie`, which creates it if nobody has yet; a timewait socket carries its
+//! full socket's copy) and the inode number of the socket's network namespace. Field offsets
+//! come from the kernel's BTF, filled into `CONFIG` and `TIMEWAIT` by the loader; the
+//! `-4/-6`, `-L`, `-D` and `--netns` filters are applied here so that filtered-out events
+//! cost no ring buffer space. A full ring is never silent: the drop is counted per CPU in
+//! `LOST`.
 #![no_std]
 #![no_main]
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    EbpfContext as _, Global,
+    EbpfContext as _,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_buf, generated,
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated,
     },
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map},
     maps::{HashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
-    programs::TracePointContext,
+    programs::BtfTracePointContext,
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
-    AF_INET, AF_INET6, Config, Event, IPPROTO_TCP, MAX_FILTER_PORTS, MAX_RECORD_SIZE, MAX_TW_READ,
-    TimewaitLayout, kind,
+    AF_INET, AF_INET6, Config, Event, HANDLED_RING, Handled, IPPROTO_TCP, MAX_FILTER_PORTS,
+    MAX_HEAD, SockLayout, TimewaitLayout, kind, tracepoint,
 };
 
 /// Default ring size; userspace resizes it with `--ring-size` before load.
@@ -33,204 +49,322 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per tracepoint: events the nested program handled.
+#[map]
+static NESTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(tracepoint::COUNT, 0);
+
 #[map]
 static LPORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_PORTS, 0);
 
 #[map]
 static RPORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_PORTS, 0);
 
+// Read-only data the loader fills in. Plain statics, read field by field (`get!`), so the
+// busy timer programs read the one address they reject foreign timers on, not the whole
+// layout.
 #[unsafe(no_mangle)]
-static CONFIG: Global<Config> = Global::new(Config::EMPTY);
+static CONFIG: Config = Config::EMPTY;
 
 /// All zero (a handler address no timer has) until the loader turns timewait tracking on.
 #[unsafe(no_mangle)]
-static TIMEWAIT: Global<TimewaitLayout> = Global::new(TimewaitLayout::EMPTY);
+static TIMEWAIT: TimewaitLayout = TimewaitLayout::EMPTY;
 
-const RECORD: usize = MAX_RECORD_SIZE as usize;
-const TW_READ: usize = MAX_TW_READ as usize;
-
-#[tracepoint]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    let cfg = CONFIG.load();
-    let layout = &cfg.layout;
-
-    // One copy of the whole record, then plain loads at the configured offsets.
-    let mut rec = [0u8; RECORD];
-    let size = (layout.record_size as usize).min(RECORD);
-    let Some(dst) = rec.get_mut(..size) else {
-        return 0;
+/// A volatile read of a loader-filled value: never folded to its compile-time default.
+macro_rules! get {
+    ($place:expr) => {
+        rd(&raw const $place)
     };
-    // SAFETY: the context of a classic tracepoint points at the record, `size` bytes long.
-    if unsafe { bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, dst) }.is_err() {
-        return 0;
-    }
+}
 
-    if field_u16(&rec, layout.protocol) != IPPROTO_TCP {
-        return 0;
-    }
-    let family = field_u16(&rec, layout.family);
-    if cfg.family != 0 && family != cfg.family {
-        return 0;
-    }
-    let sport = field_u16(&rec, layout.sport);
-    let dport = field_u16(&rec, layout.dport);
-    if cfg.filter_lport != 0 && LPORTS.get_ptr(sport).is_none() {
-        return 0;
-    }
-    if cfg.filter_rport != 0 && RPORTS.get_ptr(dport).is_none() {
-        return 0;
-    }
+#[inline(always)]
+fn rd<T: Copy>(p: *const T) -> T {
+    // SAFETY: `p` points at a field of an initialized static.
+    unsafe { core::ptr::read_volatile(p) }
+}
 
+const HEAD: usize = MAX_HEAD as usize;
+
+/// Per tracepoint, per CPU: the events the primary handled last.
+#[map]
+static HANDLED: PerCpuArray<Handled> = PerCpuArray::with_max_entries(tracepoint::COUNT, 0);
+
+/// The primary program of tracepoint `tp`: records that it handles the event `key`, then
+/// does.
+#[inline(always)]
+fn primary(tp: u32, key: [u64; 2], f: impl FnOnce()) {
+    if let Some(ring) = HANDLED.get_ptr_mut(tp) {
+        // SAFETY: this CPU's entry; tracing programs run with migration disabled, and an
+        // interrupting run of this program is skipped by the kernel.
+        unsafe {
+            let next = (*ring).next;
+            if let Some(slot) = (*ring).keys.get_mut((next % HANDLED_RING as u64) as usize) {
+                *slot = key;
+            }
+            (*ring).next = next.wrapping_add(1);
+        }
+    }
+    f();
+}
+
+/// The nested program of tracepoint `tp`: handles the event `key` only if the primary did
+/// not (it was skipped: the event came while it ran on this CPU).
+#[inline(always)]
+fn nested(tp: u32, key: [u64; 2], f: impl FnOnce()) {
+    if let Some(ring) = HANDLED.get_ptr(tp) {
+        // SAFETY: this CPU's entry, read only.
+        let handled = unsafe { &*ring };
+        let mut i = 1u64;
+        while i <= HANDLED_RING as u64 {
+            let at = (handled.next.wrapping_sub(i) % HANDLED_RING as u64) as usize;
+            if handled.keys.get(at) == Some(&key) {
+                return; // the primary handled it
+            }
+            i += 1;
+        }
+    }
+    if let Some(n) = NESTED.get_ptr_mut(tp) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *n += 1 };
+    }
+    f();
+}
+
+/// A transition's key: the socket's cookie (unique to its life, unlike its address) and
+/// its states.
+#[inline(always)]
+fn set_state_key(ctx: &BtfTracePointContext) -> [u64; 2] {
+    let sk: *const c_void = ctx.arg(0);
+    let old: u64 = ctx.arg(1);
+    let new: u64 = ctx.arg(2);
+    // SAFETY: `sk` is the tracepoint's own `struct sock *` argument, untouched, as the
+    // helper requires (it creates the cookie when nobody has asked for it yet).
+    let cookie = unsafe { generated::bpf_get_socket_cookie(sk as *mut c_void) };
+    [cookie, ((old & 0xff) << 8) | (new & 0xff)]
+}
+
+/// A timer event's key: the timer, and its second argument where the tracepoint has one
+/// (the expiry for `timer_start`, the base clock for `timer_expire_entry`). They are read as
+/// numbers: the verifier allows no arithmetic (nor comparison) on the argument pointers.
+#[inline(always)]
+fn timer_key(ctx: &BtfTracePointContext, two: bool) -> [u64; 2] {
+    let args = ctx.as_ptr() as *const u64;
+    // SAFETY: the context is the tracepoint's argument array; bpf_probe_read_kernel faults
+    // safely anyway.
+    let arg = |i: usize| unsafe { bpf_probe_read_kernel(args.wrapping_add(i)) }.unwrap_or(0);
+    [arg(0), if two { arg(1) } else { 0 }]
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    let key = set_state_key(&ctx);
+    primary(tracepoint::SET_STATE, key, || on_set_state(&ctx, key[0]));
+    0
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_nested(ctx: BtfTracePointContext) -> i32 {
+    let key = set_state_key(&ctx);
+    nested(tracepoint::SET_STATE, key, || on_set_state(&ctx, key[0]));
+    0
+}
+
+#[inline(always)]
+fn on_set_state(ctx: &BtfTracePointContext, cookie: u64) {
+    let sk: *const c_void = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    if kernel::<u16>(sk as u64 + u64::from(get!(CONFIG.sk_protocol))) != Some(IPPROTO_TCP) {
+        return; // SCTP, MPTCP
+    }
+    let mut head = [0u8; HEAD];
+    let Some(s) = read_sock(sk as u64, &CONFIG.sock, &mut head) else {
+        return;
+    };
+    emit(
+        ctx,
+        &head,
+        &s,
+        sk as u64,
+        cookie,
+        kind::SET_STATE,
+        old as u8,
+        new as u8,
+        0,
+    );
+}
+
+// The timer tracepoints fire for every kernel timer on the host, so the programs reject
+// timers that are not a timewait socket's first: one read of the timer's `function` and a
+// compare with the address of `tw_timer_handler`. Their first argument is the timer on
+// every kernel version (the rest differ).
+
+/// A timer is armed: a new timewait socket, or a re-arm of one.
+#[btf_tracepoint(function = "timer_start")]
+pub fn tw_timer_start(ctx: BtfTracePointContext) -> i32 {
+    primary(tracepoint::TIMER_START, timer_key(&ctx, true), || {
+        on_timer(&ctx, kind::TW_ARM)
+    });
+    0
+}
+
+#[btf_tracepoint(function = "timer_start")]
+pub fn tw_timer_start_nested(ctx: BtfTracePointContext) -> i32 {
+    nested(tracepoint::TIMER_START, timer_key(&ctx, true), || {
+        on_timer(&ctx, kind::TW_ARM)
+    });
+    0
+}
+
+/// A timer is detached: just before its expiry, before a re-arm, or to kill its socket.
+/// (The timer's `function` is still set here, also on `timer_shutdown_sync`.)
+#[btf_tracepoint(function = "timer_cancel")]
+pub fn tw_timer_cancel(ctx: BtfTracePointContext) -> i32 {
+    primary(tracepoint::TIMER_CANCEL, timer_key(&ctx, false), || {
+        on_timer(&ctx, kind::TW_CANCEL)
+    });
+    0
+}
+
+#[btf_tracepoint(function = "timer_cancel")]
+pub fn tw_timer_cancel_nested(ctx: BtfTracePointContext) -> i32 {
+    nested(tracepoint::TIMER_CANCEL, timer_key(&ctx, false), || {
+        on_timer(&ctx, kind::TW_CANCEL)
+    });
+    0
+}
+
+/// A timer runs out: the timewait socket's natural end.
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn tw_timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
+    primary(tracepoint::TIMER_EXPIRE, timer_key(&ctx, true), || {
+        on_timer(&ctx, kind::TW_EXPIRE)
+    });
+    0
+}
+
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn tw_timer_expire_entry_nested(ctx: BtfTracePointContext) -> i32 {
+    nested(tracepoint::TIMER_EXPIRE, timer_key(&ctx, true), || {
+        on_timer(&ctx, kind::TW_EXPIRE)
+    });
+    0
+}
+
+#[inline(always)]
+fn on_timer(ctx: &BtfTracePointContext, ev_kind: u8) {
+    let timer: u64 = ctx.arg(0);
+    let handler = get!(TIMEWAIT.handler);
+    if handler == 0
+        || kernel::<u64>(timer + u64::from(get!(TIMEWAIT.timer_function))) != Some(handler)
+    {
+        return;
+    }
+    let Some(expires) = kernel::<u64>(timer + u64::from(get!(TIMEWAIT.timer_expires))) else {
+        return;
+    };
+    let tw = timer - u64::from(get!(TIMEWAIT.tw_timer));
+    let mut head = [0u8; HEAD];
+    let Some(s) = read_sock(tw, &TIMEWAIT.sock, &mut head) else {
+        return;
+    };
+    let cookie = u64::from_ne_bytes(field(&head, get!(TIMEWAIT.sock.cookie)));
+    let substate = field::<1>(&head, get!(TIMEWAIT.tw_substate))[0];
+    emit(ctx, &head, &s, tw, cookie, ev_kind, 0, substate, expires);
+}
+
+/// What the filters and the event need of a socket (besides its copied head).
+struct Sock {
+    layout: &'static SockLayout,
+    family: u16,
+    sport: u16,
+    dport: u16,
+    netns: u32,
+}
+
+/// Copies the head of the socket at `base` into `head` and applies the family, port and
+/// namespace filters: `None` when the socket is filtered out (or unreadable).
+#[inline(always)]
+fn read_sock(base: u64, l: &'static SockLayout, head: &mut [u8; HEAD]) -> Option<Sock> {
+    let size = (get!(l.head) as usize).min(HEAD);
+    let dst = head.get_mut(..size)?;
+    // SAFETY: bpf_probe_read_kernel faults safely on any address.
+    unsafe { bpf_probe_read_kernel_buf(base as *const u8, dst) }.ok()?;
+    let family = u16::from_ne_bytes(field(head, get!(l.family)));
+    let want = get!(CONFIG.family);
+    if want != 0 && family != want {
+        return None;
+    }
+    let sport_at = get!(l.sport);
+    let sport = if sport_at as usize + 2 <= size {
+        u16::from_be_bytes(field(head, sport_at))
+    } else {
+        u16::from_be(kernel::<u16>(base + u64::from(sport_at))?)
+    };
+    let dport = u16::from_be_bytes(field(head, get!(l.dport)));
+    if get!(CONFIG.filter_lport) != 0 && LPORTS.get_ptr(sport).is_none() {
+        return None;
+    }
+    if get!(CONFIG.filter_rport) != 0 && RPORTS.get_ptr(dport).is_none() {
+        return None;
+    }
+    let net = u64::from_ne_bytes(field(head, get!(l.net)));
+    let netns = kernel::<u32>(net + u64::from(get!(CONFIG.net_inum))).unwrap_or(0);
+    let want = get!(CONFIG.netns);
+    if want != 0 && netns != want {
+        return None;
+    }
+    Some(Sock {
+        layout: l,
+        family,
+        sport,
+        dport,
+        netns,
+    })
+}
+
+/// Writes one event straight into reserved ring memory.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn emit<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    head: &[u8; HEAD],
+    s: &Sock,
+    skaddr: u64,
+    cookie: u64,
+    ev_kind: u8,
+    old: u8,
+    new: u8,
+    expires: u64,
+) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        count_lost(&ctx);
-        return 0;
+        count_lost(ctx);
+        return;
     };
+    let l = s.layout;
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` points at reserved, 8-aligned ring memory of `size_of::<Event>()` bytes;
     // every field is written before submit.
     unsafe {
         (*ev).ts_ns = bpf_ktime_get_ns();
-        (*ev).skaddr = field_u64(&rec, layout.skaddr);
+        (*ev).skaddr = skaddr;
+        (*ev).cookie = cookie;
         (*ev).pid_tgid = bpf_get_current_pid_tgid();
+        (*ev).expires = expires;
+        (*ev).jiffies = generated::bpf_jiffies64();
+        (*ev).saddr = address(head, s.family, get!(l.rcv_saddr), get!(l.v6_rcv_saddr));
+        (*ev).daddr = address(head, s.family, get!(l.daddr), get!(l.v6_daddr));
         generated::bpf_get_current_comm((*ev).comm.as_mut_ptr().cast(), 16);
-        (*ev).sport = sport;
-        (*ev).dport = dport;
-        (*ev).family = family;
-        (*ev).oldstate = field_u32(&rec, layout.oldstate) as u8;
-        (*ev).newstate = field_u32(&rec, layout.newstate) as u8;
-        (*ev).kind = kind::SET_STATE;
-        (*ev)._pad = [0; 7];
-        (*ev).saddr = address(&rec, family, layout.saddr, layout.saddr_v6);
-        (*ev).daddr = address(&rec, family, layout.daddr, layout.daddr_v6);
-        (*ev).expires = 0;
-        (*ev).jiffies = 0;
-    }
-    submit(entry, cfg.wakeup_bytes);
-    0
-}
-
-// The timer tracepoints fire for every kernel timer on the host, so each program rejects
-// timers that are not a timewait socket's in its first instructions: one 8-byte read and a
-// compare with the address of `tw_timer_handler`.
-
-/// A timer is armed: a new timewait socket, or a re-arm of one.
-#[tracepoint]
-pub fn tw_timer_start(ctx: TracePointContext) -> u32 {
-    let tw = TIMEWAIT.load();
-    if record_u64(&ctx, tw.start_function) != Some(tw.handler) || tw.handler == 0 {
-        return 0;
-    }
-    let (Some(timer), Some(expires), Some(now)) = (
-        record_u64(&ctx, tw.start_timer),
-        record_u64(&ctx, tw.start_expires),
-        record_u64(&ctx, tw.start_now),
-    ) else {
-        return 0;
-    };
-    emit_timewait(&ctx, &tw, kind::TW_ARM, timer, expires, now);
-    0
-}
-
-/// A timer is detached. The record has only the timer, so its `function` is read from the
-/// timer itself (still set at this point, also on `timer_shutdown_sync`).
-#[tracepoint]
-pub fn tw_timer_cancel(ctx: TracePointContext) -> u32 {
-    let tw = TIMEWAIT.load();
-    let Some(timer) = record_u64(&ctx, tw.cancel_timer) else {
-        return 0;
-    };
-    if kernel_u64(timer.wrapping_add(u64::from(tw.timer_function))) != Some(tw.handler)
-        || tw.handler == 0
-    {
-        return 0;
-    }
-    let Some(expires) = kernel_u64(timer.wrapping_add(u64::from(tw.timer_expires))) else {
-        return 0;
-    };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { generated::bpf_jiffies64() };
-    emit_timewait(&ctx, &tw, kind::TW_CANCEL, timer, expires, now);
-    0
-}
-
-/// A timer runs out: the timewait socket's natural end.
-#[tracepoint]
-pub fn tw_timer_expire_entry(ctx: TracePointContext) -> u32 {
-    let tw = TIMEWAIT.load();
-    if record_u64(&ctx, tw.expire_function) != Some(tw.handler) || tw.handler == 0 {
-        return 0;
-    }
-    let (Some(timer), Some(now)) = (
-        record_u64(&ctx, tw.expire_timer),
-        record_u64(&ctx, tw.expire_now),
-    ) else {
-        return 0;
-    };
-    let Some(expires) = kernel_u64(timer.wrapping_add(u64::from(tw.timer_expires))) else {
-        return 0;
-    };
-    emit_timewait(&ctx, &tw, kind::TW_EXPIRE, timer, expires, now);
-    0
-}
-
-/// Reads the timewait socket that owns `timer`, applies the filters and writes one event.
-#[inline(always)]
-fn emit_timewait(
-    ctx: &TracePointContext,
-    tw: &TimewaitLayout,
-    ev_kind: u8,
-    timer: u64,
-    expires: u64,
-    jiffies: u64,
-) {
-    let sk = timer.wrapping_sub(u64::from(tw.tw_timer));
-    let mut buf = [0u8; TW_READ];
-    let size = (tw.read_size as usize).min(TW_READ);
-    let Some(dst) = buf.get_mut(..size) else {
-        return;
-    };
-    // SAFETY: `sk` is the live timewait socket whose timer fired this tracepoint;
-    // bpf_probe_read_kernel faults safely anyway.
-    if unsafe { bpf_probe_read_kernel_buf(sk as *const u8, dst) }.is_err() {
-        return;
-    }
-    let cfg = CONFIG.load();
-    let family = u16::from_ne_bytes(field(&buf, tw.skc_family));
-    if cfg.family != 0 && family != cfg.family {
-        return;
-    }
-    let sport = u16::from_ne_bytes(field(&buf, tw.skc_num));
-    let dport = u16::from_be_bytes(field(&buf, tw.skc_dport));
-    if cfg.filter_lport != 0 && LPORTS.get_ptr(sport).is_none() {
-        return;
-    }
-    if cfg.filter_rport != 0 && RPORTS.get_ptr(dport).is_none() {
-        return;
-    }
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        count_lost(ctx);
-        return;
-    };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: as in `inet_sock_set_state`: reserved, aligned, every field written.
-    unsafe {
-        (*ev).ts_ns = bpf_ktime_get_ns();
-        (*ev).skaddr = sk;
-        (*ev).pid_tgid = bpf_get_current_pid_tgid();
-        generated::bpf_get_current_comm((*ev).comm.as_mut_ptr().cast(), 16);
-        (*ev).sport = sport;
-        (*ev).dport = dport;
-        (*ev).family = family;
-        (*ev).oldstate = 0;
-        (*ev).newstate = field::<1, TW_READ>(&buf, tw.tw_substate)[0];
+        (*ev).netns = s.netns;
+        (*ev).cpu = bpf_get_smp_processor_id();
+        (*ev).sport = s.sport;
+        (*ev).dport = s.dport;
+        (*ev).family = s.family;
+        (*ev).oldstate = old;
+        (*ev).newstate = new;
         (*ev).kind = ev_kind;
         (*ev)._pad = [0; 7];
-        (*ev).saddr = address(&buf, family, tw.skc_rcv_saddr, tw.skc_v6_rcv_saddr);
-        (*ev).daddr = address(&buf, family, tw.skc_daddr, tw.skc_v6_daddr);
-        (*ev).expires = expires;
-        (*ev).jiffies = jiffies;
     }
-    submit(entry, cfg.wakeup_bytes);
+    submit(entry, get!(CONFIG.wakeup_bytes));
 }
 
 /// Submits an event, waking the reader only when enough has piled up; it also drains on a
@@ -245,24 +379,17 @@ fn submit(entry: RingBufEntry<Event>, wakeup_bytes: u32) {
     entry.submit(flags.into());
 }
 
-/// A u64 of the tracepoint record at `off`.
+/// A value of kernel memory at `addr`.
 #[inline(always)]
-fn record_u64(ctx: &TracePointContext, off: u32) -> Option<u64> {
-    // SAFETY: the record is readable; bpf_probe_read_kernel faults safely past its end.
-    unsafe { ctx.read_at::<u64>(off as usize) }.ok()
-}
-
-/// A u64 of kernel memory at `addr`.
-#[inline(always)]
-fn kernel_u64(addr: u64) -> Option<u64> {
+fn kernel<T>(addr: u64) -> Option<T> {
     // SAFETY: bpf_probe_read_kernel faults safely on any address.
-    unsafe { bpf_probe_read_kernel(addr as *const u64) }.ok()
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
 /// Counts one event lost to a full ring; says so once per CPU through aya-log, off the
 /// per-event path (only the first drop on a CPU logs).
 #[inline(always)]
-fn count_lost(ctx: &TracePointContext) {
+fn count_lost<C: aya_ebpf::EbpfContext>(ctx: &C) {
     if let Some(lost) = LOST.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe {
@@ -276,40 +403,26 @@ fn count_lost(ctx: &TracePointContext) {
 
 /// The IPv4 address in its first 4 bytes (rest zero), or the IPv6 address.
 #[inline(always)]
-fn address<const B: usize>(rec: &[u8; B], family: u16, off_v4: u32, off_v6: u32) -> [u8; 16] {
+fn address(head: &[u8; HEAD], family: u16, off_v4: u32, off_v6: u32) -> [u8; 16] {
     match family {
-        AF_INET6 => field::<16, B>(rec, off_v6),
+        AF_INET6 => field::<16>(head, off_v6),
         AF_INET => {
-            let [a, b, c, d] = field::<4, B>(rec, off_v4);
+            let [a, b, c, d] = field::<4>(head, off_v4);
             [a, b, c, d, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         }
         _ => [0; 16],
     }
 }
 
+/// `N` bytes of the copied head at `off` (zeros past its end).
 #[inline(always)]
-fn field<const N: usize, const B: usize>(rec: &[u8; B], off: u32) -> [u8; N] {
+fn field<const N: usize>(head: &[u8; HEAD], off: u32) -> [u8; N] {
     let off = off as usize;
     let mut out = [0u8; N];
-    if let Some(src) = rec.get(off..off + N) {
+    if let Some(src) = head.get(off..off + N) {
         out.copy_from_slice(src);
     }
     out
-}
-
-#[inline(always)]
-fn field_u16(rec: &[u8; RECORD], off: u32) -> u16 {
-    u16::from_ne_bytes(field(rec, off))
-}
-
-#[inline(always)]
-fn field_u32(rec: &[u8; RECORD], off: u32) -> u32 {
-    u32::from_ne_bytes(field(rec, off))
-}
-
-#[inline(always)]
-fn field_u64(rec: &[u8; RECORD], off: u32) -> u64 {
-    u64::from_ne_bytes(field(rec, off))
 }
 
 #[cfg(not(test))]

@@ -44,6 +44,8 @@ fn stream_with_timewait() -> Vec<KernelEvent> {
                 ts_ns: t.ts_ns - 1,
                 op: TimerOp::Arm,
                 tw: t.sk + 1024,
+                cookie: t.cookie,
+                netns: t.netns,
                 family: t.family,
                 saddr: t.saddr,
                 sport: t.sport,
@@ -52,6 +54,7 @@ fn stream_with_timewait() -> Vec<KernelEvent> {
                 substate: TcpState::TimeWait,
                 expires: 15_000,
                 jiffies: 0,
+                cpu: Some(0),
                 task: task(),
             };
             out.push(KernelEvent::Timewait(arm));
@@ -94,7 +97,11 @@ fn stream() -> Vec<Transition> {
                 ts += 97;
                 out.push(Transition {
                     ts_ns: ts,
-                    sk: 0xffff_8881_0000_0000 + n * 2048,
+                    // Addresses are reused from one window to the next, as the slab does;
+                    // cookies never are.
+                    sk: 0xffff_8881_0000_0000 + i * 2048,
+                    cookie: n + 1,
+                    netns: 4_026_531_840,
                     family: Family::Ipv4,
                     saddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
                     sport: if old == Close {
@@ -108,6 +115,8 @@ fn stream() -> Vec<Transition> {
                     new,
                     task: task(),
                     via: Via::Tracepoint,
+                    cpu: Some(0),
+                    jiffies: 0,
                 });
             }
         }

@@ -24,11 +24,20 @@ use crate::sink::stats::StatsSink;
 use crate::sink::timeline::TimelineSink;
 use crate::sink::watch::{WatchPrinter, WatchSink};
 use crate::source::HostSockets;
-use crate::source::kernel::{DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelSource};
+use crate::source::host::{self, Answer, Ask, HostWorker};
+use crate::source::kernel::{
+    DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelSource, LossSource, Lost, SourceError,
+};
 use crate::source::record::{Item, RecordReader, RecordWriter};
 use crate::source::sockdiag;
 use crate::tracker::{Owner, Seed, SocketLife, Tracker};
 use std::sync::Arc;
+
+/// How often the live loop asks sock_diag which timewait sockets turned TIME_WAIT without
+/// a timer event (only while the events show some in FIN_WAIT2).
+const FLIP_CHECK: Duration = Duration::from_secs(1);
+/// How often the live loop reconciles the tracker with a full sock_diag listing.
+const RESYNC: Duration = Duration::from_secs(10);
 
 /// What a run saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -37,10 +46,18 @@ pub struct Totals {
     pub events: u64,
     /// Of the events, timewait timer events (the rest are state transitions).
     pub timewait: u64,
-    /// Events the kernel dropped because the ring buffer was full.
-    pub lost: u64,
+    /// Events the kernel lost, by reason.
+    pub lost: Lost,
     /// Ring buffer records that did not decode (a bug if ever non-zero: the ABI is shared).
     pub bad: u64,
+}
+
+impl Totals {
+    /// What the kernel lost so far: ring buffer drops and every program's recursion misses.
+    pub fn read_lost(&mut self, source: &impl LossSource) -> Result<(), SourceError> {
+        self.lost = source.lost()?;
+        Ok(())
+    }
 }
 
 /// The tracker and the sinks that read from it.
@@ -54,25 +71,22 @@ pub struct Pipeline<'a> {
     pub owner_pid: Option<u32>,
     /// Follow timewait sockets (off: `--no-timewait`, which also skips them on replay).
     pub timewait: bool,
-    /// Live on this host: sock_diag may complete what the events show.
-    live: bool,
-    /// A sink reports live socket counts.
-    counts_live: bool,
+    /// Reconcile the tracker with sock_diag while live (off for `record`, whose file is
+    /// replayed later: the replay has no host to ask).
+    pub host: bool,
     pub totals: Totals,
 }
 
 impl<'a> Pipeline<'a> {
     pub fn new(tracker: Tracker, sinks: Vec<&'a mut dyn Sink>) -> Self {
-        let counts_live = sinks.iter().any(|s| s.counts_live_sockets());
         Pipeline {
-            counts_live,
             tracker,
             sinks,
             ended: Vec::new(),
             filter: None,
             owner_pid: None,
             timewait: true,
-            live: false,
+            host: true,
             totals: Totals::default(),
         }
     }
@@ -98,7 +112,7 @@ impl<'a> Pipeline<'a> {
                 let kept = self
                     .filter
                     .as_ref()
-                    .is_none_or(|f| f.keeps_socket(tw.family, tw.sport, tw.dport));
+                    .is_none_or(|f| f.keeps(tw.family, tw.sport, tw.dport, tw.netns));
                 if self.timewait && kept {
                     self.tracker.timewait(tw, &mut self.ended);
                 }
@@ -111,7 +125,7 @@ impl<'a> Pipeline<'a> {
 
     fn transition(&mut self, t: &Transition) -> io::Result<()> {
         if let Some(f) = &self.filter
-            && !f.keeps(t)
+            && !f.keeps(t.family, t.sport, t.dport, t.netns)
         {
             return Ok(());
         }
@@ -168,8 +182,24 @@ impl<'a> Pipeline<'a> {
             .try_for_each(|s| s.batch_done(&totals, tracker))
     }
 
+    /// What the host said (see `source/host.rs`), once every event before it is in.
+    pub fn host_answer(&mut self, answer: Answer) -> io::Result<()> {
+        match answer {
+            Answer::Listing(listing) => {
+                self.tracker.reconcile(&listing, &mut self.ended);
+            }
+            Answer::Flips { from_ns, turned } => {
+                for (cookie, at) in turned {
+                    self.tracker.flipped(cookie, at, from_ns);
+                }
+            }
+            Answer::Failed(e) => log::debug!("sock_diag: {e}"),
+        }
+        self.flush_derived()?;
+        self.flush_ended()
+    }
+
     pub fn interval(&mut self, now_ns: u64) -> io::Result<()> {
-        self.timewait_flips();
         let (totals, tracker) = (self.totals, &self.tracker);
         self.sinks
             .iter_mut()
@@ -190,28 +220,6 @@ impl<'a> Pipeline<'a> {
     }
 }
 
-impl Pipeline<'_> {
-    /// The kernel turns a timewait socket's FIN_WAIT2 substate into TIME_WAIT on the
-    /// peer's FIN, often without a timer event (see `tracker.rs`); sock_diag shows the
-    /// turn, so the live TIME_WAIT count is right at every interval and every second
-    /// (only for sinks that report it, and only while some timewait socket may be due).
-    fn timewait_flips(&mut self) {
-        if !(self.live && self.counts_live && self.tracker.has_fin_wait2_timewait()) {
-            return;
-        }
-        match sockdiag::dump_all(&[crate::model::TcpState::TimeWait]) {
-            Ok(found) => {
-                let tuples = found
-                    .into_iter()
-                    .map(|s| (s.saddr, s.sport, s.daddr, s.dport))
-                    .collect();
-                self.tracker.saw_in_time_wait(&tuples);
-            }
-            Err(e) => log::debug!("sock_diag for TIME_WAIT sockets: {e}"),
-        }
-    }
-}
-
 /// `-p PID`: whether a socket with this owner is shown.
 fn owned(pid: Option<u32>, owner: Option<&Owner>) -> bool {
     pid.is_none_or(|pid| owner.is_some_and(|o| o.pid == pid))
@@ -221,7 +229,7 @@ fn owned(pid: Option<u32>, owner: Option<&Owner>) -> bool {
 pub enum Input {
     Kernel(Box<KernelSource>),
     File {
-        reader: RecordReader<BufReader<File>>,
+        reader: Box<RecordReader<BufReader<File>>>,
         path: String,
     },
 }
@@ -233,6 +241,7 @@ impl Input {
                 let file =
                     File::open(path).with_context(|| format!("opening {}", path.display()))?;
                 let reader = RecordReader::new(BufReader::with_capacity(1 << 16, file))
+                    .map(Box::new)
                     .with_context(|| path.display().to_string())?;
                 Ok(Input::File {
                     reader,
@@ -247,25 +256,18 @@ impl Input {
     /// when tracing began (the start-up snapshot).
     pub fn tracker(&self, max_sockets: usize, filter: &KernelFilter) -> Tracker {
         let mut tracker = Tracker::new(max_sockets);
-        let hz = match self {
-            Input::Kernel(source) => {
-                tracker.seed(startup_snapshot(filter));
-                source.timewait_hz
+        match self {
+            Input::Kernel(_) => {
+                let (seeds, taken_ns) = startup_snapshot(filter);
+                tracker.seed(seeds, taken_ns);
             }
-            Input::File { reader, .. } => reader.hz,
-        };
-        if let Some(hz) = hz {
-            tracker.set_hz(hz);
+            Input::File { reader, .. } => {
+                if let Some(hz) = reader.hz {
+                    tracker.set_hz(hz);
+                }
+            }
         }
         tracker
-    }
-
-    /// The kernel's HZ when TIME_WAIT is tracked.
-    pub fn timewait_hz(&self) -> Option<u32> {
-        match self {
-            Input::Kernel(source) => source.timewait_hz,
-            Input::File { reader, .. } => reader.hz,
-        }
     }
 
     /// The clock that maps the events' monotonic times to wall time.
@@ -277,43 +279,63 @@ impl Input {
     }
 }
 
-/// Every TCP socket on the host now (sock_diag, every network namespace), taken right after
-/// the program is attached so that no socket falls between the two. Without it tcplens
-/// still runs: such sockets are then only "first seen mid-life".
-fn startup_snapshot(filter: &KernelFilter) -> Vec<Seed> {
+/// Every TCP state sock_diag lists that a tracked socket can be in.
+const LISTED_STATES: [crate::model::TcpState; 11] = {
     use crate::model::TcpState::*;
-    // Request sockets never appear on the tracepoint; timewait sockets (TIME_WAIT, and
-    // FIN_WAIT2 for orphans) end on their timer.
-    let states = [
-        TimeWait,
+    [
         Established,
         SynSent,
         SynRecv,
         FinWait1,
         FinWait2,
-        Close,
+        TimeWait,
         CloseWait,
         LastAck,
         Listen,
         Closing,
-    ];
-    match sockdiag::dump_all(&states) {
-        Ok(found) => found
-            .into_iter()
-            .filter(|s| filter.keeps_socket(s.family, s.sport, s.dport))
-            .map(|s| Seed {
-                saddr: s.saddr,
-                sport: s.sport,
-                daddr: s.daddr,
-                dport: s.dport,
-                state: s.state,
-            })
-            .collect(),
+        Close,
+    ]
+};
+
+/// Every TCP socket on the host now (sock_diag, every network namespace), taken right after
+/// the programs are attached so that no socket falls between the two; with the time the
+/// dump ended. Without it tcplens still runs: such sockets are then only "first seen
+/// mid-life".
+fn startup_snapshot(filter: &KernelFilter) -> (Vec<Seed>, u64) {
+    match sockdiag::dump(&LISTED_STATES, None) {
+        Ok(found) => (
+            found
+                .sockets
+                .into_iter()
+                .filter(|s| filter.keeps(s.family, s.sport, s.dport, s.netns))
+                .map(|s| Seed {
+                    cookie: s.cookie,
+                    netns: s.netns,
+                    family: s.family,
+                    saddr: s.saddr,
+                    sport: s.sport,
+                    daddr: s.daddr,
+                    dport: s.dport,
+                    state: s.state,
+                    timewait: s.is_timewait(),
+                })
+                .collect(),
+            monotonic_now_ns(),
+        ),
         Err(e) => {
             log::warn!("start-up socket snapshot unavailable: {e}");
-            Vec::new()
+            (Vec::new(), monotonic_now_ns())
         }
     }
+}
+
+/// What a periodic resync lists: every state but TIME_WAIT, whose sockets end on their
+/// timer, unless events were lost (a timer event among them).
+fn resync_states(lost: &Lost) -> Vec<crate::model::TcpState> {
+    LISTED_STATES
+        .into_iter()
+        .filter(|&s| s != crate::model::TcpState::TimeWait || lost.total() > 0)
+        .collect()
 }
 
 fn open_kernel(trace: &TraceArgs) -> Result<KernelSource> {
@@ -334,14 +356,13 @@ pub async fn run(
 ) -> Result<()> {
     let result = match input {
         Input::Kernel(source) => {
-            p.live = true;
-            p.timewait &= source.timewait_hz.is_some();
+            p.timewait &= source.timewait;
             run_live(*source, trace, interval, p).await
         }
         Input::File { reader, path } => {
             p.filter = Some(trace.filter());
             p.timewait = !trace.no_timewait;
-            replay(reader, &path, interval, p)
+            replay(*reader, &path, interval, p)
         }
     };
     match result {
@@ -367,10 +388,15 @@ async fn run_live(
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let deadline = trace.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut lost_check = tokio::time::interval(Duration::from_secs(1));
+    let mut every_second = tokio::time::interval(FLIP_CHECK);
+    every_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks = interval.map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
+    let mut host = HostWorker::start().context("starting the sock_diag thread")?;
+    let mut last_resync = tokio::time::Instant::now();
+    // An interval report waits for a flip check, so that its live counts are the kernel's.
+    let mut report = Report::default();
     let mut reported_lost = 0;
     let mut failed: Option<io::Error> = None;
 
@@ -423,18 +449,43 @@ async fn run_live(
                     failed = Some(e);
                 }
             }
+            answer = host.answer() => {
+                // Every event from before the answer is in the ring: in first.
+                events.drain_now(|b| feed(p, &mut failed, b));
+                let flips = matches!(answer, Answer::Flips { .. });
+                let done = p
+                    .host_answer(answer)
+                    .and_then(|()| report.answered(flips, p, &mut host))
+                    .and_then(|()| p.batch_done());
+                if failed.is_none() && let Err(e) = done {
+                    failed = Some(e);
+                }
+            }
             forwarded = logs.forward_logs() => forwarded?,
-            _ = lost_check.tick() => {
-                p.timewait_flips();
-                p.totals.lost = lost.get()?;
-                if p.totals.lost > reported_lost {
-                    log::warn!("{} events lost so far (ring buffer full): a larger --ring-size may help", p.totals.lost);
-                    reported_lost = p.totals.lost;
+            _ = every_second.tick() => {
+                p.totals.read_lost(lost)?;
+                if p.totals.lost.total() > reported_lost {
+                    log::warn!(
+                        "{} so far: a larger --ring-size may help",
+                        p.totals.lost
+                    );
+                    reported_lost = p.totals.lost.total();
+                }
+                if p.host && !host.is_pending() {
+                    if last_resync.elapsed() >= RESYNC {
+                        last_resync = tokio::time::Instant::now();
+                        host.ask(Ask::Listing(resync_states(&p.totals.lost)));
+                    } else {
+                        let candidates = p.tracker.flip_candidates();
+                        if !candidates.is_empty() {
+                            host.ask(Ask::Flips(candidates));
+                        }
+                    }
                 }
             }
             _ = tick(&mut ticks) => {
-                p.totals.lost = lost.get()?;
-                if let Err(e) = p.interval(monotonic_now_ns()) {
+                p.totals.read_lost(lost)?;
+                if let Err(e) = report.due(monotonic_now_ns(), p, &mut host) {
                     failed = Some(e);
                 }
             }
@@ -446,14 +497,85 @@ async fn run_live(
     if failed.is_none() {
         events.drain_now(|b| feed(p, &mut failed, b));
     }
-    p.totals.lost = lost.get()?;
-    drop(source); // detaches the program
+    if failed.is_none() && p.host {
+        // At exit every socket shows in the state the kernel has it in: one last listing,
+        // TIME_WAIT included.
+        if host.is_pending() {
+            let answer = host.answer().await;
+            events.drain_now(|b| feed(p, &mut failed, b));
+            p.host_answer(answer)?;
+        }
+        let last = host::listing(&LISTED_STATES);
+        events.drain_now(|b| feed(p, &mut failed, b));
+        match last {
+            Ok(listing) => p.host_answer(Answer::Listing(listing))?,
+            Err(e) => log::debug!("sock_diag at exit: {e}"),
+        }
+    }
+    p.totals.read_lost(lost)?;
+    drop(source); // detaches the programs
     if let Some(e) = failed {
         return Err(e.into());
     }
     p.finish(monotonic_now_ns())?;
     p.batch_done()?;
     Ok(())
+}
+
+/// An interval report on its way: its live counts must include the timewait sockets that
+/// turned TIME_WAIT without an event, so a flip check goes first when any may have.
+#[derive(Default)]
+struct Report {
+    /// The report's time, once due.
+    due: Option<u64>,
+    /// A flip check for it is under way.
+    checking: bool,
+}
+
+impl Report {
+    /// The interval ticked at `now_ns`.
+    fn due(&mut self, now_ns: u64, p: &mut Pipeline<'_>, host: &mut HostWorker) -> io::Result<()> {
+        self.due = Some(now_ns);
+        self.checking = false;
+        self.go(p, host)
+    }
+
+    /// The host answered (a flip check, or something else).
+    fn answered(
+        &mut self,
+        flips: bool,
+        p: &mut Pipeline<'_>,
+        host: &mut HostWorker,
+    ) -> io::Result<()> {
+        if self.checking && flips {
+            self.checking = false;
+            if let Some(at) = self.due.take() {
+                return p.interval(at);
+            }
+        }
+        self.go(p, host)
+    }
+
+    /// Asks for the flip check when the host is free, or reports if none is needed.
+    fn go(&mut self, p: &mut Pipeline<'_>, host: &mut HostWorker) -> io::Result<()> {
+        let Some(at) = self.due else {
+            return Ok(());
+        };
+        if self.checking || host.is_pending() {
+            return Ok(()); // after the answer under way
+        }
+        let candidates = if p.host {
+            p.tracker.flip_candidates()
+        } else {
+            Vec::new()
+        };
+        if !candidates.is_empty() && host.ask(Ask::Flips(candidates)) {
+            self.checking = true;
+            return Ok(());
+        }
+        self.due = None;
+        p.interval(at)
+    }
 }
 
 /// Replays a record file. Intervals follow the recorded timestamps. A corrupt or
@@ -484,7 +606,13 @@ fn replay(
                 last_ts = last_ts.max(t.ts_ns());
                 p.event(&t)?;
             }
-            Ok(Some(Item::Lost(n))) => p.totals.lost = n,
+            // Recordings keep the total; a replay reports it as the ring's.
+            Ok(Some(Item::Lost(n))) => {
+                p.totals.lost = Lost {
+                    ring_full: n,
+                    recursion: 0,
+                }
+            }
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         }
@@ -510,18 +638,34 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-fn report(totals: &Totals) {
-    eprintln!(
-        "tcplens: {} events read ({} timewait), {} lost in the kernel{}",
-        totals.events,
-        totals.timewait,
-        totals.lost,
-        if totals.bad > 0 {
-            format!(", {} undecodable", totals.bad)
-        } else {
-            String::new()
-        }
+/// The closing lines on stderr: what was read and lost, and lives whose end was not seen.
+fn report(p: &Pipeline<'_>) {
+    eprintln!("tcplens: {}", summary(&p.totals, p.tracker.stats()));
+}
+
+/// `1234 events read (56 timewait), 0 lost`, then what the tracker could not follow.
+pub fn summary(totals: &Totals, stats: &crate::tracker::TrackerStats) -> String {
+    let mut s = format!(
+        "{} events read ({} timewait), {}",
+        totals.events, totals.timewait, totals.lost
     );
+    if totals.bad > 0 {
+        s.push_str(&format!(", {} undecodable", totals.bad));
+    }
+    let unseen = stats.unseen_reused + stats.unseen_gone;
+    if unseen > 0 {
+        s.push_str(&format!(
+            "; {unseen} sockets ended unseen ({} addresses reused, {} gone from sock_diag)",
+            stats.unseen_reused, stats.unseen_gone
+        ));
+    }
+    if stats.evicted > 0 {
+        s.push_str(&format!(
+            "; {} sockets evicted at the --max-sockets cap",
+            stats.evicted
+        ));
+    }
+    s
 }
 
 fn stdout() -> (BufWriter<io::StdoutLock<'static>>, bool) {
@@ -569,7 +713,7 @@ pub async fn serve(args: &ServeArgs) -> Result<()> {
     let mut none = NoOutput;
     let mut p = Pipeline::new(tracker, sinks(&mut none, &mut metrics));
     run(input, &args.trace, Some(Duration::from_secs(1)), &mut p).await?;
-    report(&p.totals);
+    report(&p);
     Ok(())
 }
 
@@ -590,7 +734,7 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
     p.owner_pid = args.common.pid;
     run(input, &args.common.trace, None, &mut p).await?;
-    report(&p.totals);
+    report(&p);
     Ok(())
 }
 
@@ -602,11 +746,7 @@ pub async fn timeline(args: &TimelineArgs) -> Result<()> {
     let mut p = Pipeline::new(tracker, vec![&mut sink]);
     p.owner_pid = args.common.pid;
     run(input, &args.common.trace, None, &mut p).await?;
-    let evicted = p.tracker.stats().evicted;
-    report(&p.totals);
-    if evicted > 0 {
-        eprintln!("tcplens: {evicted} sockets evicted at the --max-sockets cap");
-    }
+    report(&p);
     Ok(())
 }
 
@@ -619,21 +759,18 @@ pub async fn stats(args: &StatsArgs) -> Result<()> {
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
     p.owner_pid = args.common.pid;
     run(input, &args.common.trace, args.interval, &mut p).await?;
-    report(&p.totals);
+    report(&p);
     Ok(())
 }
 
 pub async fn record(args: &RecordArgs) -> Result<()> {
     let source = open_kernel(&args.trace)?;
     let file = create(&args.output)?;
-    let writer = RecordWriter::new(
-        BufWriter::with_capacity(1 << 16, file),
-        WallClock::now(),
-        source.timewait_hz,
-    )
-    .with_context(|| format!("writing {}", args.output.display()))?;
+    let writer = RecordWriter::new(BufWriter::with_capacity(1 << 16, file), WallClock::now())
+        .with_context(|| format!("writing {}", args.output.display()))?;
     let mut sink = RecordSink { writer, events: 0 };
     let mut p = Pipeline::new(Tracker::default(), vec![&mut sink]);
+    p.host = false;
     run(
         Input::Kernel(Box::new(source)),
         &args.trace,
@@ -642,7 +779,7 @@ pub async fn record(args: &RecordArgs) -> Result<()> {
     )
     .await
     .with_context(|| format!("writing {}", args.output.display()))?;
-    report(&p.totals);
+    report(&p);
     eprintln!(
         "tcplens: {} events written to {}",
         sink.events,
@@ -674,10 +811,65 @@ pub async fn leaks(args: &LeaksArgs) -> Result<bool> {
     let tracker = input.tracker(args.max_sockets, &args.trace.filter());
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
     run(input, &args.trace, Some(args.interval), &mut p).await?;
-    report(&p.totals);
+    report(&p);
     Ok(sink.found_any)
 }
 
 fn create(path: &Path) -> Result<File> {
     File::create(path).with_context(|| format!("creating {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracker::TrackerStats;
+
+    /// A stand-in for the kernel's counters: ring drops and recursion misses.
+    struct Fake(Lost);
+
+    impl LossSource for Fake {
+        fn lost(&self) -> Result<Lost, SourceError> {
+            Ok(self.0)
+        }
+    }
+
+    #[test]
+    fn recursion_misses_count_as_lost() {
+        let mut totals = Totals {
+            events: 1234,
+            timewait: 56,
+            ..Totals::default()
+        };
+        let stats = TrackerStats::default();
+        totals.read_lost(&Fake(Lost::default())).unwrap();
+        assert_eq!(
+            summary(&totals, &stats),
+            "1234 events read (56 timewait), 0 lost"
+        );
+        totals
+            .read_lost(&Fake(Lost {
+                ring_full: 0,
+                recursion: 11,
+            }))
+            .unwrap();
+        assert_eq!(totals.lost.total(), 11);
+        assert_eq!(
+            summary(&totals, &stats),
+            "1234 events read (56 timewait), 11 lost (ring buffer full 0, recursion 11)"
+        );
+    }
+
+    #[test]
+    fn the_summary_says_which_ends_were_not_seen() {
+        let stats = TrackerStats {
+            evicted: 2,
+            mismatched: 0,
+            unseen_reused: 3,
+            unseen_gone: 1,
+        };
+        assert_eq!(
+            summary(&Totals::default(), &stats),
+            "0 events read (0 timewait), 0 lost; 4 sockets ended unseen (3 addresses reused, 1 gone from sock_diag); 2 sockets evicted at the --max-sockets cap"
+        );
+    }
 }

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use std::path::PathBuf;
 
-use crate::model::{Family, TcpState, Transition};
+use crate::model::{Family, TcpState};
 use crate::sink::Format;
 use crate::sink::stats::By;
 use crate::source::kernel::{DEFAULT_RING_SIZE, KernelFilter};
@@ -185,6 +185,11 @@ pub struct TraceArgs {
     /// Size of the kernel ring buffer: a power of two, at least 4K (8M, 16M, 1G…).
     #[arg(long, value_parser = parse_ring_size, default_value = "8M")]
     pub ring_size: u32,
+    /// Keep only sockets of this network namespace: its inode number (as `readlink
+    /// /proc/PID/ns/net` shows it), or a path to it (/run/netns/NAME, /proc/PID/ns/net).
+    /// Applied in the kernel.
+    #[arg(long, value_name = "INODE|PATH", value_parser = parse_netns)]
+    pub netns: Option<u32>,
     /// Do not follow sockets into TIME_WAIT (skips the timer tracepoints, which fire for
     /// every kernel timer): the FIN_WAIT2/CLOSING -> CLOSE of the kernel is shown instead.
     #[arg(long)]
@@ -201,22 +206,31 @@ impl TraceArgs {
             },
             lports: self.lport.clone(),
             rports: self.rport.clone(),
+            netns: self.netns,
         }
     }
 }
 
-impl KernelFilter {
-    /// The kernel program's filter, applied in userspace (replay of a record file).
-    pub fn keeps(&self, t: &Transition) -> bool {
-        self.keeps_socket(t.family, t.sport, t.dport)
+/// A network namespace: its inode number, or a path to it (checked to be one).
+fn parse_netns(s: &str) -> Result<u32, String> {
+    use std::os::unix::fs::MetadataExt as _;
+    if let Ok(n) = s.trim().parse::<u32>() {
+        return if n == 0 {
+            Err("`0` is not a namespace inode".into())
+        } else {
+            Ok(n)
+        };
     }
-
-    /// The same test for a socket's family and local and remote ports.
-    pub fn keeps_socket(&self, family: Family, sport: u16, dport: u16) -> bool {
-        self.family.is_none_or(|f| f == family)
-            && (self.lports.is_empty() || self.lports.contains(&sport))
-            && (self.rports.is_empty() || self.rports.contains(&dport))
+    let file = std::fs::File::open(s).map_err(|e| format!("`{s}`: {e}"))?;
+    // NS_GET_NSTYPE (linux/nsfs.h): what kind of namespace a file refers to.
+    const NS_GET_NSTYPE: nix::libc::c_ulong = 0xb7 << 8 | 0x3;
+    // SAFETY: an argument-less ioctl on an open file.
+    let kind = unsafe { nix::libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), NS_GET_NSTYPE) };
+    if kind != nix::libc::CLONE_NEWNET {
+        return Err(format!("`{s}` is not a network namespace"));
     }
+    let ino = file.metadata().map_err(|e| format!("`{s}`: {e}"))?.ino();
+    u32::try_from(ino).map_err(|_| format!("`{s}`: inode {ino} is out of range"))
 }
 
 fn parse_count(s: &str) -> Result<usize, String> {
@@ -308,6 +322,7 @@ mod tests {
                 family: Some(Family::Ipv4),
                 lports: vec![80, 443],
                 rports: vec![5432],
+                netns: None,
             }
         );
         assert_eq!(w.trace.ring_size, 8 << 20);
@@ -333,9 +348,23 @@ mod tests {
             &["record"],
             &["leaks", "--state", "OPEN"],
             &["leaks", "--threshold", "x"],
+            &["watch", "--netns", "0"],
+            &["watch", "--netns", "/no/such/namespace"],
+            &["watch", "--netns", "/proc/self/ns/mnt"],
+            &["watch", "--netns", "/etc/hostname"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn namespaces_by_inode_or_path() {
+        use std::os::unix::fs::MetadataExt as _;
+        let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino() as u32;
+        assert_eq!(parse_netns("/proc/self/ns/net"), Ok(own));
+        assert_eq!(parse_netns("4026531840"), Ok(4_026_531_840));
+        let e = parse_netns("/proc/self/ns/mnt").unwrap_err();
+        assert_eq!(e, "`/proc/self/ns/mnt` is not a network namespace");
     }
 
     #[test]

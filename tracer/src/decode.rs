@@ -1,9 +1,12 @@
-//! Bytes from the ring buffer (or a recording) into typed [`KernelEvent`]s.
+//! Bytes from the ring buffer (or a recording) into typed [`KernelEvent`]s, and back.
+//!
+//! The bytes are a [`tracer_common::Event`], the struct the kernel programs write: decoding
+//! reads that struct and validates its fields, so no offset is written down twice.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use thiserror::Error;
-use tracer_common::{AF_INET, AF_INET6, EVENT_SIZE, kind};
+use tracer_common::{AF_INET, AF_INET6, EVENT_SIZE, Event, kind};
 
 use crate::model::{
     Comm, Family, KernelEvent, Task, TcpState, TimerOp, TimewaitEvent, Transition, Via,
@@ -21,147 +24,155 @@ pub enum DecodeError {
     State(u8),
 }
 
-fn u16_at(b: &[u8], off: usize) -> u16 {
-    u16::from_ne_bytes([b[off], b[off + 1]])
-}
-
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    let mut raw = [0u8; 8];
-    raw.copy_from_slice(&b[off..off + 8]);
-    u64::from_ne_bytes(raw)
-}
-
-fn bytes16(b: &[u8], off: usize) -> [u8; 16] {
-    let mut raw = [0u8; 16];
-    raw.copy_from_slice(&b[off..off + 16]);
-    raw
-}
-
-/// Decodes one [`tracer_common::Event`] record. The length is checked first; every other
-/// field is validated, so arbitrary bytes give an error, never a panic.
+/// Decodes one ring buffer record. Arbitrary bytes give an error, never a panic.
 pub fn decode(b: &[u8]) -> Result<KernelEvent, DecodeError> {
-    if b.len() != EVENT_SIZE {
-        return Err(DecodeError::Length { got: b.len() });
-    }
-    // Offsets of `tracer_common::Event` (checked against the struct in the tests).
-    let ts_ns = u64_at(b, 0);
-    let sk = u64_at(b, 8);
-    let pid_tgid = u64_at(b, 16);
-    let saddr = bytes16(b, 24);
-    let daddr = bytes16(b, 40);
-    let comm = bytes16(b, 56);
-    let sport = u16_at(b, 72);
-    let dport = u16_at(b, 74);
-    let family_raw = u16_at(b, 76);
-    let (oldstate, newstate, ev_kind) = (b[78], b[79], b[80]);
-    let expires = u64_at(b, 88);
-    let jiffies = u64_at(b, 96);
+    let ev = Event::from_bytes(b).ok_or(DecodeError::Length { got: b.len() })?;
+    decode_event(&ev)
+}
 
-    let op = match ev_kind {
+/// Validates the fields of one [`Event`].
+pub fn decode_event(e: &Event) -> Result<KernelEvent, DecodeError> {
+    let op = match e.kind {
         kind::SET_STATE => None,
         kind::TW_ARM => Some(TimerOp::Arm),
         kind::TW_CANCEL => Some(TimerOp::Cancel),
         kind::TW_EXPIRE => Some(TimerOp::Expire),
         other => return Err(DecodeError::Kind(other)),
     };
-    let (family, saddr, daddr) = match family_raw {
-        AF_INET => (Family::Ipv4, v4(&saddr), v4(&daddr)),
-        AF_INET6 => (
-            Family::Ipv6,
-            IpAddr::V6(Ipv6Addr::from(saddr)),
-            IpAddr::V6(Ipv6Addr::from(daddr)),
-        ),
-        other => return Err(DecodeError::Family(other)),
-    };
-    let new = TcpState::from_kernel(newstate).ok_or(DecodeError::State(newstate))?;
-    let task = Task {
-        pid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        comm: Comm::new(comm),
-    };
+    let (family, saddr, daddr) = addresses(e.family, &e.saddr, &e.daddr)?;
+    let new = TcpState::from_kernel(e.newstate).ok_or(DecodeError::State(e.newstate))?;
+    let task = task(e.pid_tgid, e.comm);
     if let Some(op) = op {
         return Ok(KernelEvent::Timewait(TimewaitEvent {
-            ts_ns,
+            ts_ns: e.ts_ns,
             op,
-            tw: sk,
+            tw: e.skaddr,
+            cookie: e.cookie,
+            netns: e.netns,
             family,
             saddr,
-            sport,
+            sport: e.sport,
             daddr,
-            dport,
+            dport: e.dport,
             substate: new,
-            expires,
-            jiffies,
+            expires: e.expires,
+            jiffies: e.jiffies,
+            cpu: cpu(e.cpu),
             task,
         }));
     }
-    let old = TcpState::from_kernel(oldstate).ok_or(DecodeError::State(oldstate))?;
+    let old = TcpState::from_kernel(e.oldstate).ok_or(DecodeError::State(e.oldstate))?;
     Ok(KernelEvent::Transition(Transition {
-        ts_ns,
-        sk,
+        ts_ns: e.ts_ns,
+        sk: e.skaddr,
+        cookie: e.cookie,
+        netns: e.netns,
         family,
         saddr,
-        sport,
+        sport: e.sport,
         daddr,
-        dport,
+        dport: e.dport,
         old,
         new,
         task,
         via: Via::Tracepoint,
+        cpu: cpu(e.cpu),
+        jiffies: e.jiffies,
     }))
+}
+
+/// The family and the two addresses (IPv4 in the first 4 bytes).
+pub fn addresses(
+    family: u16,
+    saddr: &[u8; 16],
+    daddr: &[u8; 16],
+) -> Result<(Family, IpAddr, IpAddr), DecodeError> {
+    match family {
+        AF_INET => Ok((Family::Ipv4, v4(saddr), v4(daddr))),
+        AF_INET6 => Ok((
+            Family::Ipv6,
+            IpAddr::V6(Ipv6Addr::from(*saddr)),
+            IpAddr::V6(Ipv6Addr::from(*daddr)),
+        )),
+        other => Err(DecodeError::Family(other)),
+    }
+}
+
+/// The task from `bpf_get_current_pid_tgid()` and `comm`.
+pub fn task(pid_tgid: u64, comm: [u8; 16]) -> Task {
+    Task {
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        comm: Comm::new(comm),
+    }
+}
+
+/// What [`encode`] writes for an unknown CPU.
+const NO_CPU: u32 = u32::MAX;
+
+fn cpu(raw: u32) -> Option<u32> {
+    (raw != NO_CPU).then_some(raw)
 }
 
 fn v4(raw: &[u8; 16]) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
 }
 
-/// Encodes an event back into the kernel's record layout: the inverse of [`decode`], used
-/// by the recorder and by tests.
+/// Encodes an event back into the kernel's record: the inverse of [`decode`], used by the
+/// recorder and by tests.
 pub fn encode(ev: &KernelEvent) -> [u8; EVENT_SIZE] {
-    let mut b = [0u8; EVENT_SIZE];
-    let (ts_ns, sk, task, family, saddr, daddr, sport, dport) = match ev {
-        KernelEvent::Transition(t) => (
-            t.ts_ns, t.sk, t.task, t.family, t.saddr, t.daddr, t.sport, t.dport,
-        ),
+    let (ts_ns, skaddr, cookie, netns, task, family, saddr, daddr, sport, dport, cpu, jiffies) =
+        match ev {
+            KernelEvent::Transition(t) => (
+                t.ts_ns, t.sk, t.cookie, t.netns, t.task, t.family, t.saddr, t.daddr, t.sport,
+                t.dport, t.cpu, t.jiffies,
+            ),
+            KernelEvent::Timewait(tw) => (
+                tw.ts_ns, tw.tw, tw.cookie, tw.netns, tw.task, tw.family, tw.saddr, tw.daddr,
+                tw.sport, tw.dport, tw.cpu, tw.jiffies,
+            ),
+        };
+    let (oldstate, newstate, kind, expires) = match ev {
+        KernelEvent::Transition(t) => (t.old as u8, t.new as u8, kind::SET_STATE, 0),
         KernelEvent::Timewait(tw) => (
-            tw.ts_ns, tw.tw, tw.task, tw.family, tw.saddr, tw.daddr, tw.sport, tw.dport,
-        ),
-    };
-    b[0..8].copy_from_slice(&ts_ns.to_ne_bytes());
-    b[8..16].copy_from_slice(&sk.to_ne_bytes());
-    let pid_tgid = (u64::from(task.pid) << 32) | u64::from(task.tid);
-    b[16..24].copy_from_slice(&pid_tgid.to_ne_bytes());
-    b[24..40].copy_from_slice(&addr16(saddr));
-    b[40..56].copy_from_slice(&addr16(daddr));
-    b[56..72].copy_from_slice(&task.comm.raw());
-    b[72..74].copy_from_slice(&sport.to_ne_bytes());
-    b[74..76].copy_from_slice(&dport.to_ne_bytes());
-    let family = match family {
-        Family::Ipv4 => AF_INET,
-        Family::Ipv6 => AF_INET6,
-    };
-    b[76..78].copy_from_slice(&family.to_ne_bytes());
-    match ev {
-        KernelEvent::Transition(t) => {
-            b[78] = t.old as u8;
-            b[79] = t.new as u8;
-            b[80] = kind::SET_STATE;
-        }
-        KernelEvent::Timewait(tw) => {
-            b[79] = tw.substate as u8;
-            b[80] = match tw.op {
+            0,
+            tw.substate as u8,
+            match tw.op {
                 TimerOp::Arm => kind::TW_ARM,
                 TimerOp::Cancel => kind::TW_CANCEL,
                 TimerOp::Expire => kind::TW_EXPIRE,
-            };
-            b[88..96].copy_from_slice(&tw.expires.to_ne_bytes());
-            b[96..104].copy_from_slice(&tw.jiffies.to_ne_bytes());
-        }
+            },
+            tw.expires,
+        ),
+    };
+    Event {
+        ts_ns,
+        skaddr,
+        cookie,
+        pid_tgid: (u64::from(task.pid) << 32) | u64::from(task.tid),
+        expires,
+        jiffies,
+        saddr: addr16(saddr),
+        daddr: addr16(daddr),
+        comm: task.comm.raw(),
+        netns,
+        cpu: cpu.unwrap_or(NO_CPU),
+        sport,
+        dport,
+        family: match family {
+            Family::Ipv4 => AF_INET,
+            Family::Ipv6 => AF_INET6,
+        },
+        oldstate,
+        newstate,
+        kind,
+        _pad: [0; 7],
     }
-    b
+    .to_bytes()
 }
 
-fn addr16(a: IpAddr) -> [u8; 16] {
+/// An address as the kernel program writes it: IPv4 in the first 4 bytes.
+pub fn addr16(a: IpAddr) -> [u8; 16] {
     match a {
         IpAddr::V4(v4) => {
             let mut raw = [0u8; 16];
@@ -175,39 +186,24 @@ fn addr16(a: IpAddr) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::mem::offset_of;
-    use tracer_common::Event;
-
-    #[test]
-    fn offsets_match_the_abi_struct() {
-        assert_eq!(offset_of!(Event, ts_ns), 0);
-        assert_eq!(offset_of!(Event, skaddr), 8);
-        assert_eq!(offset_of!(Event, pid_tgid), 16);
-        assert_eq!(offset_of!(Event, saddr), 24);
-        assert_eq!(offset_of!(Event, daddr), 40);
-        assert_eq!(offset_of!(Event, comm), 56);
-        assert_eq!(offset_of!(Event, sport), 72);
-        assert_eq!(offset_of!(Event, dport), 74);
-        assert_eq!(offset_of!(Event, family), 76);
-        assert_eq!(offset_of!(Event, oldstate), 78);
-        assert_eq!(offset_of!(Event, newstate), 79);
-        assert_eq!(offset_of!(Event, kind), 80);
-        assert_eq!(offset_of!(Event, expires), 88);
-        assert_eq!(offset_of!(Event, jiffies), 96);
-    }
-
-    fn raw_event(family: u16, saddr: [u8; 16], old: u8, new: u8) -> [u8; EVENT_SIZE] {
-        raw_kind(kind::SET_STATE, family, saddr, old, new)
-    }
 
     fn raw_kind(k: u8, family: u16, saddr: [u8; 16], old: u8, new: u8) -> [u8; EVENT_SIZE] {
-        let ev = Event {
+        Event {
             ts_ns: 431_492_173_553,
             skaddr: 0xffff_8881_02cf_b780,
+            cookie: 4242,
             pid_tgid: (13212u64 << 32) | 13215,
+            expires: if k == kind::SET_STATE {
+                0
+            } else {
+                4_296_890_675
+            },
+            jiffies: 4_296_875_675,
             saddr,
             daddr: saddr,
             comm: *b"python3\0\0\0\0\0\0\0\0\0",
+            netns: 4_026_531_840,
+            cpu: 1,
             sport: 59682,
             dport: 7794,
             family,
@@ -215,19 +211,12 @@ mod tests {
             newstate: new,
             kind: k,
             _pad: [0; 7],
-            expires: if k == kind::SET_STATE {
-                0
-            } else {
-                4_296_890_675
-            },
-            jiffies: if k == kind::SET_STATE {
-                0
-            } else {
-                4_296_875_675
-            },
-        };
-        // SAFETY: `Event` is `repr(C)` plain data of exactly EVENT_SIZE bytes.
-        unsafe { std::mem::transmute::<Event, [u8; EVENT_SIZE]>(ev) }
+        }
+        .to_bytes()
+    }
+
+    fn raw_event(family: u16, saddr: [u8; 16], old: u8, new: u8) -> [u8; EVENT_SIZE] {
+        raw_kind(kind::SET_STATE, family, saddr, old, new)
     }
 
     fn transition(b: &[u8]) -> Transition {
@@ -244,6 +233,9 @@ mod tests {
         let t = transition(&raw_event(AF_INET, addr, 2, 1));
         assert_eq!(t.ts_ns, 431_492_173_553);
         assert_eq!(t.sk, 0xffff_8881_02cf_b780);
+        assert_eq!((t.cookie, t.netns, t.cpu), (4242, 4_026_531_840, Some(1)));
+        assert_eq!(t.id(), 4242);
+        assert_eq!(t.jiffies, 4_296_875_675);
         assert_eq!(t.family, Family::Ipv4);
         assert_eq!(t.saddr, "127.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(t.daddr, "127.0.0.1".parse::<IpAddr>().unwrap());
@@ -268,6 +260,7 @@ mod tests {
             };
             assert_eq!(tw.op, op);
             assert_eq!(tw.tw, 0xffff_8881_02cf_b780);
+            assert_eq!((tw.cookie, tw.id(), tw.cpu), (4242, 4242, Some(1)));
             assert_eq!(tw.substate, TcpState::TimeWait);
             assert_eq!(tw.saddr, "10.0.0.2".parse::<IpAddr>().unwrap());
             assert_eq!((tw.sport, tw.dport), (59682, 7794));
@@ -293,7 +286,12 @@ mod tests {
     fn rejects_bad_records() {
         let ok = raw_event(AF_INET, [0; 16], 1, 4);
         assert_eq!(decode(&ok[..87]), Err(DecodeError::Length { got: 87 }));
-        assert_eq!(decode(&ok[..103]), Err(DecodeError::Length { got: 103 }));
+        assert_eq!(
+            decode(&ok[..EVENT_SIZE - 1]),
+            Err(DecodeError::Length {
+                got: EVENT_SIZE - 1
+            })
+        );
         assert_eq!(decode(&[]), Err(DecodeError::Length { got: 0 }));
         assert_eq!(
             decode(&raw_event(3, [0; 16], 1, 4)),
@@ -307,9 +305,9 @@ mod tests {
             decode(&raw_event(AF_INET, [0; 16], 1, 13)),
             Err(DecodeError::State(13))
         );
-        let mut bad_kind = ok;
-        bad_kind[80] = 9;
-        assert_eq!(decode(&bad_kind), Err(DecodeError::Kind(9)));
+        let mut bad_kind = Event::from_bytes(&ok).unwrap();
+        bad_kind.kind = 9;
+        assert_eq!(decode(&bad_kind.to_bytes()), Err(DecodeError::Kind(9)));
     }
 
     #[test]

@@ -105,6 +105,8 @@ pub struct Task {
 pub struct Comm([u8; 16]);
 
 impl Comm {
+    pub const EMPTY: Comm = Comm([0; 16]);
+
     pub fn new(raw: [u8; 16]) -> Self {
         Comm(raw)
     }
@@ -144,13 +146,19 @@ impl fmt::Display for Comm {
     }
 }
 
-/// One TCP state transition, as the kernel reported it.
+/// One TCP state transition, as the kernel reported it (or derived from a timewait socket's
+/// timer, see [`Via`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Transition {
     /// Kernel CLOCK_MONOTONIC nanoseconds.
     pub ts_ns: u64,
     /// Address of the kernel `struct sock`.
     pub sk: u64,
+    /// The socket cookie: the socket's identity for its whole life (0: unknown, in
+    /// recordings made before tcplens read it).
+    pub cookie: u64,
+    /// Inode number of the socket's network namespace (0: unknown, as `cookie`).
+    pub netns: u32,
     pub family: Family,
     pub saddr: IpAddr,
     pub sport: u16,
@@ -161,6 +169,24 @@ pub struct Transition {
     /// The task on the CPU (in softirq, often unrelated to the socket).
     pub task: Task,
     pub via: Via,
+    /// The CPU the kernel reported it on (`None` for derived transitions and old
+    /// recordings).
+    pub cpu: Option<u32>,
+    /// Jiffies when it happened (0 when unknown).
+    pub jiffies: u64,
+}
+
+impl Transition {
+    /// The socket's identity: its cookie, or (unknown cookie) its address.
+    pub fn id(&self) -> u64 {
+        identity(self.cookie, self.sk)
+    }
+}
+
+/// A socket's identity in the tracker: its cookie, or its kernel address when the cookie
+/// is unknown (cookies are small counters, addresses kernel pointers: they never meet).
+pub fn identity(cookie: u64, addr: u64) -> u64 {
+    if cookie != 0 { cookie } else { addr }
 }
 
 /// Where a transition comes from.
@@ -201,6 +227,11 @@ pub struct TimewaitEvent {
     pub op: TimerOp,
     /// Address of the kernel `struct inet_timewait_sock`.
     pub tw: u64,
+    /// The cookie of the full socket that became this timewait socket (the kernel copies
+    /// it); 0 when unknown.
+    pub cookie: u64,
+    /// Inode number of the socket's network namespace (0: unknown).
+    pub netns: u32,
     pub family: Family,
     pub saddr: IpAddr,
     pub sport: u16,
@@ -212,7 +243,16 @@ pub struct TimewaitEvent {
     pub expires: u64,
     /// Jiffies when the event fired.
     pub jiffies: u64,
+    /// The CPU it fired on (`None` in old recordings).
+    pub cpu: Option<u32>,
     pub task: Task,
+}
+
+impl TimewaitEvent {
+    /// The socket's identity (see [`identity`]).
+    pub fn id(&self) -> u64 {
+        identity(self.cookie, self.tw)
+    }
 }
 
 /// One decoded ring buffer record.

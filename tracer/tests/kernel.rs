@@ -326,19 +326,16 @@ fn kernel_filters_drop_and_keep() {
     const KEPT_D: u16 = 21008; // -D
     const V6: u16 = 21009; // -6
     let mut by_lport = Capture::start(KernelFilter {
-        family: None,
         lports: vec![KEPT_L],
-        rports: vec![],
+        ..KernelFilter::default()
     });
     let mut by_rport = Capture::start(KernelFilter {
-        family: None,
-        lports: vec![],
         rports: vec![KEPT_D],
+        ..KernelFilter::default()
     });
     let mut v6_only = Capture::start(KernelFilter {
         family: Some(Family::Ipv6),
-        lports: vec![],
-        rports: vec![],
+        ..KernelFilter::default()
     });
     let mut everything = Capture::everything();
     in_netns(|| {

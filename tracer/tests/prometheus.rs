@@ -170,7 +170,7 @@ fn prometheus_scrapes_close_wait_durations_and_live_sockets() {
     let transitions =
         prom.query("sum(tcplens_transitions_total{old=\"CLOSE_WAIT\",new=\"LAST_ACK\"})");
     assert_eq!(transitions, 2.0);
-    assert_eq!(prom.query("tcplens_events_lost_total"), 0.0);
+    assert_eq!(prom.query("sum(tcplens_events_lost_total)"), 0.0);
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(tcplens.pid() as i32),

@@ -19,7 +19,7 @@ fn finish(r: Running) -> String {
         f.status,
         f.stderr
     );
-    assert!(f.stderr.contains(" 0 lost in the kernel"), "{}", f.stderr);
+    assert_nothing_lost(&f.stderr);
     f.stdout
 }
 

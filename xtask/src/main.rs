@@ -365,6 +365,7 @@ fn test(extra: &[String]) -> Result<()> {
     let mut args = vec![
         "test",
         "--release",
+        "--no-fail-fast",
         "--workspace",
         "--exclude",
         "tracer-ebpf",

@@ -43,8 +43,6 @@ pub struct ProcessSummary {
     pub oldest_ns: u64,
 }
 
-type Tuple = (IpAddr, u16, IpAddr, u16);
-
 /// Sockets of `found` in the state for at least `threshold_ns` at `now_ns`, oldest first.
 pub fn leaks(
     found: Vec<(DiagSocket, Option<Holder>)>,
@@ -54,23 +52,16 @@ pub fn leaks(
     start_ns: u64,
     threshold_ns: u64,
 ) -> Vec<Leak> {
-    // When the tracker saw each socket enter `state`, by 4-tuple.
-    let entered: HashMap<Tuple, u64> = tracker
-        .sockets()
-        .filter_map(|life| {
-            let last = life.spans.last()?;
-            (last.state == state).then_some((
-                (life.saddr, life.sport, life.daddr, life.dport),
-                last.entered_ns?,
-            ))
-        })
-        .collect();
     let mut out: Vec<Leak> = found
         .into_iter()
         .map(|(socket, holder)| {
-            let key = (socket.saddr, socket.sport, socket.daddr, socket.dport);
-            let (age_ns, age_at_least) = match entered.get(&key) {
-                Some(&at) => (now_ns.saturating_sub(at), false),
+            // When the tracker saw the socket (by its cookie) enter `state`.
+            let entered = tracker
+                .socket(socket.cookie)
+                .filter(|life| life.state() == Some(state))
+                .and_then(|life| life.entered_ns());
+            let (age_ns, age_at_least) = match entered {
+                Some(at) => (now_ns.saturating_sub(at), false),
                 None => (now_ns.saturating_sub(start_ns), true),
             };
             Leak {
@@ -124,6 +115,8 @@ pub fn by_process(leaks: &[Leak], previous: &HashMap<Option<u32>, usize>) -> Vec
 
 #[derive(Serialize)]
 struct JsonSocket<'a> {
+    cookie: u64,
+    netns: u32,
     family: &'static str,
     saddr: IpAddr,
     sport: u16,
@@ -146,6 +139,8 @@ struct JsonReport<'a> {
     threshold_ns: u64,
     /// How long gathering this report took (sock_diag dump and owner lookup).
     refresh_ns: u64,
+    /// Events the kernel lost so far (ring buffer full, recursion): ages may be off.
+    lost_events: u64,
     sockets: Vec<JsonSocket<'a>>,
     by_process: &'a [ProcessSummary],
 }
@@ -197,7 +192,7 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
         self.out
     }
 
-    fn refresh(&mut self, now_ns: u64, tracker: &Tracker) -> io::Result<()> {
+    fn refresh(&mut self, now_ns: u64, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
         let t0 = Instant::now();
         let q = &self.query;
         let found: Vec<_> = self
@@ -206,7 +201,7 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
             .map_err(io::Error::other)?
             .into_iter()
             .filter(|(s, h)| {
-                q.filter.keeps_socket(s.family, s.sport, s.dport)
+                q.filter.keeps(s.family, s.sport, s.dport, s.netns)
                     && q.pid
                         .is_none_or(|pid| h.as_ref().is_some_and(|h| h.pid == pid))
             })
@@ -217,7 +212,7 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
         self.previous = procs.iter().map(|p| (p.pid, p.count)).collect();
         self.found_any |= !list.is_empty();
         match self.format {
-            Format::Json => self.json(now_ns, refresh_ns, &list, &procs)?,
+            Format::Json => self.json(now_ns, refresh_ns, totals.lost.total(), &list, &procs)?,
             Format::Text => self.text(now_ns, &list, &procs)?,
         }
         self.out.flush()
@@ -227,6 +222,7 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
         &mut self,
         now_ns: u64,
         refresh_ns: u64,
+        lost_events: u64,
         list: &[Leak],
         procs: &[ProcessSummary],
     ) -> io::Result<()> {
@@ -237,9 +233,12 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
             state: self.query.state.name(),
             threshold_ns: self.query.threshold_ns,
             refresh_ns,
+            lost_events,
             sockets: list
                 .iter()
                 .map(|l| JsonSocket {
+                    cookie: l.socket.cookie,
+                    netns: l.socket.netns,
                     family: l.socket.family.name(),
                     saddr: l.socket.saddr,
                     sport: l.socket.sport,
@@ -274,8 +273,8 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
         if !list.is_empty() {
             let _ = writeln!(
                 s,
-                "{:<12} {:<7} {:<16} {:<5} {:<10} {:<26} RADDR:RPORT",
-                "AGE", "PID", "COMM", "FD", "INODE", "LADDR:LPORT"
+                "{:<12} {:<7} {:<16} {:<5} {:<10} {:<10} {:<26} RADDR:RPORT",
+                "AGE", "PID", "COMM", "FD", "INODE", "NETNS", "LADDR:LPORT"
             );
         }
         for l in list {
@@ -290,8 +289,9 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
             };
             let _ = writeln!(
                 s,
-                "{age:<12} {pid:<7} {comm:<16} {fd:<5} {:<10} {:<26} {}",
+                "{age:<12} {pid:<7} {comm:<16} {fd:<5} {:<10} {:<10} {:<26} {}",
                 l.socket.inode,
+                l.socket.netns,
                 SocketAddr::new(l.socket.saddr, l.socket.sport),
                 SocketAddr::new(l.socket.daddr, l.socket.dport),
             );
@@ -321,12 +321,12 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
 }
 
 impl<W: Write, S: SocketSnapshot> Sink for LeaksSink<W, S> {
-    fn interval(&mut self, now_ns: u64, _totals: &Totals, tracker: &Tracker) -> io::Result<()> {
-        self.refresh(now_ns, tracker)
+    fn interval(&mut self, now_ns: u64, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
+        self.refresh(now_ns, totals, tracker)
     }
 
-    fn finish(&mut self, now_ns: u64, _totals: &Totals, tracker: &Tracker) -> io::Result<()> {
-        self.refresh(now_ns, tracker)
+    fn finish(&mut self, now_ns: u64, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
+        self.refresh(now_ns, totals, tracker)
     }
 }
 
@@ -349,7 +349,10 @@ mod tests {
             dport: 8080,
             inode,
             uid: 0,
-            netns: 1,
+            netns: crate::tracker::tests::NETNS,
+            // The tracker's test sockets have cookies 1, 2, …: keep these apart.
+            cookie: 1_000 + u64::from(sport),
+            tw_expires_ms: None,
         }
     }
 
@@ -362,13 +365,17 @@ mod tests {
         })
     }
 
-    /// A tracker that saw socket 40000 enter CLOSE_WAIT at 2 s.
+    /// A tracker that saw socket 40000 (cookie 41000) enter CLOSE_WAIT at 2 s.
     fn tracker() -> Tracker {
         let mut t = Tracker::default();
         let mut ended = Vec::new();
-        t.observe(&tr(1, 1_000_000_000, Listen, SynRecv, 1), &mut ended);
-        t.observe(&tr(1, 1_500_000_000, SynRecv, Established, 1), &mut ended);
-        t.observe(&tr(1, 2_000_000_000, Established, CloseWait, 9), &mut ended);
+        let sk = diag(40000, 0).cookie;
+        t.observe(&tr(sk, 1_000_000_000, Listen, SynRecv, 1), &mut ended);
+        t.observe(&tr(sk, 1_500_000_000, SynRecv, Established, 1), &mut ended);
+        t.observe(
+            &tr(sk, 2_000_000_000, Established, CloseWait, 9),
+            &mut ended,
+        );
         t
     }
 
@@ -468,9 +475,8 @@ mod tests {
             threshold_ns: 30_000_000_000,
             start_ns: 0,
             filter: KernelFilter {
-                family: None,
-                lports: vec![],
                 rports: vec![8080],
+                ..KernelFilter::default()
             },
             pid: None,
         };
@@ -481,14 +487,21 @@ mod tests {
             fake,
             query,
         );
-        sink.finish(40_000_000_000, &Totals::default(), &tracker())
-            .unwrap();
+        let totals = Totals {
+            lost: crate::source::kernel::Lost {
+                ring_full: 2,
+                recursion: 1,
+            },
+            ..Totals::default()
+        };
+        sink.finish(40_000_000_000, &totals, &tracker()).unwrap();
         assert!(sink.found_any);
         let out = String::from_utf8(sink.into_inner()).unwrap();
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(v["time"], "2026-11-21T22:10:40.000000000Z");
         assert_eq!(v["threshold_ns"], 30_000_000_000u64);
         assert_eq!(v["state"], "CLOSE_WAIT");
+        assert_eq!(v["lost_events"], 3);
         let socks = v["sockets"].as_array().unwrap();
         assert_eq!(socks.len(), 2, "{v}");
         assert_eq!(socks[0]["sport"], 40001);
@@ -497,6 +510,10 @@ mod tests {
         assert_eq!(socks[1]["sport"], 40000);
         assert_eq!(socks[1]["age_ns"], 38_000_000_000u64);
         assert_eq!(socks[1]["age_at_least"], false);
+        assert_eq!(
+            (socks[1]["cookie"].as_u64(), socks[1]["netns"].as_u64()),
+            (Some(41_000), Some(u64::from(crate::tracker::tests::NETNS)))
+        );
         assert_eq!(
             (
                 socks[1]["pid"].as_u64(),
@@ -519,11 +536,7 @@ mod tests {
                 state: CloseWait,
                 threshold_ns: 1,
                 start_ns: 0,
-                filter: KernelFilter {
-                    family: None,
-                    lports: vec![],
-                    rports: vec![],
-                },
+                filter: KernelFilter::default(),
                 pid: Some(7),
             },
         );

@@ -26,6 +26,7 @@ use crate::app::Totals;
 use crate::clock::monotonic_now_ns;
 use crate::model::{TcpState, Transition};
 use crate::source::SocketSnapshot;
+use crate::source::kernel::Lost;
 use crate::tracker::{End, Observed, Role, SocketLife, Tracker};
 
 /// `tcplens_close_wait_sockets{comm}` keeps the processes with the most sockets; the rest
@@ -43,6 +44,16 @@ struct TransitionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,7 +77,8 @@ pub struct Metrics {
     lifetime: Histogram,
     close_wait: Family<CommLabels, Gauge>,
     close_wait_oldest: Family<CommLabels, Gauge<f64, AtomicU64>>,
-    lost: Counter,
+    lost: Family<ReasonLabels, Counter>,
+    unseen: Family<CauseLabels, Counter>,
     tracked: Gauge,
     evictions: Counter,
 }
@@ -89,7 +101,8 @@ impl Metrics {
             lifetime: duration_histogram(),
             close_wait: Family::default(),
             close_wait_oldest: Family::default(),
-            lost: Counter::default(),
+            lost: Family::default(),
+            unseen: Family::default(),
             tracked: Gauge::default(),
             evictions: Counter::default(),
         };
@@ -132,8 +145,13 @@ impl Metrics {
         );
         r.register(
             "events_lost",
-            "Events the kernel dropped (ring buffer full)",
+            "Events the kernel lost: ring buffer full, or a program run skipped (recursion)",
             m.lost.clone(),
+        );
+        r.register(
+            "ended_unseen",
+            "Sockets whose end the kernel did not show: their address was reused, or sock_diag no longer lists them",
+            m.unseen.clone(),
         );
         r.register(
             "tracked_sockets",
@@ -182,7 +200,8 @@ pub struct MetricsSink<S: SocketSnapshot> {
     durations: HashMap<TcpState, Histogram>,
     last_gauges: Option<Instant>,
     last_holders: Option<Instant>,
-    reported_lost: u64,
+    reported_lost: Lost,
+    reported_unseen: (u64, u64),
     reported_evicted: u64,
 }
 
@@ -196,7 +215,8 @@ impl<S: SocketSnapshot> MetricsSink<S> {
             durations: HashMap::new(),
             last_gauges: None,
             last_holders: None,
-            reported_lost: 0,
+            reported_lost: Lost::default(),
+            reported_unseen: (0, 0),
             reported_evicted: 0,
         }
     }
@@ -213,9 +233,29 @@ impl<S: SocketSnapshot> MetricsSink<S> {
             }
         }
         m.tracked.set(tracker.live() as i64);
-        m.lost
-            .inc_by(totals.lost.saturating_sub(self.reported_lost));
-        self.reported_lost = self.reported_lost.max(totals.lost);
+        let (was, now) = (self.reported_lost, totals.lost);
+        for (reason, before, after) in [
+            ("ring_full", was.ring_full, now.ring_full),
+            ("recursion", was.recursion, now.recursion),
+        ] {
+            m.lost
+                .get_or_create(&ReasonLabels { reason })
+                .inc_by(after.saturating_sub(before));
+        }
+        self.reported_lost = Lost {
+            ring_full: was.ring_full.max(now.ring_full),
+            recursion: was.recursion.max(now.recursion),
+        };
+        let stats = tracker.stats();
+        for (cause, before, after) in [
+            ("reused", self.reported_unseen.0, stats.unseen_reused),
+            ("gone", self.reported_unseen.1, stats.unseen_gone),
+        ] {
+            m.unseen
+                .get_or_create(&CauseLabels { cause })
+                .inc_by(after.saturating_sub(before));
+        }
+        self.reported_unseen = (stats.unseen_reused, stats.unseen_gone);
         let evicted = tracker.stats().evicted;
         m.evictions
             .inc_by(evicted.saturating_sub(self.reported_evicted));
@@ -319,10 +359,6 @@ impl<S: SocketSnapshot> Sink for MetricsSink<S> {
         Ok(())
     }
 
-    fn counts_live_sockets(&self) -> bool {
-        true
-    }
-
     fn batch_done(&mut self, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
         self.refresh(totals, tracker, false)
     }
@@ -421,6 +457,8 @@ mod tests {
                 inode: u64::from(sport),
                 uid: 0,
                 netns: 1,
+                cookie: u64::from(sport),
+                tw_expires_ms: None,
             },
             Some(Holder {
                 pid: 1,
@@ -460,7 +498,10 @@ mod tests {
             &Totals {
                 events: 6,
                 timewait: 0,
-                lost: 3,
+                lost: Lost {
+                    ring_full: 3,
+                    recursion: 2,
+                },
                 bad: 0,
             },
             &t,
@@ -480,6 +521,7 @@ mod tests {
             "tcplens_close_wait_sockets",
             "tcplens_close_wait_oldest_seconds",
             "tcplens_events_lost",
+            "tcplens_ended_unseen",
             "tcplens_tracked_sockets",
             "tcplens_evictions",
         ] {
@@ -489,7 +531,18 @@ mod tests {
             text.contains("tcplens_transitions_total{old=\"SYN_SENT\",new=\"ESTABLISHED\"} 1"),
             "{text}"
         );
-        assert!(text.contains("tcplens_events_lost_total 3"), "{text}");
+        assert!(
+            text.contains("tcplens_events_lost_total{reason=\"ring_full\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tcplens_events_lost_total{reason=\"recursion\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tcplens_ended_unseen_total{cause=\"gone\"} 0"),
+            "{text}"
+        );
         assert!(
             text.contains("tcplens_sockets{state=\"SYN_SENT\"} 1"),
             "{text}"

@@ -25,11 +25,6 @@ pub enum Format {
 }
 
 pub trait Sink {
-    /// Whether it reports live socket counts per state (which sock_diag completes for
-    /// timewait sockets, see `Pipeline`).
-    fn counts_live_sockets(&self) -> bool {
-        false
-    }
     /// Tracing has started (the program is attached, or the file is open).
     fn started(&mut self) -> io::Result<()> {
         Ok(())
@@ -60,6 +55,17 @@ pub trait Sink {
     fn finish(&mut self, _now_ns: u64, _totals: &Totals, _tracker: &Tracker) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// A namespace inode for JSON: `null` when unknown (recordings made before tcplens read
+/// it).
+pub fn netns(inode: u32) -> Option<u32> {
+    (inode != 0).then_some(inode)
+}
+
+/// A cookie for JSON: `null` when unknown.
+pub fn cookie(cookie: u64) -> Option<u64> {
+    (cookie != 0).then_some(cookie)
 }
 
 /// A duration for people: `850ns`, `12.5us`, `1.500ms`, `2.250s`, `3m05s`, `1h02m`.

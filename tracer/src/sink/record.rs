@@ -28,11 +28,11 @@ impl<W: Write> Sink for RecordSink<W> {
     }
 
     fn interval(&mut self, _now: u64, totals: &Totals, _tracker: &Tracker) -> io::Result<()> {
-        self.writer.lost(totals.lost)
+        self.writer.lost(totals.lost.total())
     }
 
     fn finish(&mut self, _now: u64, totals: &Totals, _tracker: &Tracker) -> io::Result<()> {
-        self.writer.lost(totals.lost)?;
+        self.writer.lost(totals.lost.total())?;
         self.writer.flush()
     }
 }

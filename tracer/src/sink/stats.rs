@@ -96,11 +96,30 @@ impl Summary {
     }
 }
 
+/// Events lost in the kernel, by reason (JSON).
+#[derive(Serialize)]
+struct JsonLost {
+    ring_full: u64,
+    recursion: u64,
+}
+
+/// Lives that ended without the kernel showing it (JSON), since tracing began.
+#[derive(Serialize)]
+struct JsonUnseen {
+    /// Their socket address started another socket's life.
+    reused: u64,
+    /// sock_diag no longer listed them.
+    gone: u64,
+}
+
 #[derive(Serialize)]
 struct JsonWindow<'a> {
     time: String,
     window_ns: u64,
+    /// Since tracing began: ring buffer drops and recursion misses.
     lost_events: u64,
+    lost: JsonLost,
+    ended_unseen: JsonUnseen,
     #[serde(skip_serializing_if = "Option::is_none")]
     by: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -180,32 +199,52 @@ impl<W: Write> StatsSink<W> {
                 let mut any = false;
                 for (key, g) in groups.iter().filter(|(_, g)| !g.is_empty()) {
                     any = true;
-                    self.json(&time, window_ns, totals, Some(key.as_str()), g, &live)?;
+                    self.json(
+                        &time,
+                        window_ns,
+                        totals,
+                        tracker,
+                        Some(key.as_str()),
+                        g,
+                        &live,
+                    )?;
                 }
                 if !any {
-                    self.json(&time, window_ns, totals, None, &Group::default(), &live)?;
+                    let empty = Group::default();
+                    self.json(&time, window_ns, totals, tracker, None, &empty, &live)?;
                 }
             }
-            Format::Text => self.text(now_ns, window_ns, totals, &groups, &live)?,
+            Format::Text => self.text(now_ns, window_ns, totals, tracker, &groups, &live)?,
         }
         self.out.flush()?;
         self.window_start_ns = Some(now_ns);
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn json(
         &mut self,
         time: &str,
         window_ns: u64,
         totals: &Totals,
+        tracker: &Tracker,
         key: Option<&str>,
         g: &Group,
         live: &BTreeMap<&'static str, u64>,
     ) -> io::Result<()> {
+        let stats = tracker.stats();
         let rec = JsonWindow {
             time: time.to_string(),
             window_ns,
-            lost_events: totals.lost,
+            lost_events: totals.lost.total(),
+            lost: JsonLost {
+                ring_full: totals.lost.ring_full,
+                recursion: totals.lost.recursion,
+            },
+            ended_unseen: JsonUnseen {
+                reused: stats.unseen_reused,
+                gone: stats.unseen_gone,
+            },
             by: self.by.map(By::name),
             group: self.by.and(key),
             states: g
@@ -227,17 +266,24 @@ impl<W: Write> StatsSink<W> {
         now_ns: u64,
         window_ns: u64,
         totals: &Totals,
+        tracker: &Tracker,
         groups: &BTreeMap<String, Group>,
         live: &BTreeMap<&'static str, u64>,
     ) -> io::Result<()> {
         let mut s = String::new();
         self.times.time_of_day(now_ns, &mut s);
-        let _ = writeln!(
+        let _ = write!(
             s,
-            "  window {}, {} events lost in the kernel",
+            "  window {}, events {} in the kernel",
             human_ns(window_ns),
             totals.lost
         );
+        let stats = tracker.stats();
+        let unseen = stats.unseen_reused + stats.unseen_gone;
+        if unseen > 0 {
+            let _ = write!(s, ", {unseen} sockets ended unseen");
+        }
+        s.push('\n');
         if !live.is_empty() {
             s.push_str("live sockets:");
             for (state, n) in live {
@@ -355,10 +401,6 @@ impl<W: Write> Sink for StatsSink<W> {
         Ok(())
     }
 
-    fn counts_live_sockets(&self) -> bool {
-        true
-    }
-
     fn interval(&mut self, now_ns: u64, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
         self.report(now_ns, totals, tracker)
     }
@@ -445,7 +487,10 @@ mod tests {
         s.finish(
             end,
             &Totals {
-                lost: 7,
+                lost: crate::source::kernel::Lost {
+                    ring_full: 7,
+                    recursion: 2,
+                },
                 ..Totals::default()
             },
             &Tracker::default(),
@@ -453,7 +498,10 @@ mod tests {
         .unwrap();
         let out = String::from_utf8(s.into_inner()).unwrap();
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-        assert_eq!(v["lost_events"], 7);
+        assert_eq!(v["lost_events"], 9, "ring drops and recursion misses");
+        assert_eq!(v["lost"]["ring_full"], 7);
+        assert_eq!(v["lost"]["recursion"], 2);
+        assert_eq!(v["ended_unseen"]["gone"], 0);
         assert_eq!(v["window_ns"], end - 1_000_000_000);
         assert_eq!(v["states"]["CLOSE_WAIT"]["count"], 100);
         assert_eq!(v["accept_ns"]["count"], 100);
@@ -490,7 +538,7 @@ mod tests {
             .unwrap();
         let out = String::from_utf8(s.into_inner()).unwrap();
         assert!(
-            out.contains("window 14.100ms, 0 events lost in the kernel"),
+            out.contains("window 14.100ms, events 0 lost in the kernel\n"),
             "{out}"
         );
         let row = out.lines().find(|l| l.starts_with("CLOSE_WAIT")).unwrap();

@@ -28,6 +28,8 @@ struct JsonState {
 #[derive(Serialize)]
 struct JsonLife<'a> {
     sk: String,
+    cookie: Option<u64>,
+    netns: Option<u32>,
     family: &'static str,
     saddr: IpAddr,
     sport: u16,
@@ -74,6 +76,8 @@ impl<W: Write> TimelineSink<W> {
             .collect();
         let rec = JsonLife {
             sk: format!("0x{:016x}", life.sk),
+            cookie: super::cookie(life.cookie),
+            netns: super::netns(life.netns),
             family: life.family.name(),
             saddr: life.saddr,
             sport: life.sport,
@@ -92,7 +96,7 @@ impl<W: Write> TimelineSink<W> {
         self.out.write_all(b"\n")
     }
 
-    /// `22:10:02.123 127.0.0.1:59682 > 127.0.0.1:7794 active python3[13212] closed, lifetime 1.110ms`
+    /// `22:10:02.123 127.0.0.1:59682 > 127.0.0.1:7794 netns 4026531840 active python3[13212] closed, lifetime 1.110ms`
     /// `    SYN_SENT 90ns > ESTABLISHED 1.000us > … > CLOSE`
     fn text(&mut self, life: &SocketLife) -> io::Result<()> {
         let line = &mut self.line;
@@ -104,11 +108,14 @@ impl<W: Write> TimelineSink<W> {
         }
         let _ = write!(
             line,
-            " {} > {} {}",
+            " {} > {}",
             SocketAddr::new(life.saddr, life.sport),
             SocketAddr::new(life.daddr, life.dport),
-            life.role.name(),
         );
+        if life.netns != 0 {
+            let _ = write!(line, " netns {}", life.netns);
+        }
+        let _ = write!(line, " {}", life.role.name());
         match &life.owner {
             Some(o) => {
                 let _ = write!(line, " {}[{}]", o.comm, o.pid);
@@ -219,6 +226,7 @@ mod tests {
             t.observe(&e, &mut ended);
         }
         let mut life = ended.remove(0);
+        life.cookie = 4242;
         if let Some(o) = life.owner.as_mut() {
             o.comm = Comm::from_name("python3");
         }
@@ -240,7 +248,8 @@ mod tests {
         assert_eq!(
             out,
             concat!(
-                r#"{"sk":"0xffff888102cfb780","family":"ipv4","saddr":"127.0.0.1","sport":40000,"#,
+                r#"{"sk":"0xffff888102cfb780","cookie":4242,"netns":4026531840,"#,
+                r#""family":"ipv4","saddr":"127.0.0.1","sport":40000,"#,
                 r#""daddr":"127.0.0.1","dport":8080,"owner_pid":13212,"owner_comm":"python3","#,
                 r#""role":"active","first_seen_mid_life":false,"existed_at_start":false,"states":["#,
                 r#"{"state":"SYN_SENT","time":"2026-11-21T22:10:02.123456789Z","ns":90000},"#,
@@ -261,7 +270,7 @@ mod tests {
         let out = String::from_utf8(s.into_inner()).unwrap();
         assert_eq!(
             out,
-            "22:10:02.123 127.0.0.1:40000 > 127.0.0.1:8080 active python3[13212] closed, lifetime 300.118ms\n    \
+            "22:10:02.123 127.0.0.1:40000 > 127.0.0.1:8080 netns 4026531840 active python3[13212] closed, lifetime 300.118ms\n    \
              SYN_SENT 90.0us > ESTABLISHED 300.000ms > FIN_WAIT1 22.0us > FIN_WAIT2 6.0us > CLOSE\n"
         );
     }

@@ -26,6 +26,8 @@ struct JsonLine<'a> {
     time: &'a str,
     ts_ns: u64,
     sk: &'a str,
+    cookie: Option<u64>,
+    netns: Option<u32>,
     family: &'static str,
     saddr: IpAddr,
     sport: u16,
@@ -111,6 +113,8 @@ impl<W: Write> WatchPrinter<W> {
             time,
             ts_ns: t.ts_ns,
             sk,
+            cookie: super::cookie(t.cookie),
+            netns: super::netns(t.netns),
             family: t.family.name(),
             saddr: t.saddr,
             sport: t.sport,
@@ -192,6 +196,8 @@ mod tests {
         Transition {
             ts_ns: 431_492_173_553,
             sk: 0xffff_8881_02cf_b780,
+            cookie: 4242,
+            netns: 4_026_531_840,
             family,
             saddr: s,
             sport: 59682,
@@ -205,6 +211,8 @@ mod tests {
                 comm: Comm::from_name("python3"),
             },
             via: Via::Tracepoint,
+            cpu: Some(0),
+            jiffies: 0,
         }
     }
 
@@ -235,6 +243,7 @@ mod tests {
             output(p),
             concat!(
                 r#"{"time":"2026-11-21T22:10:02.123456789Z","ts_ns":431492173553,"sk":"0xffff888102cfb780","#,
+                r#""cookie":4242,"netns":4026531840,"#,
                 r#""family":"ipv4","saddr":"127.0.0.1","sport":59682,"daddr":"127.0.0.1","dport":7794,"#,
                 r#""old":"SYN_SENT","new":"ESTABLISHED","old_ns":90000,"#,
                 r#""pid":13212,"comm":"python3","owner_pid":13212,"owner_comm":"python3","via":"tracepoint"}"#,

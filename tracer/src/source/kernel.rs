@@ -1,70 +1,123 @@
-//! The live source: loads the eBPF programs, attaches them to `sock:inet_sock_set_state`
-//! (and, for TIME_WAIT, to `timer:timer_start`, `timer_cancel` and `timer_expire_entry`) and
-//! reads raw event records from their ring buffer.
+//! The live source: loads the eBPF programs, attaches them as BTF tracepoints to
+//! `sock:inet_sock_set_state` (and, for TIME_WAIT, to `timer:timer_start`, `timer_cancel` and
+//! `timer_expire_entry`) and reads raw event records from their ring buffer. It also reads
+//! what the kernel lost: ring buffer drops and each program's recursion misses.
 
 use std::io;
+use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::path::Path;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapType, PerCpuArray, RingBuf};
-use aya::programs::{ProgramError, TracePoint};
-use aya::{Ebpf, EbpfLoader};
+use aya::programs::{BtfTracePoint, ProgramError, ProgramFd};
+use aya::{Btf, Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tracer_common::{
     AF_INET, AF_INET6, CONFIG_GLOBAL, Config, EVENTS_MAP, LOST_MAP, LPORTS_MAP, MAX_FILTER_PORTS,
-    RPORTS_MAP, TIMEWAIT_GLOBAL, TimewaitLayout,
+    NESTED_MAP, RPORTS_MAP, TIMEWAIT_GLOBAL, TimewaitLayout, tracepoint,
 };
 
-use super::timewait::{self, TimewaitSetup};
-use super::tracefs::{self, TracefsError};
+use super::btf::{self, KernelBtf, VMLINUX_BTF};
 use crate::model::Family;
 
 /// The eBPF object built by `build.rs`.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
-const PROGRAM_NAME: &str = "inet_sock_set_state";
+/// A tracepoint and its two programs (see `tracer-ebpf`): the primary, and the nested one
+/// for the events the primary is skipped for, attached after it.
+#[derive(Clone, Copy)]
+struct Tracepoint {
+    /// Its index in `tracer_common::tracepoint` (and in the `NESTED` counters).
+    index: u32,
+    name: &'static str,
+    primary: &'static str,
+    nested: &'static str,
+}
+
+const TRANSITIONS: Tracepoint = Tracepoint {
+    index: tracepoint::SET_STATE,
+    name: "inet_sock_set_state",
+    primary: "inet_sock_set_state",
+    nested: "inet_sock_set_state_nested",
+};
 /// The timewait programs and the `timer:*` tracepoints they attach to.
-const TIMEWAIT_PROGRAMS: [(&str, &str); 3] = [
-    ("tw_timer_start", "timer_start"),
-    ("tw_timer_cancel", "timer_cancel"),
-    ("tw_timer_expire_entry", "timer_expire_entry"),
+const TIMEWAIT_PROGRAMS: [Tracepoint; 3] = [
+    Tracepoint {
+        index: tracepoint::TIMER_START,
+        name: "timer_start",
+        primary: "tw_timer_start",
+        nested: "tw_timer_start_nested",
+    },
+    Tracepoint {
+        index: tracepoint::TIMER_CANCEL,
+        name: "timer_cancel",
+        primary: "tw_timer_cancel",
+        nested: "tw_timer_cancel_nested",
+    },
+    Tracepoint {
+        index: tracepoint::TIMER_EXPIRE,
+        name: "timer_expire_entry",
+        primary: "tw_timer_expire_entry",
+        nested: "tw_timer_expire_entry_nested",
+    },
 ];
 
-/// Default ring buffer size: at this machine's top churn (~150 k transitions/s of 96 bytes
-/// each) it holds over half a second of events, so a stalled reader loses nothing.
+/// Default ring buffer size: at this machine's top churn (~150 k transitions/s of 128
+/// bytes each) it holds about half a second of events, so a stalled reader loses nothing.
 pub const DEFAULT_RING_SIZE: u32 = 8 << 20;
 
 #[derive(Debug, Error)]
 pub enum SourceError {
     #[error(
-        "permission denied: tcplens needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN for tracefs) to load its eBPF program"
+        "permission denied: tcplens needs root, or CAP_BPF and CAP_PERFMON, to load its eBPF programs"
     )]
     NotPrivileged,
     #[error(
-        "this kernel has no BPF ring buffer (BPF_MAP_TYPE_RINGBUF); tcplens needs Linux 5.8 or later"
+        "this kernel has no BTF ({VMLINUX_BTF}: {0}); tcplens needs a kernel built with CONFIG_DEBUG_INFO_BTF (Linux 5.12 or later)"
+    )]
+    NoBtf(io::Error),
+    #[error("this kernel's BTF lacks what tcplens reads: {0}")]
+    Layout(#[from] btf::LayoutError),
+    #[error(
+        "this kernel has no BPF ring buffer (BPF_MAP_TYPE_RINGBUF); tcplens needs Linux 5.12 or later"
     )]
     NoRingBuf,
-    #[error(transparent)]
-    Tracefs(#[from] TracefsError),
-    #[error("the kernel rejected the eBPF program: {0} (RUST_LOG=debug shows the verifier log)")]
-    Verifier(io::Error),
-    #[error("{what}: {source}")]
+    #[error("this kernel has no tracepoint {0} (tcplens needs Linux 5.12 or later)")]
+    NoTracepoint(&'static str),
+    // The underlying errors are shown in the message, not chained: one line, said once.
+    #[error(
+        "the kernel rejected the eBPF program {name}: {error} (tcplens needs Linux 5.12 or later; RUST_LOG=debug shows the verifier log)"
+    )]
+    Verifier { name: String, error: io::Error },
+    #[error("{what}: {error}")]
     Bpf {
         what: &'static str,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("reading the ring buffer: {0}")]
     Io(#[from] io::Error),
 }
 
-/// What the kernel program keeps; everything else it drops before using ring space.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What the kernel programs keep; everything else they drop before using ring space.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelFilter {
     pub family: Option<Family>,
     /// Keep only these local ports (empty: all).
     pub lports: Vec<u16>,
     /// Keep only these remote ports (empty: all).
     pub rports: Vec<u16>,
+    /// Keep only this network namespace (its inode number).
+    pub netns: Option<u32>,
+}
+
+impl KernelFilter {
+    /// The kernel's test, in userspace (replay of a record file, sock_diag snapshots).
+    pub fn keeps(&self, family: Family, sport: u16, dport: u16, netns: u32) -> bool {
+        self.family.is_none_or(|f| f == family)
+            && (self.lports.is_empty() || self.lports.contains(&sport))
+            && (self.rports.is_empty() || self.rports.contains(&dport))
+            && self.netns.is_none_or(|n| n == netns)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -86,25 +139,125 @@ pub fn wakeup_bytes(ring_size: u32) -> u32 {
     (ring_size / 8).min(1 << 20)
 }
 
-/// The loaded, attached program and its maps. Dropping it detaches the program.
+/// The loaded, attached programs and their maps. Dropping it detaches them.
 pub struct KernelSource {
     pub events: EventRing,
     pub logs: KernelLogs,
-    pub lost: LostCounter,
-    /// TIME_WAIT tracking, when on: the kernel's HZ (timer expiries are in jiffies).
-    pub timewait_hz: Option<u32>,
-    // Owns the program and its link.
+    pub lost: KernelLoss,
+    /// Whether timewait sockets are followed (the timer programs are attached).
+    pub timewait: bool,
+    // Owns the programs and their links.
     _ebpf: Ebpf,
 }
 
 /// The ring buffer of raw [`tracer_common::Event`] records.
 pub struct EventRing(AsyncFd<RingBuf<MapData>>);
 
-/// The aya-log ring of the kernel program, when it has one.
+/// The aya-log ring of the kernel programs, when they have one.
 pub struct KernelLogs(Option<AsyncFd<EbpfLogger<&'static dyn log::Log>>>);
 
-/// The per-CPU counter of events dropped on a full ring.
-pub struct LostCounter(PerCpuArray<MapData, u64>);
+/// Events the kernel lost, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lost {
+    /// Dropped by a program because the ring buffer was full.
+    pub ring_full: u64,
+    /// Events neither program of a tracepoint handled: the kernel skipped the primary
+    /// because it was already running on that CPU (`recursion_misses`) and the nested one
+    /// did not take the event over (it was busy too). A timer program's loss may have been
+    /// a timer tcplens would have ignored: it counts all the same.
+    pub recursion: u64,
+}
+
+impl Lost {
+    pub fn total(&self) -> u64 {
+        self.ring_full + self.recursion
+    }
+}
+
+impl std::fmt::Display for Lost {
+    /// `0 lost`, or `12 lost (ring buffer full 10, recursion 2)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} lost", self.total())?;
+        if self.total() > 0 {
+            write!(
+                f,
+                " (ring buffer full {}, recursion {})",
+                self.ring_full, self.recursion
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Where losses are read from: the kernel ([`KernelLoss`]), or a stand-in in tests.
+pub trait LossSource {
+    fn lost(&self) -> Result<Lost, SourceError>;
+}
+
+/// The per-CPU ring drop counter, the primary programs' `recursion_misses` and the events
+/// their nested programs took over.
+pub struct KernelLoss {
+    ring: PerCpuArray<MapData, u64>,
+    nested: PerCpuArray<MapData, u64>,
+    /// Each attached tracepoint's index and primary program.
+    primaries: Vec<(u32, ProgramFd)>,
+}
+
+impl LossSource for KernelLoss {
+    fn lost(&self) -> Result<Lost, SourceError> {
+        let sum = |map: &PerCpuArray<MapData, u64>, index: u32| -> Result<u64, SourceError> {
+            Ok(map
+                .get(&index, 0)
+                .map_err(bpf_err("reading the loss counters"))?
+                .iter()
+                .sum())
+        };
+        let ring_full = sum(&self.ring, 0)?;
+        let mut recursion = 0;
+        for (index, p) in &self.primaries {
+            let missed = recursion_misses(p).map_err(|e| SourceError::Bpf {
+                what: "reading a program's recursion misses",
+                error: Box::new(e),
+            })?;
+            let taken_over = sum(&self.nested, *index)?;
+            if missed > 0 {
+                log::debug!(
+                    "tracepoint {index}: primary skipped {missed} events, nested program took {taken_over}"
+                );
+            }
+            recursion += missed.saturating_sub(taken_over);
+        }
+        Ok(Lost {
+            ring_full,
+            recursion,
+        })
+    }
+}
+
+/// `bpf_prog_info.recursion_misses` of a loaded program (Linux 5.12+; aya 0.14 does not
+/// expose it).
+fn recursion_misses(p: &ProgramFd) -> io::Result<u64> {
+    use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
+    // SAFETY: zeroed plain-data kernel structs; the kernel writes at most `info_len` bytes
+    // of `info`, which lives until the call returns.
+    unsafe {
+        let mut info: bpf_prog_info = std::mem::zeroed();
+        let mut attr: bpf_attr = std::mem::zeroed();
+        attr.info.bpf_fd = p.as_fd().as_raw_fd() as u32;
+        attr.info.info_len = std::mem::size_of::<bpf_prog_info>() as u32;
+        attr.info.info = (&raw mut info) as u64;
+        let r = nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as nix::libc::c_int,
+            &raw mut attr,
+            std::mem::size_of::<bpf_attr>(),
+        );
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(info.recursion_misses)
+    }
+}
 
 fn bpf_err<E: std::error::Error + Send + Sync + 'static>(
     what: &'static str,
@@ -115,7 +268,7 @@ fn bpf_err<E: std::error::Error + Send + Sync + 'static>(
         } else {
             SourceError::Bpf {
                 what,
-                source: Box::new(e),
+                error: Box::new(e),
             }
         }
     }
@@ -126,7 +279,7 @@ fn is_permission_error(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<io::Error>()
-            && matches!(io.raw_os_error(), Some(libc_eperm) if libc_eperm == nix::libc::EPERM || libc_eperm == nix::libc::EACCES)
+            && matches!(io.raw_os_error(), Some(c) if c == nix::libc::EPERM || c == nix::libc::EACCES)
         {
             return true;
         }
@@ -136,32 +289,26 @@ fn is_permission_error(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 impl KernelSource {
-    /// Loads and attaches the program. Must be called inside a tokio runtime.
+    /// Loads and attaches the programs. Must be called inside a tokio runtime.
     pub fn open(opts: &KernelOptions) -> Result<Self, SourceError> {
-        let root = tracefs::ensure_mounted().map_err(|e| match e {
-            TracefsError::Mount(nix::Error::EPERM | nix::Error::EACCES) => {
-                SourceError::NotPrivileged
-            }
-            other => other.into(),
-        })?;
-        let layout = tracefs::read_inet_sock_set_state(&root).map_err(|e| match e {
-            TracefsError::NoTracepoint { source, .. }
-                if source.kind() == io::ErrorKind::PermissionDenied =>
-            {
-                SourceError::NotPrivileged
-            }
-            other => other.into(),
-        })?;
-
+        let btf_path = Path::new(VMLINUX_BTF);
+        if let Err(e) = std::fs::metadata(btf_path) {
+            return Err(SourceError::NoBtf(e));
+        }
         match aya::sys::is_map_supported(MapType::RingBuf) {
             Ok(false) => return Err(SourceError::NoRingBuf),
             Err(e) if is_permission_error(&e) => return Err(SourceError::NotPrivileged),
             _ => {}
         }
-
+        let kernel_btf = KernelBtf::open(btf_path)?;
+        let offsets = btf::sock_offsets(&kernel_btf)?;
         let f = &opts.filter;
         let config = Config {
-            layout,
+            sock: offsets.sock,
+            sk_protocol: offsets.sk_protocol,
+            net_inum: offsets.net_inum,
+            netns: f.netns.unwrap_or(0),
+            wakeup_bytes: wakeup_bytes(opts.ring_size),
             family: match f.family {
                 None => 0,
                 Some(Family::Ipv4) => AF_INET,
@@ -169,11 +316,13 @@ impl KernelSource {
             },
             filter_lport: u8::from(!f.lports.is_empty()),
             filter_rport: u8::from(!f.rports.is_empty()),
-            wakeup_bytes: wakeup_bytes(opts.ring_size),
         };
         let timewait = if opts.timewait {
-            match timewait::discover(&root) {
-                Ok(setup) => Some(setup),
+            let found = std::fs::read_to_string(btf::KALLSYMS)
+                .map_err(|e| btf::LayoutError(format!("{}: {e}", btf::KALLSYMS)))
+                .and_then(|kallsyms| btf::timewait_layout(&kernel_btf, &kallsyms));
+            match found {
+                Ok(layout) => Some(layout),
                 Err(why) => {
                     log::warn!("TIME_WAIT tracking unavailable ({why}); running without it");
                     None
@@ -182,7 +331,17 @@ impl KernelSource {
         } else {
             None
         };
-        let tw_layout = timewait.map_or(TimewaitLayout::EMPTY, |t| t.layout);
+        drop(kernel_btf);
+        for ports in [&f.lports, &f.rports] {
+            if ports.len() > MAX_FILTER_PORTS as usize {
+                return Err(SourceError::Bpf {
+                    what: "port filter",
+                    error: format!("at most {MAX_FILTER_PORTS} ports per list").into(),
+                });
+            }
+        }
+
+        let tw_layout = timewait.unwrap_or(TimewaitLayout::EMPTY);
         let mut ebpf = EbpfLoader::new()
             .override_global(CONFIG_GLOBAL, &config, true)
             .override_global(TIMEWAIT_GLOBAL, &tw_layout, true)
@@ -204,15 +363,9 @@ impl KernelSource {
         };
 
         for (name, ports) in [(LPORTS_MAP, &f.lports), (RPORTS_MAP, &f.rports)] {
-            if ports.len() > MAX_FILTER_PORTS as usize {
-                return Err(SourceError::Bpf {
-                    what: "port filter",
-                    source: format!("at most {MAX_FILTER_PORTS} ports per list").into(),
-                });
-            }
             let map = ebpf.map_mut(name).ok_or_else(|| SourceError::Bpf {
                 what: "port filter",
-                source: format!("map {name} missing from the eBPF object").into(),
+                error: format!("map {name} missing from the eBPF object").into(),
             })?;
             let mut map: BpfHashMap<_, u16, u8> =
                 BpfHashMap::try_from(map).map_err(bpf_err("port filter map"))?;
@@ -221,92 +374,128 @@ impl KernelSource {
             }
         }
 
-        load_tracepoint(&mut ebpf, PROGRAM_NAME)?
-            .attach("sock", "inet_sock_set_state")
-            .map_err(bpf_err("attaching to sock:inet_sock_set_state"))?;
-        let timewait_hz = match timewait {
-            Some(setup) => match attach_timewait(&mut ebpf, setup) {
-                Ok(hz) => Some(hz),
+        let btf = Btf::from_sys_fs().map_err(bpf_err("reading the kernel BTF"))?;
+        let mut primaries = vec![(TRANSITIONS.index, load(&mut ebpf, &btf, TRANSITIONS)?)];
+        attach(
+            &mut ebpf,
+            TRANSITIONS,
+            "attaching to sock:inet_sock_set_state",
+        )?;
+        let timewait = match timewait {
+            Some(_) => match attach_timewait(&mut ebpf, &btf) {
+                Ok(fds) => {
+                    primaries.extend(fds);
+                    true
+                }
                 Err(e) => {
                     log::warn!("TIME_WAIT tracking unavailable ({e}); running without it");
-                    None
+                    false
                 }
             },
-            None => None,
+            None => false,
         };
 
         let ring = ebpf.take_map(EVENTS_MAP).ok_or_else(|| SourceError::Bpf {
             what: "ring buffer",
-            source: "map EVENTS missing".into(),
+            error: "map EVENTS missing".into(),
         })?;
         let ring = RingBuf::try_from(ring).map_err(bpf_err("ring buffer"))?;
         // SAFETY: the ring buffer owns its fd and keeps it open while the AsyncFd lives.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
-        let lost = ebpf.take_map(LOST_MAP).ok_or_else(|| SourceError::Bpf {
-            what: "drop counter",
-            source: "map LOST missing".into(),
-        })?;
-        let lost = PerCpuArray::try_from(lost).map_err(bpf_err("drop counter"))?;
+        let mut counter = |name: &'static str| -> Result<PerCpuArray<MapData, u64>, SourceError> {
+            let map = ebpf.take_map(name).ok_or_else(|| SourceError::Bpf {
+                what: "loss counters",
+                error: format!("map {name} missing").into(),
+            })?;
+            PerCpuArray::try_from(map).map_err(bpf_err("loss counters"))
+        };
+        let ring_lost = counter(LOST_MAP)?;
+        let nested = counter(NESTED_MAP)?;
 
         Ok(KernelSource {
             events: EventRing(ring),
             logs: KernelLogs(logger),
-            lost: LostCounter(lost),
-            timewait_hz,
+            lost: KernelLoss {
+                ring: ring_lost,
+                nested,
+                primaries,
+            },
+            timewait,
             _ebpf: ebpf,
         })
     }
 }
 
-/// Loads the tracepoint program `name` of the object. A refusal is the verifier's
-/// (its log at RUST_LOG=debug), unless the kernel says EPERM: no privilege to load at all.
-/// (The verifier refuses some accesses with EACCES, which is not a privilege problem.)
-fn load_tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut TracePoint, SourceError> {
-    let program: &mut TracePoint = ebpf
-        .program_mut(name)
-        .ok_or_else(|| SourceError::Bpf {
-            what: "loading the eBPF object",
-            source: format!("program {name} missing").into(),
-        })?
-        .try_into()
-        .map_err(bpf_err("loading the eBPF object"))?;
-    match program.load() {
-        Ok(()) => Ok(program),
-        Err(ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        }) => {
-            log::debug!("verifier log of {name}:\n{verifier_log}");
-            if io_error.raw_os_error() == Some(nix::libc::EPERM) {
-                return Err(SourceError::NotPrivileged);
+/// Loads the two programs of tracepoint `tp`; returns a handle on the primary for its
+/// recursion misses. A refusal is the verifier's (its log at RUST_LOG=debug), unless the
+/// kernel says EPERM: no privilege to load at all. (The verifier refuses some accesses with
+/// EACCES, which is not a privilege problem.)
+fn load(ebpf: &mut Ebpf, btf: &Btf, tp: Tracepoint) -> Result<ProgramFd, SourceError> {
+    for name in [tp.primary, tp.nested] {
+        let program = program(ebpf, name)?;
+        match program.load(tp.name, btf) {
+            Ok(()) => {}
+            Err(ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            }) => {
+                log::debug!("verifier log of {name}:\n{verifier_log}");
+                if io_error.raw_os_error() == Some(nix::libc::EPERM) {
+                    return Err(SourceError::NotPrivileged);
+                }
+                return Err(SourceError::Verifier {
+                    name: name.to_string(),
+                    error: io_error,
+                });
             }
-            Err(SourceError::Verifier(io_error))
+            Err(ProgramError::Btf(_)) => return Err(SourceError::NoTracepoint(tp.name)),
+            Err(e) => return Err(bpf_err("loading an eBPF program")(e)),
         }
-        Err(e) => Err(bpf_err("loading the eBPF program")(e)),
     }
+    program(ebpf, tp.primary)?
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(bpf_err("loading an eBPF program"))
 }
 
-/// Loads the three timer programs, then attaches them: a verifier refusal leaves none
-/// attached. (Should an attach fail after another succeeded, the reader ignores the
-/// timewait events: `timewait_hz` is then `None`.)
-fn attach_timewait(ebpf: &mut Ebpf, setup: TimewaitSetup) -> Result<u32, SourceError> {
-    for (name, _) in TIMEWAIT_PROGRAMS {
-        load_tracepoint(ebpf, name)?;
-    }
-    for (name, tracepoint) in TIMEWAIT_PROGRAMS {
-        let program: &mut TracePoint = ebpf
-            .program_mut(name)
-            .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| SourceError::Bpf {
-                what: "attaching to a timer tracepoint",
-                source: format!("program {name} missing").into(),
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut BtfTracePoint, SourceError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| SourceError::Bpf {
+            what: "loading the eBPF object",
+            error: format!("program {name} missing").into(),
+        })?
+        .try_into()
+        .map_err(bpf_err("loading the eBPF object"))
+}
+
+/// Attaches the primary program of `tp`, then the nested one: the kernel calls them in that
+/// order.
+fn attach(ebpf: &mut Ebpf, tp: Tracepoint, what: &'static str) -> Result<(), SourceError> {
+    for name in [tp.primary, tp.nested] {
+        program(ebpf, name)?
+            .attach()
+            .map(drop)
+            .map_err(|e| match bpf_err(what)(e) {
+                SourceError::Bpf { error, .. } => SourceError::Bpf { what, error },
+                other => other,
             })?;
-        program
-            .attach("timer", tracepoint)
-            .map_err(bpf_err("attaching to a timer tracepoint"))?;
     }
-    Ok(setup.hz)
+    Ok(())
+}
+
+/// Loads the timer programs, then attaches them: a verifier refusal leaves none attached.
+/// (Should an attach fail after another succeeded, `timewait` is off and the reader ignores
+/// the timewait events.)
+fn attach_timewait(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<(u32, ProgramFd)>, SourceError> {
+    let fds = TIMEWAIT_PROGRAMS
+        .into_iter()
+        .map(|tp| Ok((tp.index, load(ebpf, btf, tp)?)))
+        .collect::<Result<Vec<_>, SourceError>>()?;
+    for tp in TIMEWAIT_PROGRAMS {
+        attach(ebpf, tp, "attaching to a timer tracepoint")?;
+    }
+    Ok(fds)
 }
 
 impl EventRing {
@@ -319,7 +508,7 @@ impl EventRing {
         Ok(n)
     }
 
-    /// Reads whatever the ring buffer holds now, without waiting (the final drain at exit).
+    /// Reads whatever the ring buffer holds now, without waiting.
     pub fn drain_now(&mut self, mut f: impl FnMut(&[u8])) -> usize {
         drain(self.0.get_mut(), &mut f)
     }
@@ -341,17 +530,6 @@ impl KernelLogs {
     }
 }
 
-impl LostCounter {
-    /// Events the kernel dropped because the ring buffer was full, summed over CPUs.
-    pub fn get(&self) -> Result<u64, SourceError> {
-        let per_cpu = self
-            .0
-            .get(&0, 0)
-            .map_err(bpf_err("reading the drop counter"))?;
-        Ok(per_cpu.iter().sum())
-    }
-}
-
 fn drain(ring: &mut RingBuf<MapData>, f: &mut impl FnMut(&[u8])) -> usize {
     let mut n = 0;
     while let Some(item) = ring.next() {
@@ -359,4 +537,40 @@ fn drain(ring: &mut RingBuf<MapData>, f: &mut impl FnMut(&[u8])) -> usize {
         n += 1;
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_is_reported_by_reason_and_zero_only_when_both_are() {
+        assert_eq!(Lost::default().to_string(), "0 lost");
+        let l = Lost {
+            ring_full: 0,
+            recursion: 3,
+        };
+        assert_eq!(l.total(), 3);
+        assert_eq!(l.to_string(), "3 lost (ring buffer full 0, recursion 3)");
+        let l = Lost {
+            ring_full: 10,
+            recursion: 2,
+        };
+        assert_eq!(l.to_string(), "12 lost (ring buffer full 10, recursion 2)");
+    }
+
+    #[test]
+    fn the_filter_in_userspace_is_the_kernels() {
+        let f = KernelFilter {
+            family: Some(Family::Ipv4),
+            lports: vec![80],
+            rports: vec![],
+            netns: Some(4026531840),
+        };
+        assert!(f.keeps(Family::Ipv4, 80, 5555, 4026531840));
+        assert!(!f.keeps(Family::Ipv6, 80, 5555, 4026531840));
+        assert!(!f.keeps(Family::Ipv4, 81, 5555, 4026531840));
+        assert!(!f.keeps(Family::Ipv4, 80, 5555, 4026532000));
+        assert!(KernelFilter::default().keeps(Family::Ipv6, 1, 2, 3));
+    }
 }

@@ -1,12 +1,13 @@
-//! Sources: where transitions come from: the kernel, or a record file. Everything kernel-specific (tracefs, loading and
-//! attaching the eBPF program, the ring buffer) lives here.
+//! Sources: where events come from (the kernel, or a record file) and what the host says
+//! of its sockets (sock_diag, /proc). Everything kernel-specific (BTF, loading and
+//! attaching the eBPF programs, the ring buffer, netlink) lives here.
 
+pub mod btf;
+pub mod host;
 pub mod kernel;
 pub mod procs;
 pub mod record;
 pub mod sockdiag;
-pub mod timewait;
-pub mod tracefs;
 
 use crate::model::TcpState;
 use procs::{Holder, OwnerIndex};

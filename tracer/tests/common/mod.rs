@@ -17,12 +17,27 @@ use tracer::source::kernel::{
 /// The built binary, run as a user would.
 pub const TCPLENS: &str = env!("CARGO_BIN_EXE_tcplens");
 
-/// A running `tcplens`, attached (its "tracing" line was read from stderr).
+/// A running `tcplens`, attached (its "tracing" line was read from stderr). Its stdout
+/// is read from the start on a thread of its own (a full pipe would stall tcplens), each
+/// line kept with when it arrived.
 pub struct Running {
     child: std::process::Child,
     err: std::io::BufReader<std::process::ChildStderr>,
+    out: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
     /// stderr lines before the "tracing" one.
     pub preamble: Vec<String>,
+    waited: bool,
+}
+
+impl Drop for Running {
+    /// A test that failed midway leaves no tracer behind.
+    fn drop(&mut self) {
+        if !self.waited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// What a `tcplens` run printed, and how it exited.
@@ -32,35 +47,60 @@ pub struct Finished {
     pub status: std::process::ExitStatus,
 }
 
-/// Starts tcplens and waits until its program is attached.
+/// Starts tcplens and waits until its programs are attached.
 pub fn start_tcplens(args: &[&str]) -> Running {
+    let mut cmd = std::process::Command::new(TCPLENS);
+    cmd.args(args);
+    start_command(cmd)
+}
+
+/// As [`start_tcplens`], for a command that runs tcplens (e.g. under `setpriv`).
+pub fn start_command(mut cmd: std::process::Command) -> Running {
     use std::io::BufRead as _;
     require_root();
-    let mut child = std::process::Command::new(TCPLENS)
-        .args(args)
+    let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawning tcplens");
+    let stdout = child.stdout.take().expect("stdout");
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = out.clone();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            lines
+                .lock()
+                .expect("stdout lines")
+                .push((Instant::now(), line));
+        }
+    });
     let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
     let mut preamble = Vec::new();
     loop {
         let mut line = String::new();
-        err.read_line(&mut line).expect("reading stderr");
+        if err.read_line(&mut line).expect("reading stderr") == 0 {
+            let _ = child.wait();
+            panic!("tcplens ended before tracing: {preamble:?}");
+        }
         if line.starts_with("tcplens: tracing") {
             break;
         }
-        // Only the metrics address may come first (`serve`, `--serve`).
-        assert!(
-            line.starts_with("tcplens: metrics on "),
-            "unexpected line: {line:?}"
-        );
         preamble.push(line.trim().to_string());
+        // Only the metrics address may come first (`serve`, `--serve`).
+        if !line.starts_with("tcplens: metrics on ") {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("unexpected line before tracing: {preamble:?}");
+        }
     }
     Running {
         child,
         err,
+        out,
+        reader: Some(reader),
         preamble,
+        waited: false,
     }
 }
 
@@ -78,25 +118,186 @@ impl Running {
         addr.parse().unwrap_or_else(|e| panic!("{line}: {e}"))
     }
 
+    /// The stdout lines so far, with when each arrived.
+    pub fn lines_so_far(&self) -> Vec<(Instant, String)> {
+        self.out.lock().expect("stdout lines").clone()
+    }
+
+    /// Waits until a stdout line satisfies `want` (or `timeout` passes): the line and when
+    /// it arrived.
+    pub fn wait_for_line(
+        &self,
+        timeout: Duration,
+        want: impl Fn(&str) -> bool,
+    ) -> Option<(Instant, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = self.lines_so_far().into_iter().find(|(_, l)| want(l)) {
+                return Some(found);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Asks tcplens to stop (SIGTERM), as a service manager would.
+    pub fn stop(self) -> Finished {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        self.wait()
+    }
+
     /// Waits for tcplens to exit (by `--duration` or a signal).
     pub fn wait(mut self) -> Finished {
+        self.waited = true;
         use std::io::Read as _;
-        let mut stdout = String::new();
-        self.child
-            .stdout
-            .take()
-            .expect("stdout")
-            .read_to_string(&mut stdout)
-            .expect("stdout");
         let mut stderr = String::new();
         self.err.read_to_string(&mut stderr).expect("stderr");
         let status = self.child.wait().expect("waiting for tcplens");
+        if let Some(r) = self.reader.take() {
+            r.join().expect("stdout reader");
+        }
+        let lines = std::mem::take(&mut *self.out.lock().expect("stdout lines"));
+        let mut stdout = String::new();
+        for (_, l) in lines {
+            stdout.push_str(&l);
+            stdout.push('\n');
+        }
         Finished {
             stdout,
             stderr,
             status,
         }
     }
+}
+
+/// A named network namespace (`ip netns add`), at /run/netns/NAME, with loopback up; it is
+/// deleted when dropped (unless [`NamedNetns::delete`] did it first).
+pub struct NamedNetns {
+    pub name: String,
+    deleted: bool,
+}
+
+impl NamedNetns {
+    pub fn new(name: &str) -> NamedNetns {
+        require_root();
+        // A leftover from an interrupted run.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        for args in [
+            &["netns", "add", name][..],
+            &["-n", name, "link", "set", "lo", "up"],
+        ] {
+            let ok = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .expect("running ip (iproute2)");
+            assert!(ok.success(), "ip {args:?}");
+        }
+        NamedNetns {
+            name: name.to_string(),
+            deleted: false,
+        }
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// The namespace's inode number.
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(self.path()).expect("namespace").ino()
+    }
+
+    /// Runs `f` on a new thread named [`THREAD_NAME`] inside the namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::Builder::new()
+            .name(THREAD_NAME.into())
+            .spawn(move || {
+                let ns = std::fs::File::open(&path).expect("namespace file");
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .expect("spawning the namespace thread")
+            .join()
+            .expect("namespace thread panicked")
+    }
+
+    /// A TcpExt counter of the namespace, as `nstat` reads it.
+    pub fn nstat(&self, counter: &str) -> u64 {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, "nstat", "-asz", counter])
+            .output()
+            .expect("running nstat (iproute2)");
+        assert!(out.status.success(), "nstat: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                let mut cols = l.split_whitespace();
+                (cols.next()? == counter).then(|| cols.next()?.parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no {counter} in nstat's output: {out:?}"))
+    }
+
+    /// Deletes the namespace: its sockets go, its timewait sockets are killed.
+    pub fn delete(&mut self) {
+        if !self.deleted {
+            self.deleted = true;
+            let ok = std::process::Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .status()
+                .expect("running ip");
+            assert!(ok.success(), "ip netns del {}", self.name);
+        }
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        if !self.deleted {
+            self.deleted = true;
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .status();
+        }
+    }
+}
+
+/// A client connected to 127.0.0.1:`port` from the fixed local port `local_port`
+/// (SO_REUSEADDR, so the port can be bound again while a timewait socket holds it).
+pub fn connect_from(local_port: u16, port: u16) -> TcpStream {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket,
+        sockopt::ReuseAddr,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, ReuseAddr, &true).unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(127, 0, 0, 1, local_port),
+    )
+    .unwrap();
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(127, 0, 0, 1, port),
+    )
+    .expect("connect (reusing the port in TIME_WAIT)");
+    TcpStream::from(fd)
 }
 
 /// A plain HTTP/1.0 GET on loopback: (status, body).
@@ -115,6 +316,16 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     (status, body.to_string())
+}
+
+/// tcplens's closing line says nothing was lost in the kernel (ring buffer drops and
+/// recursion misses both 0) and no socket ended unseen.
+pub fn assert_nothing_lost(stderr: &str) {
+    let last = stderr
+        .lines()
+        .rfind(|l| l.contains(" events read ("))
+        .unwrap_or_else(|| panic!("no summary line in {stderr}"));
+    assert!(last.ends_with("timewait), 0 lost"), "{stderr}");
 }
 
 /// One JSON object per line.
@@ -347,7 +558,7 @@ impl Capture {
             })
             .expect("loading and attaching the eBPF program");
         assert!(
-            source.timewait_hz.is_some(),
+            source.timewait,
             "TIME_WAIT tracking must be available on the test machine"
         );
         Capture {
@@ -359,11 +570,7 @@ impl Capture {
     }
 
     pub fn everything() -> Capture {
-        Capture::start(KernelFilter {
-            family: None,
-            lports: vec![],
-            rports: vec![],
-        })
+        Capture::start(KernelFilter::default())
     }
 
     /// Reads events until `done` holds for what was read, or `timeout` passes. Like the
@@ -416,10 +623,12 @@ impl Capture {
         lives(&self.on_port(port))
     }
 
+    /// Events the kernel lost (ring buffer full, recursion misses).
     pub fn lost(&self) -> u64 {
+        use tracer::source::kernel::LossSource as _;
         self.source
             .as_ref()
-            .map_or(0, |s| s.lost.get().expect("drop counter"))
+            .map_or(0, |s| s.lost.lost().expect("loss counters").total())
     }
 }
 

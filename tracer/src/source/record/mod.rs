@@ -5,10 +5,10 @@
 //! ```text
 //! header, 32 bytes:
 //!   0  magic       8 bytes  "TCPLENS\0"
-//!   8  version     u16      2 (version 1 files, with 88-byte events, are still read)
+//!   8  version     u16      3 (versions 1 and 2 are still read)
 //!  10  header_len  u16      32
-//!  12  event_size  u16      size of one event payload (104; 88 in version 1)
-//!  14  hz          u16      the recording kernel's HZ when TIME_WAIT was tracked, else 0
+//!  12  event_size  u16      size of one event payload (120; 104 in version 2, 88 in 1)
+//!  14  hz          u16      version 2: the kernel's HZ when TIME_WAIT was tracked; else 0
 //!  16  boot_offset i64      Unix-epoch ns at kernel monotonic 0 on the recording host
 //!  24  reserved    u64      0
 //! records, each:
@@ -19,10 +19,13 @@
 //! ```
 //!
 //! An event payload is `tracer_common::Event` exactly as the kernel wrote it (see
-//! `decode.rs`): state transitions and the raw timewait timer events, so a replay derives
-//! TIME_WAIT exactly as the live run did. A lost record carries the kernel's drop count so
-//! far (u64); the last one holds the total. Version 1 events are the first 88 bytes of
-//! today's (no timewait kinds, no `expires`/`jiffies`).
+//! `decode.rs`): state transitions and the raw timewait timer events, with their cookies
+//! and CPUs, so a replay derives TIME_WAIT exactly as the live run did (HZ is learned from
+//! the events, as live). A lost record carries the kernel's loss so far (u64, ring buffer
+//! drops and recursion misses); the last one holds the total. Versions 1 and 2 had no
+//! cookies, namespaces or CPUs: see `legacy.rs`.
+
+mod legacy;
 
 use std::io::{self, Read, Write};
 
@@ -34,9 +37,7 @@ use crate::decode::{DecodeError, decode, encode};
 use crate::model::KernelEvent;
 
 pub const MAGIC: [u8; 8] = *b"TCPLENS\0";
-pub const VERSION: u16 = 2;
-/// Event payload size of version 1 files.
-const V1_EVENT_SIZE: usize = 88;
+pub const VERSION: u16 = 3;
 pub const HEADER_LEN: usize = 32;
 const REC_EVENT: u8 = 1;
 const REC_LOST: u8 = 2;
@@ -46,7 +47,7 @@ pub enum RecordError {
     #[error("not a tcplens record file (bad magic)")]
     Magic,
     #[error(
-        "record file version {0} is not supported (this tcplens reads versions 1 and {VERSION})"
+        "record file version {0} is not supported (this tcplens reads versions 1 to {VERSION})"
     )]
     Version(u16),
     #[error("corrupt header at byte {offset}: {what}")]
@@ -68,16 +69,12 @@ pub struct RecordWriter<W: Write> {
 }
 
 impl<W: Write> RecordWriter<W> {
-    /// `hz`: the kernel's HZ when TIME_WAIT is tracked (replays need it to place a
-    /// timewait socket's entry into TIME_WAIT from its timer's expiry).
-    pub fn new(mut out: W, clock: WallClock, hz: Option<u32>) -> io::Result<Self> {
+    pub fn new(mut out: W, clock: WallClock) -> io::Result<Self> {
         let mut h = [0u8; HEADER_LEN];
         h[0..8].copy_from_slice(&MAGIC);
         h[8..10].copy_from_slice(&VERSION.to_le_bytes());
         h[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
         h[12..14].copy_from_slice(&(EVENT_SIZE as u16).to_le_bytes());
-        let hz = hz.and_then(|hz| u16::try_from(hz).ok()).unwrap_or(0);
-        h[14..16].copy_from_slice(&hz.to_le_bytes());
         let offset = i64::try_from(clock.boot_offset_ns).unwrap_or(0);
         h[16..24].copy_from_slice(&offset.to_le_bytes());
         out.write_all(&h)?;
@@ -92,7 +89,7 @@ impl<W: Write> RecordWriter<W> {
         self.out.write_all(&rec)
     }
 
-    /// Records the kernel's drop total when it changed.
+    /// Records the kernel's loss total when it changed.
     pub fn lost(&mut self, total: u64) -> io::Result<()> {
         if total == self.last_lost {
             return Ok(());
@@ -118,7 +115,7 @@ impl<W: Write> RecordWriter<W> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Item {
     Event(KernelEvent),
-    /// The kernel's drop count so far.
+    /// The kernel's loss so far.
     Lost(u64),
 }
 
@@ -126,10 +123,10 @@ pub enum Item {
 pub struct RecordReader<R: Read> {
     input: R,
     offset: u64,
-    /// Payload bytes of one event in this file (88 in version 1).
-    event_size: usize,
+    /// Versions 1 and 2: their events' layout, and the identities they lack.
+    legacy: Option<legacy::Legacy>,
     pub clock: WallClock,
-    /// The recording kernel's HZ, when TIME_WAIT was tracked.
+    /// The recording kernel's HZ, when the file says (version 2 with TIME_WAIT).
     pub hz: Option<u32>,
 }
 
@@ -160,11 +157,14 @@ impl<R: Read> RecordReader<R> {
             });
         }
         let version = u16::from_le_bytes([h[8], h[9]]);
-        let want_size = match version {
-            1 => V1_EVENT_SIZE,
-            VERSION => EVENT_SIZE,
+        let legacy = match version {
+            1 | 2 => Some(legacy::Legacy::new(version)),
+            VERSION => None,
             other => return Err(RecordError::Version(other)),
         };
+        let want_size = legacy
+            .as_ref()
+            .map_or(EVENT_SIZE, legacy::Legacy::event_size);
         let header_len = u16::from_le_bytes([h[10], h[11]]);
         if usize::from(header_len) != HEADER_LEN {
             return Err(RecordError::Header {
@@ -180,15 +180,15 @@ impl<R: Read> RecordReader<R> {
             });
         }
         let hz = match (version, u16::from_le_bytes([h[14], h[15]])) {
-            (1, _) | (_, 0) => None,
-            (_, hz) => Some(u32::from(hz)),
+            (2, hz) if hz > 0 => Some(u32::from(hz)),
+            _ => None,
         };
         let mut off = [0u8; 8];
         off.copy_from_slice(&h[16..24]);
         Ok(RecordReader {
             input,
             offset: HEADER_LEN as u64,
-            event_size: want_size,
+            legacy,
             clock: WallClock {
                 boot_offset_ns: i128::from(i64::from_le_bytes(off)),
             },
@@ -217,7 +217,12 @@ impl<R: Read> RecordReader<R> {
         }
         let len = usize::from(u16::from_le_bytes([head[2], head[3]]));
         let (kind, want) = match head[0] {
-            REC_EVENT => (REC_EVENT, self.event_size),
+            REC_EVENT => (
+                REC_EVENT,
+                self.legacy
+                    .as_ref()
+                    .map_or(EVENT_SIZE, legacy::Legacy::event_size),
+            ),
             REC_LOST => (REC_LOST, 8),
             other => {
                 return Err(RecordError::Corrupt {
@@ -245,8 +250,11 @@ impl<R: Read> RecordReader<R> {
             n.copy_from_slice(&payload[..8]);
             return Ok(Some(Item::Lost(u64::from_le_bytes(n))));
         }
-        // A version 1 payload is the start of today's event; the rest stays zero.
-        decode(&payload)
+        let decoded = match &mut self.legacy {
+            None => decode(&payload),
+            Some(old) => old.decode(&payload[..len]),
+        };
+        decoded
             .map(|t| Some(Item::Event(t)))
             .map_err(|source| RecordError::Event {
                 offset: start + 4,
@@ -270,7 +278,7 @@ mod tests {
         let clock = WallClock {
             boot_offset_ns: 1_795_000_000_000_000_000,
         };
-        let mut w = RecordWriter::new(Vec::new(), clock, Some(250)).unwrap();
+        let mut w = RecordWriter::new(Vec::new(), clock).unwrap();
         w.event(&ev(tr(1, 10, TcpState::Close, TcpState::SynSent, 5)))
             .unwrap();
         w.lost(3).unwrap();
@@ -298,10 +306,10 @@ mod tests {
     #[test]
     fn round_trip() {
         let bytes = sample_file();
-        assert_eq!(bytes.len(), 32 + 108 + 12 + 108);
+        assert_eq!(bytes.len(), 32 + 124 + 12 + 124);
         let r = RecordReader::new(&bytes[..]).unwrap();
         assert_eq!(r.clock.boot_offset_ns, 1_795_000_000_000_000_000);
-        assert_eq!(r.hz, Some(250));
+        assert_eq!(r.hz, None, "learned from the events");
         let (items, end) = read_all(&bytes);
         end.unwrap();
         assert_eq!(
@@ -314,30 +322,64 @@ mod tests {
         );
     }
 
-    /// A version 1 file (88-byte events, written by tcplens before TIME_WAIT tracking) reads
-    /// as the same transitions.
-    #[test]
-    fn reads_version_1_files() {
-        let v2 = sample_file();
-        let mut v1 = v2[..32].to_vec();
-        v1[8] = 1;
-        v1[12..14].copy_from_slice(&88u16.to_le_bytes());
-        v1[14..16].copy_from_slice(&0u16.to_le_bytes());
-        let mut off = 32;
-        while off < v2.len() {
-            let len = usize::from(u16::from_le_bytes([v2[off + 2], v2[off + 3]]));
-            if v2[off] == REC_EVENT {
-                v1.extend_from_slice(&v2[off..off + 2]);
-                v1.extend_from_slice(&88u16.to_le_bytes());
-                v1.extend_from_slice(&v2[off + 4..off + 4 + 88]);
-            } else {
-                v1.extend_from_slice(&v2[off..off + 4 + len]);
-            }
-            off += 4 + len;
+    /// A file of version 1 or 2: events in that version's layout, as tcplens wrote them.
+    fn legacy_file(version: u16, hz: u16, events: &[crate::model::Transition]) -> Vec<u8> {
+        let size: u16 = if version == 1 { 88 } else { 104 };
+        let mut f = MAGIC.to_vec();
+        f.extend_from_slice(&version.to_le_bytes());
+        f.extend_from_slice(&32u16.to_le_bytes());
+        f.extend_from_slice(&size.to_le_bytes());
+        f.extend_from_slice(&hz.to_le_bytes());
+        f.extend_from_slice(&[0; 16]);
+        for t in events {
+            let mut b = vec![0u8; usize::from(size)];
+            b[0..8].copy_from_slice(&t.ts_ns.to_ne_bytes());
+            b[8..16].copy_from_slice(&t.sk.to_ne_bytes());
+            let pid_tgid = (u64::from(t.task.pid) << 32) | u64::from(t.task.tid);
+            b[16..24].copy_from_slice(&pid_tgid.to_ne_bytes());
+            b[24..40].copy_from_slice(&crate::decode::addr16(t.saddr));
+            b[40..56].copy_from_slice(&crate::decode::addr16(t.daddr));
+            b[56..72].copy_from_slice(&t.task.comm.raw());
+            b[72..74].copy_from_slice(&t.sport.to_ne_bytes());
+            b[74..76].copy_from_slice(&t.dport.to_ne_bytes());
+            b[76..78].copy_from_slice(&tracer_common::AF_INET.to_ne_bytes());
+            (b[78], b[79], b[80]) = (t.old as u8, t.new as u8, tracer_common::kind::SET_STATE);
+            f.extend_from_slice(&[REC_EVENT, 0]);
+            f.extend_from_slice(&size.to_le_bytes());
+            f.extend_from_slice(&b);
         }
-        let r = RecordReader::new(&v1[..]).unwrap();
-        assert_eq!(r.hz, None);
-        assert_eq!(read_all(&v1).0, read_all(&v2).0);
+        f
+    }
+
+    /// Files of versions 1 and 2 (written before tcplens read cookies) read as the same
+    /// transitions, each socket given an identity of its own.
+    #[test]
+    fn reads_version_1_and_2_files() {
+        use TcpState::*;
+        let events = [
+            tr(0xa, 10, Close, SynSent, 5),
+            tr(0xa, 20, SynSent, Close, 5),
+            tr(0xa, 30, Close, SynSent, 5), // the same address, a new socket
+        ];
+        for (version, hz) in [(1, 0), (2, 250)] {
+            let file = legacy_file(version, hz, &events);
+            let r = RecordReader::new(&file[..]).unwrap();
+            assert_eq!(r.hz, (version == 2).then_some(250));
+            let (items, end) = read_all(&file);
+            end.unwrap();
+            let got: Vec<_> = items
+                .iter()
+                .map(|i| match i {
+                    Item::Event(KernelEvent::Transition(t)) => (t.ts_ns, t.cookie, t.netns),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert_eq!(
+                got,
+                [(10, 1, 0), (20, 1, 0), (30, 2, 0)],
+                "version {version}"
+            );
+        }
     }
 
     #[test]
@@ -348,20 +390,20 @@ mod tests {
         assert_eq!(items.len(), 2);
         assert_eq!(
             end.unwrap_err().to_string(),
-            "truncated at byte 152: in a record"
+            "truncated at byte 168: in a record"
         );
         // An unknown record type.
         let mut bad = good.clone();
-        bad[140] = 9;
+        bad[156] = 9;
         let (items, end) = read_all(&bad);
         assert_eq!(items.len(), 1);
         assert_eq!(
             end.unwrap_err().to_string(),
-            "corrupt record at byte 140: unknown record type 9"
+            "corrupt record at byte 156: unknown record type 9"
         );
-        // A bad state inside an event payload (byte 4 + 78 of the first record).
+        // A bad state inside an event payload (its `oldstate`, in the first record).
         let mut bad = good.clone();
-        bad[32 + 4 + 78] = 42;
+        bad[32 + 4 + std::mem::offset_of!(tracer_common::Event, oldstate)] = 42;
         let (_, end) = read_all(&bad);
         assert_eq!(
             end.unwrap_err().to_string(),
@@ -373,10 +415,10 @@ mod tests {
             end.unwrap_err().to_string(),
             "not a tcplens record file (bad magic)"
         );
-        let mut v3 = good.clone();
-        v3[8] = 3;
-        let (_, end) = read_all(&v3);
-        assert!(matches!(end, Err(RecordError::Version(3))));
+        let mut v4 = good.clone();
+        v4[8] = 4;
+        let (_, end) = read_all(&v4);
+        assert!(matches!(end, Err(RecordError::Version(4))));
         let (_, end) = read_all(&good[..20]);
         assert_eq!(
             end.unwrap_err().to_string(),

@@ -1,0 +1,224 @@
+//! The host's own word on its sockets, off the event loop: sock_diag listings that the
+//! tracker reconciles with what the events showed, asked and answered on a thread of their
+//! own so that the ring keeps being drained meanwhile.
+//!
+//! - A listing ([`Ask::Listing`]): every socket in some states, in every namespace. Sockets
+//!   it no longer lists lost their end (ring loss, an exit the kernel skipped); a timewait
+//!   socket it shows in TIME_WAIT turned so, at the time its timer tells.
+//! - A flip check ([`Ask::Flips`]): which timewait sockets the events show in FIN_WAIT2 have
+//!   turned TIME_WAIT without a timer event, and when. A dump of FIN_WAIT2 sockets (few, as
+//!   a rule) tells which turned; each of those is then looked up by its cookie for its
+//!   timer (or, when there are many, one dump of TIME_WAIT sockets).
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+
+use crate::clock::monotonic_now_ns;
+use crate::model::TcpState;
+use crate::source::sockdiag::{self, Diag, DiagError, DiagSocket};
+use crate::tracker::{FlipCandidate, Listing, TIMEWAIT_LEN_S};
+
+/// Past this many turned sockets in one namespace, one TIME_WAIT dump replaces the
+/// lookups.
+const LOOKUPS_MAX: usize = 2_000;
+
+pub enum Ask {
+    /// Every socket in these states, in every namespace.
+    Listing(Vec<TcpState>),
+    /// Which of these timewait sockets turned TIME_WAIT, and when.
+    Flips(Vec<FlipCandidate>),
+}
+
+/// Timewait sockets (cookies) that turned TIME_WAIT, with when (`None`: not known).
+pub type Turned = Vec<(u64, Option<u64>)>;
+
+pub enum Answer {
+    Listing(Listing),
+    /// What a flip check that began at `from_ns` found.
+    Flips {
+        from_ns: u64,
+        turned: Turned,
+    },
+    Failed(DiagError),
+}
+
+/// The thread that answers.
+pub struct HostWorker {
+    asks: std::sync::mpsc::Sender<Ask>,
+    answers: tokio::sync::mpsc::UnboundedReceiver<Answer>,
+    pending: bool,
+}
+
+impl HostWorker {
+    pub fn start() -> io::Result<HostWorker> {
+        let (asks, ask_rx) = std::sync::mpsc::channel::<Ask>();
+        let (answer_tx, answers) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("tcplens-host".into())
+            .spawn(move || {
+                for ask in ask_rx {
+                    if answer_tx.send(answer(ask)).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(HostWorker {
+            asks,
+            answers,
+            pending: false,
+        })
+    }
+
+    /// Asks, unless an answer is still pending; returns whether it asked.
+    pub fn ask(&mut self, ask: Ask) -> bool {
+        if self.pending {
+            return false;
+        }
+        self.pending = self.asks.send(ask).is_ok();
+        self.pending
+    }
+
+    pub fn is_pending(&self) -> bool {
+        self.pending
+    }
+
+    /// The next answer; never resolves while nothing is asked.
+    pub async fn answer(&mut self) -> Answer {
+        if !self.pending {
+            return std::future::pending().await;
+        }
+        match self.answers.recv().await {
+            Some(a) => {
+                self.pending = false;
+                a
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+fn answer(ask: Ask) -> Answer {
+    let result = match ask {
+        Ask::Listing(states) => listing(&states).map(Answer::Listing),
+        Ask::Flips(candidates) => {
+            flips(&candidates).map(|(from_ns, turned)| Answer::Flips { from_ns, turned })
+        }
+    };
+    result.unwrap_or_else(Answer::Failed)
+}
+
+/// Every socket in `states`, in every namespace.
+pub fn listing(states: &[TcpState]) -> Result<Listing, DiagError> {
+    let from_ns = monotonic_now_ns();
+    let dump = sockdiag::dump(states, None)?;
+    let to_ns = monotonic_now_ns();
+    let seen = from_ns / 2 + to_ns / 2;
+    Ok(Listing {
+        from_ns,
+        to_ns,
+        netns: dump.netns,
+        states: states.to_vec(),
+        sockets: dump
+            .sockets
+            .iter()
+            .map(|s| (s.cookie, (s.state, turned_at(s, seen))))
+            .collect(),
+    })
+}
+
+/// When a timewait socket sock_diag shows in TIME_WAIT at `seen_ns` entered it: its timer
+/// was set to `TCP_TIMEWAIT_LEN` then (within a jiffy).
+pub fn turned_at(s: &DiagSocket, seen_ns: u64) -> Option<u64> {
+    if s.state != TcpState::TimeWait {
+        return None;
+    }
+    let left_ns = u64::from(s.tw_expires_ms?) * 1_000_000;
+    (seen_ns + left_ns).checked_sub(TIMEWAIT_LEN_S * 1_000_000_000)
+}
+
+/// Which candidates turned TIME_WAIT, and when; with the time the check began.
+fn flips(candidates: &[FlipCandidate]) -> Result<(u64, Turned), DiagError> {
+    let from_ns = monotonic_now_ns();
+    let mut by_ns: HashMap<u32, Vec<&FlipCandidate>> = HashMap::new();
+    for c in candidates {
+        by_ns.entry(c.netns).or_default().push(c);
+    }
+    let only: HashSet<u32> = by_ns.keys().copied().collect();
+    let mut turned = Vec::new();
+    sockdiag::for_each_netns(Some(&only), |netns| {
+        let mut diag = Diag::here(netns)?;
+        let still: HashSet<u64> = diag
+            .dump(&[TcpState::FinWait2])?
+            .iter()
+            .map(|s| s.cookie)
+            .collect();
+        let gone_from_fin_wait2: Vec<&&FlipCandidate> = by_ns[&netns]
+            .iter()
+            .filter(|c| !still.contains(&c.cookie))
+            .collect();
+        if gone_from_fin_wait2.len() > LOOKUPS_MAX {
+            let t0 = monotonic_now_ns();
+            let tw: HashMap<u64, DiagSocket> = diag
+                .dump(&[TcpState::TimeWait])?
+                .into_iter()
+                .map(|s| (s.cookie, s))
+                .collect();
+            let seen = t0 / 2 + monotonic_now_ns() / 2;
+            for c in gone_from_fin_wait2 {
+                if let Some(s) = tw.get(&c.cookie) {
+                    turned.push((c.cookie, turned_at(s, seen)));
+                }
+            }
+            return Ok(());
+        }
+        for c in gone_from_fin_wait2 {
+            let seen = monotonic_now_ns();
+            let tuple = (c.saddr, c.sport, c.daddr, c.dport);
+            if let Some(s) = diag.lookup(c.family, tuple, c.cookie)?
+                && s.state == TcpState::TimeWait
+            {
+                turned.push((c.cookie, turned_at(&s, seen)));
+            }
+        }
+        Ok(())
+    })?;
+    Ok((from_ns, turned))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Family;
+
+    fn tw(state: TcpState, left_ms: Option<u32>) -> DiagSocket {
+        let here = "127.0.0.1".parse().unwrap();
+        DiagSocket {
+            family: Family::Ipv4,
+            state,
+            saddr: here,
+            sport: 1,
+            daddr: here,
+            dport: 2,
+            inode: 0,
+            uid: 0,
+            netns: 1,
+            cookie: 9,
+            tw_expires_ms: left_ms,
+        }
+    }
+
+    #[test]
+    fn the_turn_is_placed_from_the_timer() {
+        // Seen at 100 s with 59.5 s left of its 60: it turned at 99.5 s.
+        let s = 1_000_000_000;
+        assert_eq!(
+            turned_at(&tw(TcpState::TimeWait, Some(59_500)), 100 * s),
+            Some(99 * s + s / 2)
+        );
+        assert_eq!(
+            turned_at(&tw(TcpState::FinWait2, Some(59_500)), 100 * s),
+            None
+        );
+        assert_eq!(turned_at(&tw(TcpState::TimeWait, None), 100 * s), None);
+    }
+}
