@@ -47,6 +47,10 @@ impl Mode {
         }
     }
 
+    fn runs_tcplens(self) -> bool {
+        !matches!(self, Mode::ChurnAlone | Mode::Tcpstates)
+    }
+
     fn command(self, tcplens: &Path) -> Option<Command> {
         let mut cmd = match self {
             Mode::ChurnAlone => return None,
@@ -87,6 +91,8 @@ pub struct Opts {
     pub rounds: usize,
     pub threads: usize,
     pub out_dir: PathBuf,
+    /// An earlier tcplens whose modes run too, labelled "baseline".
+    pub baseline: Option<PathBuf>,
 }
 
 /// The tracer under test, running.
@@ -126,12 +132,19 @@ fn status_kib(pid: u32, key: &str) -> Result<u64> {
         .with_context(|| format!("{key} in /proc/{pid}/status"))
 }
 
-/// Names (as bpftool truncates them) of tcplens's timewait programs.
+/// Names of tcplens's timewait programs (as bpftool shows them, from their BTF).
 fn is_timer_prog(name: &str) -> bool {
     name.starts_with("tw_timer")
 }
 
-/// Tracepoint programs loaded now: (id, run_time_ns, run_cnt, name).
+/// tcplens's nested programs run on every event, like their primary, but handle only the
+/// events the primary was skipped for: their time counts, their runs do not.
+fn is_nested_prog(name: &str) -> bool {
+    name.ends_with("_nested")
+}
+
+/// Tracepoint programs (classic, and BTF `tracing` ones) loaded now:
+/// (id, run_time_ns, run_cnt, name).
 fn tracepoint_progs() -> Result<Vec<(u32, u64, u64, String)>> {
     let out = Command::new("bpftool")
         .args(["prog", "show", "-j"])
@@ -142,7 +155,7 @@ fn tracepoint_progs() -> Result<Vec<(u32, u64, u64, String)>> {
         .map(|progs| {
             progs
                 .iter()
-                .filter(|p| p["type"] == "tracepoint")
+                .filter(|p| p["type"] == "tracepoint" || p["type"] == "tracing")
                 .map(|p| {
                     (
                         p["id"].as_u64().unwrap_or(0) as u32,
@@ -156,12 +169,12 @@ fn tracepoint_progs() -> Result<Vec<(u32, u64, u64, String)>> {
         .unwrap_or_default())
 }
 
-fn start(mode: Mode, tcplens: &Path, dir: &Path) -> Result<Option<Tracer>> {
+fn start(mode: Mode, tcplens: &Path, dir: &Path, tag: &str) -> Result<Option<Tracer>> {
     let Some(mut cmd) = mode.command(tcplens) else {
         return Ok(None);
     };
     let before: BTreeSet<u32> = tracepoint_progs()?.into_iter().map(|p| p.0).collect();
-    let slug = format!("{mode:?}").to_lowercase();
+    let slug = format!("{mode:?}{tag}").to_lowercase();
     let stdout = dir.join(format!("{slug}.out"));
     let stderr = dir.join(format!("{slug}.err"));
     let child = cmd
@@ -195,24 +208,25 @@ fn start(mode: Mode, tcplens: &Path, dir: &Path) -> Result<Option<Tracer>> {
     }))
 }
 
-/// Over a tracer's programs: (run time of all, runs of the transition programs, run time
-/// of the timer programs, runs of the timer programs).
+/// Over a tracer's programs: (run time of all, runs of the transition program, run time
+/// of the timer programs, runs of the timer programs), runs counted on the primaries.
 fn run_stats(progs: &[u32]) -> Result<(u64, u64, u64, u64)> {
     Ok(tracepoint_progs()?
         .into_iter()
         .filter(|p| progs.contains(&p.0))
         .fold((0, 0, 0, 0), |(t, c, tt, tc), p| {
+            let runs = if is_nested_prog(&p.3) { 0 } else { p.2 };
             if is_timer_prog(&p.3) {
-                (t + p.1, c, tt + p.1, tc + p.2)
+                (t + p.1, c, tt + p.1, tc + runs)
             } else {
-                (t + p.1, c + p.2, tt, tc)
+                (t + p.1, c + runs, tt, tc)
             }
         }))
 }
 
-/// Runs one mode once.
-pub fn sample(mode: Mode, tcplens: &Path, opts: &Opts) -> Result<Sample> {
-    let tracer = start(mode, tcplens, &opts.out_dir)?;
+/// Runs one mode once (`tag` names the binary in file names: "" or "-baseline").
+pub fn sample(mode: Mode, tcplens: &Path, opts: &Opts, tag: &str) -> Result<Sample> {
+    let tracer = start(mode, tcplens, &opts.out_dir, tag)?;
     let (k0, pid, cpu0) = match &tracer {
         Some(t) => (
             run_stats(&t.progs)?,
@@ -261,8 +275,8 @@ pub fn sample(mode: Mode, tcplens: &Path, opts: &Opts) -> Result<Sample> {
     Ok(s)
 }
 
-/// `tcplens: N events read (W timewait), M lost in the kernel` on stderr: transitions
-/// (N - W) and lost.
+/// `tcplens: N events read (W timewait), M lost …` on stderr: transitions (N - W) and
+/// lost (ring buffer drops and recursion misses).
 fn tcplens_counts(stderr: &Path) -> Result<(u64, u64)> {
     let text = std::fs::read_to_string(stderr)?;
     for line in text.lines() {
@@ -317,14 +331,28 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Runs every mode `rounds` times, alternating, and returns the table (markdown).
+/// Runs every mode `rounds` times, alternating (with the baseline binary's tcplens modes
+/// after this one's, when there is one), and returns the table (markdown).
 pub fn side_by_side(tcplens: &Path, opts: &Opts) -> Result<String> {
-    let mut all: Vec<(Mode, Vec<Sample>)> = Mode::ALL.iter().map(|&m| (m, Vec::new())).collect();
+    // (mode, binary, label suffix, samples)
+    let mut all: Vec<(Mode, PathBuf, &str, Vec<Sample>)> = Mode::ALL
+        .iter()
+        .map(|&m| (m, tcplens.to_path_buf(), "", Vec::new()))
+        .collect();
+    if let Some(base) = &opts.baseline {
+        all.extend(
+            Mode::ALL
+                .iter()
+                .filter(|m| m.runs_tcplens())
+                .map(|&m| (m, base.clone(), " [baseline]", Vec::new())),
+        );
+    }
     for round in 1..=opts.rounds {
-        for (mode, samples) in all.iter_mut() {
-            let s = sample(*mode, tcplens, opts)?;
+        for (mode, bin, label, samples) in all.iter_mut() {
+            let tag = if label.is_empty() { "" } else { "-baseline" };
+            let s = sample(*mode, bin, opts, tag)?;
             eprintln!(
-                "bench: round {round} {}: {:.0} conn/s, {} seen, {} lost",
+                "bench: round {round} {}{label}: {:.0} conn/s, {} seen, {} lost",
                 mode.name(),
                 s.conn_per_s,
                 s.seen,
@@ -333,7 +361,7 @@ pub fn side_by_side(tcplens: &Path, opts: &Opts) -> Result<String> {
             samples.push(s);
         }
     }
-    let base = median(all[0].1.iter().map(|s| s.conn_per_s).collect());
+    let base = median(all[0].3.iter().map(|s| s.conn_per_s).collect());
     let mut t = String::new();
     t.push_str(&format!(
         "{} rounds of {} s each, {} connecting + {} accepting threads; medians (lost: median / max).\n\n",
@@ -341,7 +369,7 @@ pub fn side_by_side(tcplens: &Path, opts: &Opts) -> Result<String> {
     ));
     t.push_str("| mode | connections/s | vs (a) | transitions/s seen | seen / expected | lost (median / max) | user ns/event | kernel ns/transition | timer runs/s | timer ns/run | peak RSS MiB |\n");
     t.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    for (mode, samples) in &all {
+    for (mode, _, label, samples) in &all {
         let m = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
         let conn = m(|s| s.conn_per_s);
         let max_lost = samples.iter().map(|s| s.lost).max().unwrap_or(0);
@@ -353,7 +381,7 @@ pub fn side_by_side(tcplens: &Path, opts: &Opts) -> Result<String> {
             continue;
         }
         t.push_str(&format!(
-            "| {} | {conn:.0} | {:.2} | {:.0} | {:.3} | {:.0} / {max_lost} | {:.0} | {:.0} | {} | {} | {:.1} |\n",
+            "| {}{label} | {conn:.0} | {:.2} | {:.0} | {:.3} | {:.0} / {max_lost} | {:.0} | {:.0} | {} | {} | {:.1} |\n",
             mode.name(),
             conn / base,
             m(|s| s.seen_per_s),
@@ -372,7 +400,8 @@ pub fn side_by_side(tcplens: &Path, opts: &Opts) -> Result<String> {
 /// Memory and per-event CPU of `tcplens stats` as events accumulate: sampled once past
 /// 1 M transitions and again past `total`.
 pub fn scale_events(tcplens: &Path, opts: &Opts, total: u64) -> Result<String> {
-    let tracer = start(Mode::Stats, tcplens, &opts.out_dir)?.context("stats mode runs tcplens")?;
+    let tracer =
+        start(Mode::Stats, tcplens, &opts.out_dir, "")?.context("stats mode runs tcplens")?;
     let pid = tracer.child.id();
     let (mut expected, mut marks) = (0u64, Vec::new());
     let cpu0 = cpu_ns(pid)?;
@@ -420,7 +449,7 @@ pub fn scale_sockets(tcplens: &Path, opts: &Opts, connections: usize) -> Result<
     use std::io::Read as _;
     const PER_HOLDER: usize = 9_000;
     let tracer =
-        start(Mode::Timeline, tcplens, &opts.out_dir)?.context("timeline mode runs tcplens")?;
+        start(Mode::Timeline, tcplens, &opts.out_dir, "")?.context("timeline mode runs tcplens")?;
     let pid = tracer.child.id();
     let rss_before = status_kib(pid, "VmRSS:")?;
     let mut holders = Vec::new();
@@ -501,4 +530,96 @@ pub fn hold(connections: usize) -> Result<()> {
     let mut sink = Vec::new();
     std::io::stdin().read_to_end(&mut sink)?;
     Ok(())
+}
+
+/// Start-up: launched while a client connects every millisecond, how long until tcplens
+/// reports a connection's handshake (SYN_SENT -> ESTABLISHED), and until it prints that
+/// it is tracing. Medians over `runs`.
+pub fn startup(tcplens: &Path, runs: usize) -> Result<(Duration, Duration)> {
+    use std::io::BufRead as _;
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    const PORT: u16 = 9002;
+    let (mut first_seen, mut ready) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let stop = Arc::new(AtomicBool::new(false));
+        // (when connect() began, the client's port)
+        let made: Arc<Mutex<Vec<(Instant, u16)>>> = Arc::default();
+        let (stop2, made2) = (stop.clone(), made.clone());
+        let client = std::thread::spawn(move || -> Result<()> {
+            churn::enter_new_netns()?;
+            let listener = TcpListener::bind(("127.0.0.1", PORT))?;
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                while let Ok((s, _)) = listener.accept() {
+                    held.push(s);
+                }
+            });
+            while !stop2.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let c = TcpStream::connect(("127.0.0.1", PORT))?;
+                made2
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .push((t, c.local_addr()?.port()));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        });
+        while made.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.len() < 50 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let launched = Instant::now();
+        let mut child = Command::new(tcplens)
+            .args([
+                "watch",
+                "--format",
+                "json",
+                "-D",
+                &PORT.to_string(),
+                "--duration",
+                "10s",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting tcplens")?;
+        let err = BufReader::new(child.stderr.take().context("stderr")?);
+        let ready_at = std::thread::spawn(move || {
+            err.lines()
+                .map_while(Result::ok)
+                .find(|l| l.starts_with("tcplens: tracing"))
+                .map(|_| Instant::now())
+        });
+        let out = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut seen_port = None;
+        for line in out.lines() {
+            let v: serde_json::Value = serde_json::from_str(&line?)?;
+            if v["old"] == "SYN_SENT" && v["new"] == "ESTABLISHED" {
+                seen_port = v["sport"].as_u64().and_then(|p| u16::try_from(p).ok());
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        stop.store(true, Ordering::Relaxed);
+        client
+            .join()
+            .map_err(|_| anyhow::anyhow!("client panicked"))??;
+        let port = seen_port.context("tcplens saw no connection")?;
+        let made = made.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let (began, _) = made
+            .iter()
+            .find(|(_, p)| *p == port)
+            .context("the first connection seen is not one of the client's")?;
+        first_seen.push(began.saturating_duration_since(launched).as_secs_f64());
+        if let Ok(Some(at)) = ready_at.join() {
+            ready.push(at.saturating_duration_since(launched).as_secs_f64());
+        }
+    }
+    Ok((
+        Duration::from_secs_f64(median(first_seen)),
+        Duration::from_secs_f64(median(ready)),
+    ))
 }

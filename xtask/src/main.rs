@@ -58,6 +58,10 @@ enum Cmd {
         /// Skip the scale runs (10 M transitions, 100 k live sockets).
         #[arg(long)]
         no_scale: bool,
+        /// Another tcplens binary (e.g. built from an earlier commit) to run every tcplens
+        /// mode with too, in the same rounds: before and after side by side.
+        #[arg(long, value_name = "PATH")]
+        baseline: Option<PathBuf>,
     },
     /// Loopback connection churn in a network namespace of its own (root): connections/s.
     Churn {
@@ -135,6 +139,7 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             no_criterion,
             no_scale,
+            baseline,
         } => {
             prereqs()?;
             if !no_criterion {
@@ -155,6 +160,7 @@ fn run(cli: Cli) -> Result<()> {
                 rounds,
                 threads,
                 out_dir: out_dir.clone(),
+                baseline,
             };
             let tcplens = root.join("target/release/tcplens");
             let stats_key = "/proc/sys/kernel/bpf_stats_enabled";
@@ -165,6 +171,18 @@ fn run(cli: Cli) -> Result<()> {
                 if rounds > 0 {
                     step("side by side under churn");
                     report = bench::side_by_side(&tcplens, &opts)?;
+                }
+                step("start-up (a connection every millisecond from launch)");
+                report.push_str("\nStart-up, medians of 5 launches (a client connects every 1 ms from launch): first connection seen / \"tracing\" printed\n\n");
+                for (label, bin) in std::iter::once(("tcplens", &tcplens))
+                    .chain(opts.baseline.iter().map(|b| ("baseline", b)))
+                {
+                    let (first, ready) = bench::startup(bin, 5)?;
+                    report.push_str(&format!(
+                        "- {label}: {:.0} ms / {:.0} ms\n",
+                        first.as_secs_f64() * 1e3,
+                        ready.as_secs_f64() * 1e3
+                    ));
                 }
                 if !no_scale {
                     step("scale: 10 M transitions");

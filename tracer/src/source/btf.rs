@@ -27,7 +27,9 @@ pub struct KernelBtf(Btf);
 
 impl KernelBtf {
     pub fn open(path: &Path) -> Result<Self, LayoutError> {
-        Btf::from_file(path)
+        // Read at once: btf-rs's file backend seeks for every type (100 k+ syscalls).
+        let bytes = std::fs::read(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+        Btf::from_bytes(&bytes)
             .map(KernelBtf)
             .map_err(|e| err(format!("{}: {e}", path.display())))
     }
@@ -193,8 +195,11 @@ pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, LayoutError> {
     })
 }
 
-/// The timewait programs' layout, with `tw_timer_handler`'s address from `kallsyms` text.
-pub fn timewait_layout(btf: &KernelBtf, kallsyms: &str) -> Result<TimewaitLayout, LayoutError> {
+/// The timewait programs' layout, with `tw_timer_handler`'s address from `kallsyms`.
+pub fn timewait_layout(
+    btf: &KernelBtf,
+    kallsyms: impl std::io::BufRead,
+) -> Result<TimewaitLayout, LayoutError> {
     let tw = "inet_timewait_sock";
     let tw_substate = btf.offset(tw, &["tw_substate"], 1..=1)?;
     let tw_sport = btf.offset(tw, &["tw_sport"], 2..=2)?;
@@ -213,11 +218,13 @@ pub fn timewait_layout(btf: &KernelBtf, kallsyms: &str) -> Result<TimewaitLayout
     })
 }
 
-/// The address of a text symbol in /proc/kallsyms text. Without CAP_SYSLOG the kernel
-/// shows zeros, which count as missing.
-pub fn symbol_address(kallsyms: &str, name: &str) -> Result<u64, LayoutError> {
+/// The address of a text symbol in /proc/kallsyms text, read up to its line (the kernel
+/// writes that file slowly). Without CAP_SYSLOG the kernel shows zeros, which count as
+/// missing.
+pub fn symbol_address(kallsyms: impl std::io::BufRead, name: &str) -> Result<u64, LayoutError> {
     kallsyms
         .lines()
+        .map_while(Result::ok)
         .find_map(|line| {
             let mut f = line.split_whitespace();
             let (addr, _kind, sym) = (f.next()?, f.next()?, f.next()?);
@@ -239,13 +246,13 @@ mod tests {
     fn symbol_addresses_from_kallsyms() {
         let text = "ffffffff82003420 t __pfx_tw_timer_handler\nffffffff82003430 t tw_timer_handler\nffffffff82003500 T tw_timer_handler_other\n";
         assert_eq!(
-            symbol_address(text, "tw_timer_handler"),
+            symbol_address(text.as_bytes(), "tw_timer_handler"),
             Ok(0xffff_ffff_8200_3430)
         );
         // Without CAP_SYSLOG, kallsyms shows zeros: no address.
         let hidden = "0000000000000000 t tw_timer_handler\n";
-        assert!(symbol_address(hidden, "tw_timer_handler").is_err());
-        assert!(symbol_address("", "tw_timer_handler").is_err());
+        assert!(symbol_address(hidden.as_bytes(), "tw_timer_handler").is_err());
+        assert!(symbol_address(&b""[..], "tw_timer_handler").is_err());
     }
 
     /// The running kernel's BTF (every test machine has it: tcplens requires it).
@@ -259,7 +266,7 @@ mod tests {
         assert!(s.sock.sport > s.sock.head, "inet_sport is past sock_common");
         assert_eq!(s.sock.family, 16);
         assert!(s.sock.head > s.sock.cookie && s.sock.head <= MAX_HEAD);
-        let t = timewait_layout(&btf, "ffffffff82003430 t tw_timer_handler\n").expect("tw");
+        let t = timewait_layout(&btf, &b"ffffffff82003430 t tw_timer_handler\n"[..]).expect("tw");
         assert_eq!(t.handler, 0xffff_ffff_8200_3430);
         // A timewait socket's common part is the same `struct sock_common`.
         assert_eq!(

@@ -318,9 +318,11 @@ impl KernelSource {
             filter_rport: u8::from(!f.rports.is_empty()),
         };
         let timewait = if opts.timewait {
-            let found = std::fs::read_to_string(btf::KALLSYMS)
+            let found = std::fs::File::open(btf::KALLSYMS)
                 .map_err(|e| btf::LayoutError(format!("{}: {e}", btf::KALLSYMS)))
-                .and_then(|kallsyms| btf::timewait_layout(&kernel_btf, &kallsyms));
+                .and_then(|f| {
+                    btf::timewait_layout(&kernel_btf, std::io::BufReader::with_capacity(1 << 16, f))
+                });
             match found {
                 Ok(layout) => Some(layout),
                 Err(why) => {
