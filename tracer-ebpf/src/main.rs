@@ -38,8 +38,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
-    AF_INET, AF_INET6, Config, Event, HANDLED_RING, Handled, IPPROTO_TCP, MAX_FILTER_PORTS,
-    MAX_HEAD, SockLayout, TimewaitLayout, kind, tracepoint,
+    AF_INET, AF_INET6, Config, Event, HANDLED_RING, Handled, MAX_FILTER_PORTS, MAX_HEAD,
+    SockLayout, TimewaitLayout, kind, tracepoint,
 };
 
 /// Default ring size; userspace resizes it with `--ring-size` before load.
@@ -142,18 +142,6 @@ fn set_state_key(ctx: &BtfTracePointContext) -> [u64; 2] {
     [cookie, ((old & 0xff) << 8) | (new & 0xff)]
 }
 
-/// A timer event's key: the timer, and its second argument where the tracepoint has one
-/// (the expiry for `timer_start`, the base clock for `timer_expire_entry`). They are read as
-/// numbers: the verifier allows no arithmetic (nor comparison) on the argument pointers.
-#[inline(always)]
-fn timer_key(ctx: &BtfTracePointContext, two: bool) -> [u64; 2] {
-    let args = ctx.as_ptr() as *const u64;
-    // SAFETY: the context is the tracepoint's argument array; bpf_probe_read_kernel faults
-    // safely anyway.
-    let arg = |i: usize| unsafe { bpf_probe_read_kernel(args.wrapping_add(i)) }.unwrap_or(0);
-    [arg(0), if two { arg(1) } else { 0 }]
-}
-
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let key = set_state_key(&ctx);
@@ -173,24 +161,28 @@ fn on_set_state(ctx: &BtfTracePointContext, cookie: u64) {
     let sk: *const c_void = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    if kernel::<u16>(sk as u64 + u64::from(get!(CONFIG.sk_protocol))) != Some(IPPROTO_TCP) {
-        return; // SCTP, MPTCP
-    }
-    let mut head = [0u8; HEAD];
-    let Some(s) = read_sock(sk as u64, &CONFIG.sock, &mut head) else {
+    // The socket as a `struct tcp_sock`, whose fields (its `inet_sport` past `struct sock`
+    // too) are then plain loads the verifier checks against the kernel's BTF; NULL for
+    // SCTP and MPTCP, which this tracepoint reports too.
+    // SAFETY: `sk` is the tracepoint's own `struct sock *` argument.
+    let tcp = unsafe { generated::bpf_skc_to_tcp_sock(sk as *mut c_void) };
+    if tcp.is_null() {
         return;
-    };
-    emit(
-        ctx,
-        &head,
-        &s,
-        sk as u64,
-        cookie,
-        kind::SET_STATE,
-        old as u8,
-        new as u8,
-        0,
-    );
+    }
+    let fields = Direct(tcp as *const u8);
+    if let Some(s) = read_sock(&fields, &CONFIG.sock) {
+        emit(
+            ctx,
+            &fields,
+            &s,
+            sk as u64,
+            cookie,
+            kind::SET_STATE,
+            old as u8,
+            new as u8,
+            0,
+        );
+    }
 }
 
 // The timer tracepoints fire for every kernel timer on the host, so the programs reject
@@ -201,17 +193,13 @@ fn on_set_state(ctx: &BtfTracePointContext, cookie: u64) {
 /// A timer is armed: a new timewait socket, or a re-arm of one.
 #[btf_tracepoint(function = "timer_start")]
 pub fn tw_timer_start(ctx: BtfTracePointContext) -> i32 {
-    primary(tracepoint::TIMER_START, timer_key(&ctx, true), || {
-        on_timer(&ctx, kind::TW_ARM)
-    });
+    on_timer(&ctx, tracepoint::TIMER_START, kind::TW_ARM, false);
     0
 }
 
 #[btf_tracepoint(function = "timer_start")]
 pub fn tw_timer_start_nested(ctx: BtfTracePointContext) -> i32 {
-    nested(tracepoint::TIMER_START, timer_key(&ctx, true), || {
-        on_timer(&ctx, kind::TW_ARM)
-    });
+    on_timer(&ctx, tracepoint::TIMER_START, kind::TW_ARM, true);
     0
 }
 
@@ -219,60 +207,191 @@ pub fn tw_timer_start_nested(ctx: BtfTracePointContext) -> i32 {
 /// (The timer's `function` is still set here, also on `timer_shutdown_sync`.)
 #[btf_tracepoint(function = "timer_cancel")]
 pub fn tw_timer_cancel(ctx: BtfTracePointContext) -> i32 {
-    primary(tracepoint::TIMER_CANCEL, timer_key(&ctx, false), || {
-        on_timer(&ctx, kind::TW_CANCEL)
-    });
+    on_timer(&ctx, tracepoint::TIMER_CANCEL, kind::TW_CANCEL, false);
     0
 }
 
 #[btf_tracepoint(function = "timer_cancel")]
 pub fn tw_timer_cancel_nested(ctx: BtfTracePointContext) -> i32 {
-    nested(tracepoint::TIMER_CANCEL, timer_key(&ctx, false), || {
-        on_timer(&ctx, kind::TW_CANCEL)
-    });
+    on_timer(&ctx, tracepoint::TIMER_CANCEL, kind::TW_CANCEL, true);
     0
 }
 
 /// A timer runs out: the timewait socket's natural end.
 #[btf_tracepoint(function = "timer_expire_entry")]
 pub fn tw_timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
-    primary(tracepoint::TIMER_EXPIRE, timer_key(&ctx, true), || {
-        on_timer(&ctx, kind::TW_EXPIRE)
-    });
+    on_timer(&ctx, tracepoint::TIMER_EXPIRE, kind::TW_EXPIRE, false);
     0
 }
 
 #[btf_tracepoint(function = "timer_expire_entry")]
 pub fn tw_timer_expire_entry_nested(ctx: BtfTracePointContext) -> i32 {
-    nested(tracepoint::TIMER_EXPIRE, timer_key(&ctx, true), || {
-        on_timer(&ctx, kind::TW_EXPIRE)
-    });
+    on_timer(&ctx, tracepoint::TIMER_EXPIRE, kind::TW_EXPIRE, true);
     0
 }
 
+/// One timer event, in the primary (`nested == false`) or the nested program of
+/// tracepoint `tp`. Foreign timers (nearly all of them) are rejected first, by one load of
+/// the timer's `function` straight from the tracepoint's BTF pointer (no helper call): only
+/// a timewait socket's events go through the primary's record and the nested program's
+/// look-up, keyed by the socket's cookie and the timer's expiry.
 #[inline(always)]
-fn on_timer(ctx: &BtfTracePointContext, ev_kind: u8) {
-    let timer: u64 = ctx.arg(0);
+fn on_timer(ctx: &BtfTracePointContext, tp: u32, ev_kind: u8, nested_run: bool) {
+    let timer: *const u8 = ctx.arg(0);
     let handler = get!(TIMEWAIT.handler);
-    if handler == 0
-        || kernel::<u64>(timer + u64::from(get!(TIMEWAIT.timer_function))) != Some(handler)
-    {
+    // SAFETY: a load from the kernel's timer at a BTF offset of `struct timer_list`, which
+    // the verifier checks against the kernel's BTF (and the JIT guards against faults).
+    let function = unsafe {
+        core::ptr::read_volatile(
+            timer
+                .add(get!(TIMEWAIT.timer_function) as usize)
+                .cast::<u64>(),
+        )
+    };
+    if handler == 0 || function != handler {
         return;
     }
-    let Some(expires) = kernel::<u64>(timer + u64::from(get!(TIMEWAIT.timer_expires))) else {
-        return;
+    // SAFETY: as above, `struct timer_list.expires`.
+    let expires = unsafe {
+        core::ptr::read_volatile(
+            timer
+                .add(get!(TIMEWAIT.timer_expires) as usize)
+                .cast::<u64>(),
+        )
     };
-    let tw = timer - u64::from(get!(TIMEWAIT.tw_timer));
+    // The timewait socket around the timer: a copy of its head (the verifier follows no
+    // pointer arithmetic from the timer back to it).
+    let tw = timer_address(ctx) - u64::from(get!(TIMEWAIT.tw_timer));
     let mut head = [0u8; HEAD];
-    let Some(s) = read_sock(tw, &TIMEWAIT.sock, &mut head) else {
+    let size = (get!(TIMEWAIT.sock.head) as usize).min(HEAD);
+    let Some(dst) = head.get_mut(..size) else {
         return;
     };
-    let cookie = u64::from_ne_bytes(field(&head, get!(TIMEWAIT.sock.cookie)));
-    let substate = field::<1>(&head, get!(TIMEWAIT.tw_substate))[0];
-    emit(ctx, &head, &s, tw, cookie, ev_kind, 0, substate, expires);
+    // SAFETY: bpf_probe_read_kernel faults safely on any address.
+    if unsafe { bpf_probe_read_kernel_buf(tw as *const u8, dst) }.is_err() {
+        return;
+    }
+    let fields = Copied(&head);
+    let Some(s) = read_sock(&fields, &TIMEWAIT.sock) else {
+        return;
+    };
+    let cookie = fields.u64_at(get!(TIMEWAIT.sock.cookie));
+    let substate = fields.u8_at(get!(TIMEWAIT.tw_substate));
+    let send = || emit(ctx, &fields, &s, tw, cookie, ev_kind, 0, substate, expires);
+    if nested_run {
+        nested(tp, [cookie, expires], send);
+    } else {
+        primary(tp, [cookie, expires], send);
+    }
 }
 
-/// What the filters and the event need of a socket (besides its copied head).
+/// The timer's address as a number (the verifier allows no arithmetic across to the
+/// timewait socket on the argument pointer itself).
+#[inline(always)]
+fn timer_address(ctx: &BtfTracePointContext) -> u64 {
+    // SAFETY: the context is the tracepoint's argument array; bpf_probe_read_kernel faults
+    // safely anyway.
+    unsafe { bpf_probe_read_kernel(ctx.as_ptr() as *const u64) }.unwrap_or(0)
+}
+
+/// Where a socket's fields are read: at byte offsets from `SockLayout`.
+trait Fields {
+    fn u8_at(&self, off: u32) -> u8;
+    fn u16_at(&self, off: u32) -> u16;
+    fn u32_at(&self, off: u32) -> u32;
+    fn u64_at(&self, off: u32) -> u64;
+    /// The inode number of the network namespace `struct net *` at `off` points at.
+    fn netns_at(&self, off: u32) -> u32;
+
+    /// The IPv4 address in its first 4 bytes (rest zero), or the IPv6 address.
+    #[inline(always)]
+    fn address(&self, family: u16, off_v4: u32, off_v6: u32) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        let words: &[u32] = match family {
+            AF_INET6 => &[0, 4, 8, 12],
+            AF_INET => &[0],
+            _ => &[],
+        };
+        let base = if family == AF_INET6 { off_v6 } else { off_v4 };
+        for (i, &w) in words.iter().enumerate() {
+            if let Some(dst) = out.get_mut(i * 4..i * 4 + 4) {
+                dst.copy_from_slice(&self.u32_at(base + w).to_ne_bytes());
+            }
+        }
+        out
+    }
+}
+
+/// A socket the program has a BTF pointer to: plain loads (no helper call), which the
+/// verifier checks against the kernel's BTF at these offsets (known constants to it: they
+/// come from the frozen read-only data) and the JIT guards against faults.
+struct Direct(*const u8);
+
+impl Direct {
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: u32) -> T {
+        // SAFETY: see the type: a checked, fault-guarded load from a kernel object.
+        unsafe { core::ptr::read_volatile(self.0.add(off as usize).cast::<T>()) }
+    }
+}
+
+impl Fields for Direct {
+    fn u8_at(&self, off: u32) -> u8 {
+        self.load(off)
+    }
+    fn u16_at(&self, off: u32) -> u16 {
+        self.load(off)
+    }
+    fn u32_at(&self, off: u32) -> u32 {
+        self.load(off)
+    }
+    fn u64_at(&self, off: u32) -> u64 {
+        self.load(off)
+    }
+    fn netns_at(&self, off: u32) -> u32 {
+        let net: *const u8 = self.load(off);
+        if net.is_null() {
+            return 0;
+        }
+        Direct(net).load(get!(CONFIG.net_inum))
+    }
+}
+
+/// A socket copied with `bpf_probe_read_kernel` (its first `SockLayout::head` bytes).
+struct Copied<'a>(&'a [u8; HEAD]);
+
+impl Copied<'_> {
+    #[inline(always)]
+    fn bytes<const N: usize>(&self, off: u32) -> [u8; N] {
+        let off = off as usize;
+        let mut out = [0u8; N];
+        if let Some(src) = self.0.get(off..off + N) {
+            out.copy_from_slice(src);
+        }
+        out
+    }
+}
+
+impl Fields for Copied<'_> {
+    fn u8_at(&self, off: u32) -> u8 {
+        self.bytes::<1>(off)[0]
+    }
+    fn u16_at(&self, off: u32) -> u16 {
+        u16::from_ne_bytes(self.bytes(off))
+    }
+    fn u32_at(&self, off: u32) -> u32 {
+        u32::from_ne_bytes(self.bytes(off))
+    }
+    fn u64_at(&self, off: u32) -> u64 {
+        u64::from_ne_bytes(self.bytes(off))
+    }
+    fn netns_at(&self, off: u32) -> u32 {
+        let net = self.u64_at(off);
+        kernel::<u32>(net + u64::from(get!(CONFIG.net_inum))).unwrap_or(0)
+    }
+}
+
+/// What the filters and the event need of a socket, besides its fields.
 struct Sock {
     layout: &'static SockLayout,
     family: u16,
@@ -281,34 +400,24 @@ struct Sock {
     netns: u32,
 }
 
-/// Copies the head of the socket at `base` into `head` and applies the family, port and
-/// namespace filters: `None` when the socket is filtered out (or unreadable).
+/// Reads a socket's family, ports and namespace and applies the filters: `None` when it
+/// is filtered out.
 #[inline(always)]
-fn read_sock(base: u64, l: &'static SockLayout, head: &mut [u8; HEAD]) -> Option<Sock> {
-    let size = (get!(l.head) as usize).min(HEAD);
-    let dst = head.get_mut(..size)?;
-    // SAFETY: bpf_probe_read_kernel faults safely on any address.
-    unsafe { bpf_probe_read_kernel_buf(base as *const u8, dst) }.ok()?;
-    let family = u16::from_ne_bytes(field(head, get!(l.family)));
+fn read_sock(f: &impl Fields, l: &'static SockLayout) -> Option<Sock> {
+    let family = f.u16_at(get!(l.family));
     let want = get!(CONFIG.family);
     if want != 0 && family != want {
         return None;
     }
-    let sport_at = get!(l.sport);
-    let sport = if sport_at as usize + 2 <= size {
-        u16::from_be_bytes(field(head, sport_at))
-    } else {
-        u16::from_be(kernel::<u16>(base + u64::from(sport_at))?)
-    };
-    let dport = u16::from_be_bytes(field(head, get!(l.dport)));
+    let sport = u16::from_be(f.u16_at(get!(l.sport)));
+    let dport = u16::from_be(f.u16_at(get!(l.dport)));
     if get!(CONFIG.filter_lport) != 0 && LPORTS.get_ptr(sport).is_none() {
         return None;
     }
     if get!(CONFIG.filter_rport) != 0 && RPORTS.get_ptr(dport).is_none() {
         return None;
     }
-    let net = u64::from_ne_bytes(field(head, get!(l.net)));
-    let netns = kernel::<u32>(net + u64::from(get!(CONFIG.net_inum))).unwrap_or(0);
+    let netns = f.netns_at(get!(l.net));
     let want = get!(CONFIG.netns);
     if want != 0 && netns != want {
         return None;
@@ -327,7 +436,7 @@ fn read_sock(base: u64, l: &'static SockLayout, head: &mut [u8; HEAD]) -> Option
 #[allow(clippy::too_many_arguments)]
 fn emit<C: aya_ebpf::EbpfContext>(
     ctx: &C,
-    head: &[u8; HEAD],
+    f: &impl Fields,
     s: &Sock,
     skaddr: u64,
     cookie: u64,
@@ -351,8 +460,8 @@ fn emit<C: aya_ebpf::EbpfContext>(
         (*ev).pid_tgid = bpf_get_current_pid_tgid();
         (*ev).expires = expires;
         (*ev).jiffies = generated::bpf_jiffies64();
-        (*ev).saddr = address(head, s.family, get!(l.rcv_saddr), get!(l.v6_rcv_saddr));
-        (*ev).daddr = address(head, s.family, get!(l.daddr), get!(l.v6_daddr));
+        (*ev).saddr = f.address(s.family, get!(l.rcv_saddr), get!(l.v6_rcv_saddr));
+        (*ev).daddr = f.address(s.family, get!(l.daddr), get!(l.v6_daddr));
         generated::bpf_get_current_comm((*ev).comm.as_mut_ptr().cast(), 16);
         (*ev).netns = s.netns;
         (*ev).cpu = bpf_get_smp_processor_id();
@@ -399,30 +508,6 @@ fn count_lost<C: aya_ebpf::EbpfContext>(ctx: &C) {
             *lost += 1;
         }
     }
-}
-
-/// The IPv4 address in its first 4 bytes (rest zero), or the IPv6 address.
-#[inline(always)]
-fn address(head: &[u8; HEAD], family: u16, off_v4: u32, off_v6: u32) -> [u8; 16] {
-    match family {
-        AF_INET6 => field::<16>(head, off_v6),
-        AF_INET => {
-            let [a, b, c, d] = field::<4>(head, off_v4);
-            [a, b, c, d, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-        }
-        _ => [0; 16],
-    }
-}
-
-/// `N` bytes of the copied head at `off` (zeros past its end).
-#[inline(always)]
-fn field<const N: usize>(head: &[u8; HEAD], off: u32) -> [u8; N] {
-    let off = off as usize;
-    let mut out = [0u8; N];
-    if let Some(src) = head.get(off..off + N) {
-        out.copy_from_slice(src);
-    }
-    out
 }
 
 #[cfg(not(test))]
