@@ -552,3 +552,89 @@ fn a_recording_replays_the_same_lives() {
         }
     }
 }
+
+/// Lost events leave sockets the tracker believes alive (their close was lost): the next
+/// sock_diag listing (10 s after the start, then every 10 s) ends them `unseen`, counts
+/// them, and the live counts are the kernel's again, before tcplens exits. A ring buffer
+/// of one page and a burst of connections make the loss.
+#[test]
+fn sockets_whose_end_was_lost_go_within_one_resync() {
+    const PORT: u16 = 21607;
+    const BURST: usize = 3_000;
+    let mut ns = NamedNetns::new("tcplens-resync");
+    let started = SystemTime::now();
+    let stats = start_tcplens(&[
+        "stats",
+        "--format",
+        "json",
+        "--interval",
+        "1s",
+        "--ring-size",
+        "4K",
+        "--netns",
+        &ns.path(),
+    ]);
+    ns.run(move || {
+        let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
+        let server = std::thread::spawn(move || {
+            for _ in 0..BURST {
+                let (mut s, _) = listener.accept().unwrap();
+                let _ = s.read(&mut [0u8; 1]); // the client closes first
+            }
+            listener
+        });
+        for _ in 0..BURST {
+            drop(TcpStream::connect(("127.0.0.1", PORT)).unwrap());
+        }
+        let listener = server.join().unwrap();
+        // Until well past the first listing, with the listener still open.
+        let until = started + Duration::from_secs(14);
+        std::thread::sleep(until.duration_since(SystemTime::now()).unwrap_or_default());
+        drop(listener);
+    });
+    let f = stats.stop();
+    ns.delete();
+    assert!(f.status.success(), "{}", f.stderr);
+    let reports = json_lines(&f.stdout);
+    let last = reports.last().expect("a final report");
+    assert!(
+        last["lost_events"].as_u64().unwrap() > 0,
+        "the burst overflowed the ring: {last}"
+    );
+    // Only the listener was left, and sockets in TIME_WAIT (on the clients' side).
+    let phantoms = |r: &Value| -> u64 {
+        r["live"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(state, _)| !["LISTEN", "TIME_WAIT"].contains(&state.as_str()))
+            .map(|(_, n)| n.as_u64().unwrap())
+            .sum()
+    };
+    let at = |r: &Value| -> SystemTime {
+        let t: jiff::Timestamp = r["time"].as_str().unwrap().parse().unwrap();
+        SystemTime::from(t)
+    };
+    let first_listing = started + Duration::from_secs(10);
+    let before: Vec<u64> = reports
+        .iter()
+        .filter(|r| at(r) < first_listing)
+        .map(phantoms)
+        .collect();
+    assert!(
+        before.iter().any(|&n| n > 0),
+        "lost closes left sockets counted alive: {reports:#?}"
+    );
+    let after: Vec<&Value> = reports
+        .iter()
+        .filter(|r| at(r) > first_listing + Duration::from_millis(1_500))
+        .collect();
+    assert!(
+        after.len() >= 2,
+        "interval reports after the listing: {reports:#?}"
+    );
+    for r in after {
+        assert_eq!(phantoms(r), 0, "{r}");
+        assert!(r["ended_unseen"]["gone"].as_u64().unwrap() > 0, "{r}");
+    }
+}

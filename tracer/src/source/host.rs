@@ -16,7 +16,7 @@ use std::io;
 use crate::clock::monotonic_now_ns;
 use crate::model::TcpState;
 use crate::source::sockdiag::{self, Diag, DiagError, DiagSocket};
-use crate::tracker::{FlipCandidate, Listing, TIMEWAIT_LEN_S};
+use crate::tracker::{FlipCandidate, Listed, Listing, TIMEWAIT_LEN_S};
 
 /// Past this many turned sockets in one namespace, one TIME_WAIT dump replaces the
 /// lookups.
@@ -121,7 +121,14 @@ pub fn listing(states: &[TcpState]) -> Result<Listing, DiagError> {
         sockets: dump
             .sockets
             .iter()
-            .map(|s| (s.cookie, (s.state, turned_at(s, seen))))
+            .map(|s| {
+                let listed = Listed {
+                    state: s.state,
+                    timewait: s.is_timewait(),
+                    turned_at: turned_at(s, seen),
+                };
+                (s.cookie, listed)
+            })
             .collect(),
     })
 }

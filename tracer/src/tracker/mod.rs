@@ -234,9 +234,20 @@ pub struct Listing {
     pub to_ns: u64,
     pub netns: HashSet<u32>,
     pub states: Vec<TcpState>,
-    /// Socket cookie -> state (a timewait socket's substate), and for a timewait socket in
-    /// TIME_WAIT when it entered it (monotonic ns, from its timer), when known.
-    pub sockets: HashMap<u64, (TcpState, Option<u64>)>,
+    /// By socket cookie.
+    pub sockets: HashMap<u64, Listed>,
+}
+
+/// One socket of a [`Listing`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listed {
+    /// Its state; a timewait socket's substate.
+    pub state: TcpState,
+    /// A timewait socket.
+    pub timewait: bool,
+    /// A timewait socket in TIME_WAIT: when it entered it (monotonic ns, from its timer),
+    /// when known.
+    pub turned_at: Option<u64>,
 }
 
 /// One tracked socket.
@@ -532,33 +543,46 @@ impl Tracker {
                     && t.last_ns < l.from_ns
                     && t.tw.as_ref().is_none_or(|tw| tw.cancel.is_none())
             })
-            .filter_map(|(&id, t)| Some((id, t.state()?)))
-            .filter(|(_, state)| l.states.contains(state))
+            .filter_map(|(&id, t)| Some((id, t.state()?, t.tw.is_some())))
+            .filter(|&(_, state, timewait)| {
+                // Every state the socket may be in now must be listed: a timewait socket
+                // in FIN_WAIT2 may have turned TIME_WAIT without an event.
+                l.states.contains(&state)
+                    && (!timewait
+                        || state != TcpState::FinWait2
+                        || l.states.contains(&TcpState::TimeWait))
+            })
+            .map(|(id, state, _)| (id, state))
             .collect();
         let mut gone = 0;
         for (id, state) in judged {
-            match l.sockets.get(&id) {
-                None => {
-                    self.end(id, End::Unseen, None, ended);
-                    self.stats.unseen_gone += 1;
-                    gone += 1;
+            let Some(listed) = l.sockets.get(&id) else {
+                self.end(id, End::Unseen, None, ended);
+                self.stats.unseen_gone += 1;
+                gone += 1;
+                continue;
+            };
+            if listed.timewait {
+                // Its events did not show it become a timewait socket (they were lost).
+                self.adopt_timewait(id);
+            }
+            match (state, listed.state) {
+                (held, now) if held == now => {}
+                (TcpState::FinWait2, TcpState::TimeWait) if listed.timewait => {
+                    self.flipped(id, listed.turned_at, l.from_ns);
                 }
-                Some(&(listed, _)) if listed == state => {}
-                Some(&(TcpState::TimeWait, at)) if state == TcpState::FinWait2 => {
-                    self.flipped(id, at, l.from_ns);
-                }
-                Some(&(listed, _)) => {
+                (_, now) => {
                     self.stats.mismatched += 1;
-                    if let Some(t) = self.lives.get_mut(&id) {
+                    if let Some(t) = self.lives.peek_mut(&id) {
                         self.fin_wait2.remove(&id);
                         move_to(
                             &mut t.life,
-                            listed,
+                            now,
                             None,
                             (l.to_ns, NO_TASK),
                             &mut self.derived,
                         );
-                        if listed == TcpState::FinWait2 && t.tw.is_some() {
+                        if now == TcpState::FinWait2 && t.tw.is_some() {
                             self.fin_wait2.insert(id);
                         }
                     }
@@ -566,6 +590,23 @@ impl Tracker {
             }
         }
         gone
+    }
+
+    /// Marks the life `id` as carried on by a timewait socket (sock_diag lists it as one).
+    fn adopt_timewait(&mut self, id: u64) {
+        let Some(t) = self.lives.peek_mut(&id) else {
+            return;
+        };
+        if t.tw.is_none() {
+            t.tw = Some(Timewait {
+                addr: 0,
+                cancel: None,
+                flipped: false,
+            });
+            if t.life.state() == Some(TcpState::FinWait2) {
+                self.fin_wait2.insert(id);
+            }
+        }
     }
 
     /// Ends every tracked life as `still_open` at `now_ns` (tracing stopped). Sockets of

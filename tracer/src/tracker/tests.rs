@@ -752,6 +752,15 @@ fn a_timewait_socket_from_before_tracing() {
     assert_eq!(t.state_counts()[TimeWait as usize], 0);
 }
 
+/// A full socket as a listing shows it.
+fn full(state: TcpState) -> Listed {
+    Listed {
+        state,
+        timewait: false,
+        turned_at: None,
+    }
+}
+
 #[test]
 fn reconcile_ends_what_sock_diag_no_longer_lists() {
     let mut t = Tracker::default();
@@ -776,7 +785,7 @@ fn reconcile_ends_what_sock_diag_no_longer_lists() {
         to_ns: 1_100,
         netns: HashSet::from([NETNS]),
         states: vec![Established, SynSent, CloseWait, FinWait1],
-        sockets: HashMap::from([(1, (Established, None)), (2, (LastAck, None))]),
+        sockets: HashMap::from([(1, full(Established)), (2, full(LastAck))]),
     };
     let gone = t.reconcile(&listing, &mut ended);
     // 5 is gone; 2 moved on unseen; 3 (another namespace) and 4 (newer) are not judged.
@@ -794,6 +803,70 @@ fn reconcile_ends_what_sock_diag_no_longer_lists() {
     assert_eq!(t.stats().unseen_gone, 1);
     assert_eq!(t.stats().mismatched, 1);
     assert_eq!(t.state_counts()[LastAck as usize], 1);
+}
+
+#[test]
+fn a_listing_without_time_wait_says_nothing_of_a_fin_wait2_timewait_socket() {
+    // It may have turned TIME_WAIT silently: absent from a listing of FIN_WAIT2 sockets
+    // (and not of TIME_WAIT ones), it is not gone.
+    let mut t = Tracker::default();
+    closing(&mut t);
+    let mut ended = Vec::new();
+    t.timewait(&twe(TimerOp::Arm, 2 * S, FinWait2), &mut ended);
+    t.observe(&tr(1, 2 * S + 10, FinWait2, Close, 0), &mut ended);
+    let mut listing = Listing {
+        from_ns: 3 * S,
+        to_ns: 3 * S + 1_000,
+        netns: HashSet::from([NETNS]),
+        states: vec![Established, FinWait1, FinWait2, CloseWait, LastAck],
+        sockets: HashMap::new(),
+    };
+    assert_eq!(t.reconcile(&listing, &mut ended), 0);
+    assert!(ended.is_empty());
+    assert_eq!(t.socket(1).and_then(SocketLife::state), Some(FinWait2));
+    // With TIME_WAIT listed too, its absence means it is gone.
+    listing.states.push(TimeWait);
+    assert_eq!(t.reconcile(&listing, &mut ended), 1);
+    assert_eq!(ended[0].end, End::Unseen);
+}
+
+#[test]
+fn a_timewait_socket_whose_arm_was_lost_is_adopted_from_the_listing() {
+    // The arm and the full socket's CLOSE were lost: the tracker holds a full socket in
+    // FIN_WAIT2; sock_diag lists a timewait socket in TIME_WAIT, turned at 2.5 s.
+    let mut t = Tracker::default();
+    closing(&mut t);
+    let mut ended = Vec::new();
+    let listing = Listing {
+        from_ns: 3 * S,
+        to_ns: 3 * S + 1_000,
+        netns: HashSet::from([NETNS]),
+        states: vec![FinWait2, TimeWait],
+        sockets: HashMap::from([(
+            1,
+            Listed {
+                state: TimeWait,
+                timewait: true,
+                turned_at: Some(2 * S + S / 2),
+            },
+        )]),
+    };
+    assert_eq!(t.reconcile(&listing, &mut ended), 0);
+    assert_eq!(t.state_counts()[TimeWait as usize], 1);
+    assert_eq!(
+        derived(&mut t),
+        [(
+            FinWait2,
+            TimeWait,
+            2 * S + S / 2,
+            Some(2 * S + S / 2 - 1_200)
+        )]
+    );
+    // Its timer's end finds the life.
+    t.timewait(&twe(TimerOp::Cancel, 62 * S, TimeWait), &mut ended);
+    t.timewait(&twe(TimerOp::Expire, 62 * S + 1, TimeWait), &mut ended);
+    assert_eq!((ended[0].cookie, ended[0].end), (1, End::TimeWaitExpired));
+    assert_eq!(ended[0].role, Role::Active);
 }
 
 fn any_state() -> impl Strategy<Value = TcpState> {
