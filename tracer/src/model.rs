@@ -100,6 +100,14 @@ pub struct Task {
     pub comm: Comm,
 }
 
+impl Task {
+    /// Whether a task is known: a transition that only sock_diag showed has none (the idle
+    /// task, pid 0, has a name: `swapper/N`).
+    pub fn is_known(&self) -> bool {
+        !self.comm.as_bytes().is_empty()
+    }
+}
+
 /// A task's `comm`: up to 15 bytes, kept inline so decoding allocates nothing.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Comm([u8; 16]);

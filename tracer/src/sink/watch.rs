@@ -36,8 +36,9 @@ struct JsonLine<'a> {
     old: &'static str,
     new: &'static str,
     old_ns: Option<u64>,
-    pid: u32,
-    comm: &'a str,
+    /// The task on the CPU; `null` for a transition no event showed (sock_diag did).
+    pid: Option<u32>,
+    comm: Option<&'a str>,
     owner_pid: Option<u32>,
     owner_comm: Option<&'a str>,
     /// `tracepoint`, or `timewait` for a transition derived from a timewait socket.
@@ -80,11 +81,14 @@ impl<W: Write> WatchPrinter<W> {
     fn text(&mut self, t: &Transition, o: &Observed) {
         let line = &mut self.line;
         self.times.time_of_day(t.ts_ns, line);
+        let _ = if t.task.is_known() {
+            write!(line, " {:<7} {:<16}", t.task.pid, t.task.comm)
+        } else {
+            write!(line, " {:<7} {:<16}", "-", "-")
+        };
         let _ = write!(
             line,
-            " {:<7} {:<16} {:<26} {:<26} {:<12} -> {:<12} ",
-            t.task.pid,
-            t.task.comm,
+            " {:<26} {:<26} {:<12} -> {:<12} ",
             SocketAddr::new(t.saddr, t.sport),
             SocketAddr::new(t.daddr, t.dport),
             t.old,
@@ -123,8 +127,8 @@ impl<W: Write> WatchPrinter<W> {
             old: t.old.name(),
             new: t.new.name(),
             old_ns: o.old_ns,
-            pid: t.task.pid,
-            comm: &comm,
+            pid: t.task.is_known().then_some(t.task.pid),
+            comm: t.task.is_known().then_some(&*comm),
             owner_pid: o.owner.map(|o| o.pid),
             owner_comm: owner_comm.as_deref(),
             via: t.via.name(),
@@ -270,6 +274,24 @@ mod tests {
         assert!(v["old_ns"].is_null());
         assert!(v["owner_pid"].is_null());
         assert!(v["owner_comm"].is_null());
+    }
+
+    #[test]
+    fn a_transition_no_event_showed_has_no_task() {
+        let mut t = sample(Family::Ipv4);
+        t.task = Task {
+            pid: 0,
+            tid: 0,
+            comm: Comm::EMPTY,
+        };
+        let mut p = printer(Format::Json);
+        p.transition(&t, &owned(None)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(output(p).trim()).unwrap();
+        assert!(v["pid"].is_null() && v["comm"].is_null(), "{v}");
+        assert_eq!(v["owner_pid"], 13212, "the owner is still known");
+        let mut p = printer(Format::Text);
+        p.transition(&t, &owned(None)).unwrap();
+        assert!(output(p).starts_with("22:10:02.123 -       -                127.0.0.1"));
     }
 
     #[test]
