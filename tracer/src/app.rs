@@ -309,13 +309,7 @@ fn startup_snapshot(filter: &KernelFilter) -> (Vec<Seed>, u64) {
                 .into_iter()
                 .filter(|s| filter.keeps(s.family, s.sport, s.dport, s.netns))
                 .map(|s| Seed {
-                    cookie: s.cookie,
-                    netns: s.netns,
-                    family: s.family,
-                    saddr: s.saddr,
-                    sport: s.sport,
-                    daddr: s.daddr,
-                    dport: s.dport,
+                    id: s.id(),
                     state: s.state,
                     timewait: s.is_timewait(),
                 })

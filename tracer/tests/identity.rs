@@ -133,6 +133,9 @@ fn under_churn_the_time_waits_are_the_kernels() {
     let lives = finish(timeline);
 
     assert!(connections > 1_000, "churn made {connections} connections");
+    eprintln!(
+        "churn: {connections} connections; TcpExtTW {kernel_tw}, TcpActiveOpens {kernel_opens}"
+    );
     let ours = |l: &&Value| l["sport"] == PORT || l["dport"] == PORT;
     let lives: Vec<&Value> = lives.iter().filter(ours).collect();
     let with_tw = lives

@@ -62,6 +62,18 @@ impl DiagSocket {
     pub fn is_timewait(&self) -> bool {
         self.tw_expires_ms.is_some()
     }
+
+    pub fn id(&self) -> crate::tracker::SocketId {
+        crate::tracker::SocketId {
+            cookie: self.cookie,
+            netns: self.netns,
+            family: self.family,
+            saddr: self.saddr,
+            sport: self.sport,
+            daddr: self.daddr,
+            dport: self.dport,
+        }
+    }
 }
 
 /// `idiag_timer` of a timewait socket.

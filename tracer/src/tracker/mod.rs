@@ -178,6 +178,18 @@ impl SocketLife {
     pub fn entered_ns(&self) -> Option<u64> {
         self.spans.last().and_then(|s| s.entered_ns)
     }
+
+    pub fn id(&self) -> SocketId {
+        SocketId {
+            cookie: self.cookie,
+            netns: self.netns,
+            family: self.family,
+            saddr: self.saddr,
+            sport: self.sport,
+            daddr: self.daddr,
+            dport: self.dport,
+        }
+    }
 }
 
 /// What the tracker knows about one transition.
@@ -210,9 +222,9 @@ pub struct TrackerStats {
 /// Local address and port, remote address and port.
 pub type Tuple = (IpAddr, u16, IpAddr, u16);
 
-/// A socket of the start-up snapshot (sock_diag at start).
+/// Which socket: its cookie, network namespace, family and 4-tuple.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Seed {
+pub struct SocketId {
     pub cookie: u64,
     pub netns: u32,
     pub family: Family,
@@ -220,6 +232,12 @@ pub struct Seed {
     pub sport: u16,
     pub daddr: IpAddr,
     pub dport: u16,
+}
+
+/// A socket of the start-up snapshot (sock_diag at start).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seed {
+    pub id: SocketId,
     /// Its state; for a timewait socket, its substate.
     pub state: TcpState,
     /// A timewait socket (in the TIME_WAIT or FIN_WAIT2 substate).
@@ -333,18 +351,19 @@ impl Tracker {
             if self.lives.len() >= cap {
                 break;
             }
-            if s.cookie == 0 || self.lives.contains(&s.cookie) {
+            let id = s.id;
+            if id.cookie == 0 || self.lives.contains(&id.cookie) {
                 continue;
             }
             let life = SocketLife {
                 sk: 0,
-                cookie: s.cookie,
-                netns: s.netns,
-                family: s.family,
-                saddr: s.saddr,
-                sport: s.sport,
-                daddr: s.daddr,
-                dport: s.dport,
+                cookie: id.cookie,
+                netns: id.netns,
+                family: id.family,
+                saddr: id.saddr,
+                sport: id.sport,
+                daddr: id.daddr,
+                dport: id.dport,
                 owner: None,
                 role: if s.state == TcpState::Listen {
                     Role::Listener
@@ -362,10 +381,10 @@ impl Tracker {
                 existed_at_start: true,
             };
             if s.timewait && s.state == TcpState::FinWait2 {
-                self.fin_wait2.insert(s.cookie);
+                self.fin_wait2.insert(id.cookie);
             }
             self.lives.put(
-                s.cookie,
+                id.cookie,
                 Tracked {
                     life,
                     tw: s.timewait.then_some(Timewait {

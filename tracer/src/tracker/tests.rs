@@ -299,13 +299,15 @@ fn a_skipped_exit_ends_unseen_and_the_next_life_starts_fresh() {
 fn seed(cookie: u64, state: TcpState, timewait: bool) -> Seed {
     let here = IpAddr::V4(Ipv4Addr::LOCALHOST);
     Seed {
-        cookie,
-        netns: NETNS,
-        family: Family::Ipv4,
-        saddr: here,
-        sport: 40000,
-        daddr: here,
-        dport: 8080,
+        id: SocketId {
+            cookie,
+            netns: NETNS,
+            family: Family::Ipv4,
+            saddr: here,
+            sport: 40000,
+            daddr: here,
+            dport: 8080,
+        },
         state,
         timewait,
     }

@@ -29,16 +29,7 @@ pub const SETTLE_NS: u64 = 200_000_000;
 pub const TIMEWAIT_LEN_S: u64 = 60;
 
 /// A timewait socket the events show in FIN_WAIT2: sock_diag may show it turned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FlipCandidate {
-    pub cookie: u64,
-    pub netns: u32,
-    pub family: Family,
-    pub saddr: IpAddr,
-    pub sport: u16,
-    pub daddr: IpAddr,
-    pub dport: u16,
-}
+pub type FlipCandidate = SocketId;
 
 impl Tracker {
     /// Feeds one timewait timer event. Lives that end are pushed onto `ended`; derived
@@ -239,15 +230,7 @@ impl Tracker {
             .filter_map(|id| {
                 let t = self.lives.peek(id)?;
                 let tw = t.tw.as_ref()?;
-                (tw.cancel.is_none() && !tw.flipped).then_some(FlipCandidate {
-                    cookie: t.life.cookie,
-                    netns: t.life.netns,
-                    family: t.life.family,
-                    saddr: t.life.saddr,
-                    sport: t.life.sport,
-                    daddr: t.life.daddr,
-                    dport: t.life.dport,
-                })
+                (tw.cancel.is_none() && !tw.flipped).then(|| t.life.id())
             })
             .collect()
     }
