@@ -459,10 +459,12 @@ async fn run_live(
             _ = every_second.tick() => {
                 p.totals.read_lost(lost)?;
                 if p.totals.lost.total() > reported_lost {
-                    log::warn!(
-                        "{} so far: a larger --ring-size may help",
-                        p.totals.lost
-                    );
+                    let advice = if p.totals.lost.ring_full > 0 {
+                        ": a larger --ring-size may help"
+                    } else {
+                        ""
+                    };
+                    log::warn!("{} so far{advice}", p.totals.lost);
                     reported_lost = p.totals.lost.total();
                 }
                 if p.host && !host.is_pending() {
