@@ -29,7 +29,6 @@ mod timewait;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
-use std::num::NonZeroUsize;
 
 use lru::LruCache;
 
@@ -293,7 +292,13 @@ struct Timewait {
 }
 
 pub struct Tracker {
+    /// Unbounded as a cache (it would allocate its whole capacity up front); `cap` is
+    /// enforced on insertion.
     lives: LruCache<u64, Tracked>,
+    cap: usize,
+    /// Live sockets per state (kernel state number): kept up to date as lives are added,
+    /// changed and removed, so that reading them costs nothing.
+    counts: [u64; 13],
     /// Full sockets' kernel addresses -> their identity.
     by_sk: HashMap<u64, u64>,
     /// Timewait sockets in the FIN_WAIT2 substate, as far as the events show: the ones
@@ -318,9 +323,10 @@ impl Default for Tracker {
 impl Tracker {
     /// A tracker holding at most `max_sockets` sockets (at least 1).
     pub fn new(max_sockets: usize) -> Self {
-        let cap = NonZeroUsize::new(max_sockets).unwrap_or(NonZeroUsize::MIN);
         Tracker {
-            lives: LruCache::new(cap),
+            lives: LruCache::unbounded(),
+            cap: max_sockets.max(1),
+            counts: [0; 13],
             by_sk: HashMap::new(),
             fin_wait2: HashSet::new(),
             cancels: VecDeque::new(),
@@ -346,9 +352,8 @@ impl Tracker {
     /// taken by `taken_ns`. A seeded socket's life is marked `existed_at_start`; an event
     /// from before `taken_ns` replaces what the snapshot said of it.
     pub fn seed(&mut self, seeds: impl IntoIterator<Item = Seed>, taken_ns: u64) {
-        let cap = self.lives.cap().get();
         for s in seeds {
-            if self.lives.len() >= cap {
+            if self.lives.len() >= self.cap {
                 break;
             }
             let id = s.id;
@@ -383,7 +388,7 @@ impl Tracker {
             if s.timewait && s.state == TcpState::FinWait2 {
                 self.fin_wait2.insert(id.cookie);
             }
-            self.lives.put(
+            self.put_new(
                 id.cookie,
                 Tracked {
                     life,
@@ -401,6 +406,12 @@ impl Tracker {
 
     /// Live sockets per state (indexed by kernel state number), snapshot sockets included.
     pub fn state_counts(&self) -> [u64; 13] {
+        self.counts
+    }
+
+    /// The counts recomputed from every life: what [`Tracker::state_counts`] must equal.
+    #[cfg(test)]
+    pub(crate) fn recount(&self) -> [u64; 13] {
         let mut counts = [0u64; 13];
         for (_, t) in self.lives.iter() {
             if let Some(state) = t.state() {
@@ -472,7 +483,9 @@ impl Tracker {
             }
             return observed;
         }
+        let before = tracked.state();
         let (observed, entered, mismatched) = step(&mut tracked.life, t);
+        self.changed(id, before);
         if mismatched {
             self.stats.mismatched += 1;
         }
@@ -502,10 +515,12 @@ impl Tracker {
             match self.lives.get_mut(&id) {
                 Some(seeded) => {
                     // It was there before the snapshot, unless this event is its birth.
+                    let before = seeded.state();
                     let existed = fresh.life.first_seen_mid_life;
                     *seeded = fresh;
                     seeded.life.existed_at_start = existed;
                     self.fin_wait2.remove(&id);
+                    self.changed(id, before);
                 }
                 None => self.insert(id, fresh, ended),
             }
@@ -518,13 +533,44 @@ impl Tracker {
 
     /// Inserts a new record, evicting the least recently active one when full.
     fn insert(&mut self, id: u64, tracked: Tracked, ended: &mut Vec<SocketLife>) {
-        if let Some((old_id, mut victim)) = self.lives.push(id, tracked)
-            && old_id != id
+        if self.lives.len() >= self.cap
+            && let Some(&victim) = self.lives.peek_lru().map(|(k, _)| k)
+            && let Some(mut victim) = self.remove(victim)
         {
-            self.forget(old_id, &victim);
             victim.life.end = End::Evicted;
             self.stats.evicted += 1;
             ended.push(victim.life);
+        }
+        self.put_new(id, tracked);
+    }
+
+    /// Adds a record (the caller made room), counted in its state.
+    fn put_new(&mut self, id: u64, tracked: Tracked) {
+        self.count(tracked.state(), 1);
+        self.lives.put(id, tracked);
+    }
+
+    /// Takes a record out, uncounted and unindexed.
+    fn remove(&mut self, id: u64) -> Option<Tracked> {
+        let t = self.lives.pop(&id)?;
+        self.count(t.state(), -1);
+        self.forget(id, &t);
+        Some(t)
+    }
+
+    /// The record of `id` changed in place: it was in state `before`.
+    fn changed(&mut self, id: u64, before: Option<TcpState>) {
+        let after = self.lives.peek(&id).and_then(Tracked::state);
+        if after != before {
+            self.count(before, -1);
+            self.count(after, 1);
+        }
+    }
+
+    fn count(&mut self, state: Option<TcpState>, delta: i64) {
+        if let Some(state) = state {
+            let n = &mut self.counts[state as usize];
+            *n = n.saturating_add_signed(delta);
         }
     }
 
@@ -538,10 +584,9 @@ impl Tracker {
 
     /// Ends the life of `id` as `end` at `at` (when known).
     fn end(&mut self, id: u64, end: End, at: Option<u64>, ended: &mut Vec<SocketLife>) {
-        let Some(t) = self.lives.pop(&id) else {
+        let Some(t) = self.remove(id) else {
             return;
         };
-        self.forget(id, &t);
         let mut life = t.life;
         life.end = end;
         life.lifetime_ns = at.and_then(|at| lifetime(&life, at));
@@ -604,6 +649,7 @@ impl Tracker {
                         if now == TcpState::FinWait2 && t.tw.is_some() {
                             self.fin_wait2.insert(id);
                         }
+                        self.changed(id, Some(state));
                     }
                 }
             }
@@ -646,6 +692,7 @@ impl Tracker {
         self.fin_wait2.clear();
         self.cancels.clear();
         self.cpu_cancel.clear();
+        self.counts = [0; 13];
         out
     }
 }

@@ -230,6 +230,12 @@ fn a_reused_address_starts_a_fresh_record() {
 }
 
 #[test]
+fn a_huge_cap_allocates_nothing_up_front() {
+    let t = Tracker::new(usize::MAX);
+    assert_eq!(t.live(), 0);
+}
+
+#[test]
 fn eviction_keeps_the_cap_and_drops_the_least_recently_active() {
     let mut t = Tracker::new(3);
     let mut ended = Vec::new();
@@ -415,6 +421,7 @@ fn closing(t: &mut Tracker) {
 }
 
 fn derived(t: &mut Tracker) -> Vec<(TcpState, TcpState, u64, Option<u64>)> {
+    assert_eq!(t.state_counts(), t.recount(), "live counts kept in step");
     t.take_derived()
         .map(|(tr, o)| {
             assert_eq!(tr.via, Via::Timewait);
@@ -790,6 +797,7 @@ fn reconcile_ends_what_sock_diag_no_longer_lists() {
         sockets: HashMap::from([(1, full(Established)), (2, full(LastAck))]),
     };
     let gone = t.reconcile(&listing, &mut ended);
+    assert_eq!(t.state_counts(), t.recount());
     // 5 is gone; 2 moved on unseen; 3 (another namespace) and 4 (newer) are not judged.
     assert_eq!(gone, 1);
     assert_eq!(ended.len(), 1);
@@ -854,6 +862,7 @@ fn a_timewait_socket_whose_arm_was_lost_is_adopted_from_the_listing() {
         )]),
     };
     assert_eq!(t.reconcile(&listing, &mut ended), 0);
+    assert_eq!(t.state_counts(), t.recount());
     assert_eq!(t.state_counts()[TimeWait as usize], 1);
     assert_eq!(
         derived(&mut t),
@@ -892,6 +901,7 @@ proptest! {
             let o = t.observe(&tr(sk, ts, old, new, 1), &mut ended);
             prop_assert!(o.old_ns.is_none_or(|ns| ns < 1_000_000));
             prop_assert!(t.live() <= 3);
+            prop_assert_eq!(t.state_counts(), t.recount());
         }
         ended.extend(t.close_all(ts + 10));
         for life in &ended {

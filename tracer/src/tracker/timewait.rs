@@ -126,6 +126,7 @@ impl Tracker {
         let Some(t) = self.lives.get_mut(&id) else {
             return;
         };
+        let before = t.state();
         touch(t, ev.ts_ns);
         let tw = t.tw.get_or_insert(Timewait {
             addr: ev.tw,
@@ -149,6 +150,7 @@ impl Tracker {
         } else {
             self.fin_wait2.remove(&id);
         }
+        self.changed(id, before);
     }
 
     /// The record of the timewait socket `ev` is about; a new one for a socket that was
@@ -184,10 +186,9 @@ impl Tracker {
     /// Ends the timewait socket `id` at `ev`: CLOSE, after the substate `ev` shows if the
     /// events had not shown the socket enter it.
     fn end_timewait(&mut self, id: u64, ev: &TimewaitEvent, end: End, ended: &mut Vec<SocketLife>) {
-        let Some(t) = self.lives.pop(&id) else {
+        let Some(t) = self.remove(id) else {
             return;
         };
-        self.forget(id, &t);
         let mut life = t.life;
         if life.state() != Some(ev.substate) {
             // It turned TIME_WAIT without a timer event, and sock_diag did not place it:
@@ -242,6 +243,7 @@ impl Tracker {
         let Some(t) = self.lives.peek_mut(&id) else {
             return;
         };
+        let before = t.state();
         let Some(tw) = t.tw.as_mut() else {
             return;
         };
@@ -263,6 +265,7 @@ impl Tracker {
             }
             None => tw.flipped = true,
         }
+        self.changed(id, before);
     }
 }
 
