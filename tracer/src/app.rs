@@ -15,16 +15,16 @@ use crate::cli::{
 };
 use crate::clock::{TimeFormatter, WallClock, monotonic_now_ns};
 use crate::decode::decode;
+use crate::model::TcpState;
 use crate::model::{KernelEvent, Transition};
-use crate::sink::Sink;
 use crate::sink::leaks::{LeakQuery, LeaksSink};
 use crate::sink::metrics::{Metrics, MetricsSink};
 use crate::sink::record::RecordSink;
 use crate::sink::stats::StatsSink;
 use crate::sink::timeline::TimelineSink;
 use crate::sink::watch::{WatchPrinter, WatchSink};
-use crate::source::HostSockets;
-use crate::source::host::{self, Answer, Ask, HostWorker};
+use crate::sink::{HolderWant, Sink, View};
+use crate::source::host::{self, Answer, Ask, Holders, HostWorker};
 use crate::source::kernel::{
     DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelSource, LossSource, Lost, SourceError,
 };
@@ -33,11 +33,20 @@ use crate::source::sockdiag;
 use crate::tracker::{Owner, Seed, SocketLife, Tracker};
 use std::sync::Arc;
 
+/// One line on stderr, `tcplens: ` first. A closed stderr (`2>&1 | head -1`) is no error:
+/// there is nobody left to tell.
+pub fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(io::stderr().lock(), "tcplens: {line}");
+}
+
 /// How often the live loop asks sock_diag which timewait sockets turned TIME_WAIT without
 /// a timer event (only while the events show some in FIN_WAIT2).
 const FLIP_CHECK: Duration = Duration::from_secs(1);
 /// How often the live loop reconciles the tracker with a full sock_diag listing.
 const RESYNC: Duration = Duration::from_secs(10);
+/// How often the holders of [`HolderWant::Periodically`] sinks are listed.
+const HOLDERS_EVERY: Duration = Duration::from_secs(5);
 
 /// What a run saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,8 +104,40 @@ impl<'a> Pipeline<'a> {
         self.sinks.iter_mut().try_for_each(|s| f(&mut **s))
     }
 
-    pub fn started(&mut self) -> io::Result<()> {
-        self.each(|s| s.started())
+    /// Tracing started: live at kernel monotonic `start_ns`, on replay at the first event.
+    pub fn started(&mut self, start_ns: Option<u64>) -> io::Result<()> {
+        self.each(|s| s.started(start_ns))
+    }
+
+    /// The states whose holders the sinks report: at every interval (and exit), or only
+    /// those wanted between intervals too (`periodic`).
+    pub fn holder_states(&self, periodic: bool) -> Vec<TcpState> {
+        let mut states: Vec<TcpState> = self
+            .sinks
+            .iter()
+            .filter_map(|s| match s.holder_want() {
+                HolderWant::None => None,
+                HolderWant::AtIntervals(state) => (!periodic).then_some(state),
+                HolderWant::Periodically(state) => Some(state),
+            })
+            .collect();
+        states.sort();
+        states.dedup();
+        states
+    }
+
+    /// Runs `f` on every sink with the view of the run as it stands.
+    fn each_viewed(
+        &mut self,
+        holders: Option<&Holders>,
+        mut f: impl FnMut(&mut dyn Sink, &View<'_>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let view = View {
+            totals: &self.totals,
+            tracker: &self.tracker,
+            holders,
+        };
+        self.sinks.iter_mut().try_for_each(|s| f(&mut **s, &view))
     }
 
     /// One decoded event: to the recorder as it is, then through the tracker to the
@@ -176,10 +217,7 @@ impl<'a> Pipeline<'a> {
     }
 
     pub fn batch_done(&mut self) -> io::Result<()> {
-        let (totals, tracker) = (self.totals, &self.tracker);
-        self.sinks
-            .iter_mut()
-            .try_for_each(|s| s.batch_done(&totals, tracker))
+        self.each_viewed(None, |s, v| s.batch_done(v))
     }
 
     /// What the host said (see `source/host.rs`), once every event before it is in.
@@ -193,28 +231,31 @@ impl<'a> Pipeline<'a> {
                     self.tracker.flipped(cookie, at, from_ns);
                 }
             }
+            // Holders go to the sinks with a report ([`Pipeline::interval`]) or alone
+            // ([`Pipeline::holders`]).
+            Answer::Holders(_) => {}
             Answer::Failed(e) => log::debug!("sock_diag: {e}"),
         }
         self.flush_derived()?;
         self.flush_ended()
     }
 
-    pub fn interval(&mut self, now_ns: u64) -> io::Result<()> {
-        let (totals, tracker) = (self.totals, &self.tracker);
-        self.sinks
-            .iter_mut()
-            .try_for_each(|s| s.interval(now_ns, &totals, tracker))
+    /// An interval report at `now_ns`, with the holders the sinks want when listed.
+    pub fn interval(&mut self, now_ns: u64, holders: Option<&Holders>) -> io::Result<()> {
+        self.each_viewed(holders, |s, v| s.interval(now_ns, v))
+    }
+
+    /// Holders listed between intervals (for [`HolderWant::Periodically`] sinks).
+    pub fn holders(&mut self, now_ns: u64, holders: &Holders) -> io::Result<()> {
+        self.each_viewed(Some(holders), |s, v| s.holders(now_ns, v))
     }
 
     /// Tracing stopped at `now_ns`: sinks finish against the tracker as it stands, then
     /// the sockets still open end as `still_open` (callers flush with `batch_done`).
-    pub fn finish(&mut self, now_ns: u64) -> io::Result<()> {
+    pub fn finish(&mut self, now_ns: u64, holders: Option<&Holders>) -> io::Result<()> {
         // Every event is in: a cancel nothing followed was a kill.
         self.settle(u64::MAX)?;
-        let (totals, tracker) = (self.totals, &self.tracker);
-        self.sinks
-            .iter_mut()
-            .try_for_each(|s| s.finish(now_ns, &totals, tracker))?;
+        self.each_viewed(holders, |s, v| s.finish(now_ns, v))?;
         self.ended = self.tracker.close_all(now_ns);
         self.flush_ended()
     }
@@ -389,13 +430,18 @@ async fn run_live(
     let mut ticks = interval.map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
     let mut host = HostWorker::start().context("starting the sock_diag thread")?;
     let mut last_resync = tokio::time::Instant::now();
-    // An interval report waits for a flip check, so that its live counts are the kernel's.
+    let periodic_holders = p.holder_states(true);
+    let mut last_holders: Option<tokio::time::Instant> = None;
+    // An interval report waits for a flip check, so that its live counts are the kernel's,
+    // and for the holders its sinks want.
     let mut report = Report::default();
     let mut reported_lost = 0;
     let mut failed: Option<io::Error> = None;
 
-    eprintln!("tcplens: tracing TCP state transitions; Ctrl-C to stop");
-    if let Err(e) = p.started() {
+    say(format_args!(
+        "tracing TCP state transitions; Ctrl-C to stop"
+    ));
+    if let Err(e) = p.started(Some(monotonic_now_ns())) {
         failed = Some(e);
     }
     let feed = |p: &mut Pipeline<'_>, failed: &mut Option<io::Error>, b: &[u8]| {
@@ -446,10 +492,8 @@ async fn run_live(
             answer = host.answer() => {
                 // Every event from before the answer is in the ring: in first.
                 events.drain_now(|b| feed(p, &mut failed, b));
-                let flips = matches!(answer, Answer::Flips { .. });
-                let done = p
-                    .host_answer(answer)
-                    .and_then(|()| report.answered(flips, p, &mut host))
+                let done = report
+                    .answered(answer, p, &mut host)
                     .and_then(|()| p.batch_done());
                 if failed.is_none() && let Err(e) = done {
                     failed = Some(e);
@@ -471,6 +515,11 @@ async fn run_live(
                     if last_resync.elapsed() >= RESYNC {
                         last_resync = tokio::time::Instant::now();
                         host.ask(Ask::Listing(resync_states(&p.totals.lost)));
+                    } else if !periodic_holders.is_empty()
+                        && last_holders.is_none_or(|t| t.elapsed() >= HOLDERS_EVERY)
+                    {
+                        last_holders = Some(tokio::time::Instant::now());
+                        host.ask(Ask::Holders(periodic_holders.clone()));
                     } else {
                         let candidates = p.tracker.flip_candidates();
                         if !candidates.is_empty() {
@@ -493,6 +542,7 @@ async fn run_live(
     if failed.is_none() {
         events.drain_now(|b| feed(p, &mut failed, b));
     }
+    let mut holders = None;
     if failed.is_none() && p.host {
         // At exit every socket shows in the state the kernel has it in: one last listing,
         // TIME_WAIT included.
@@ -507,70 +557,119 @@ async fn run_live(
             Ok(listing) => p.host_answer(Answer::Listing(listing))?,
             Err(e) => log::debug!("sock_diag at exit: {e}"),
         }
+        let states = p.holder_states(false);
+        if !states.is_empty() && host.ask(Ask::Holders(states)) {
+            match host.answer().await {
+                Answer::Holders(h) => holders = Some(h),
+                Answer::Failed(e) => report.cannot_list(&e),
+                _ => {}
+            }
+        }
     }
     p.totals.read_lost(lost)?;
     drop(source); // detaches the programs
     if let Some(e) = failed {
         return Err(e.into());
     }
-    p.finish(monotonic_now_ns())?;
+    p.finish(monotonic_now_ns(), holders.as_ref())?;
     p.batch_done()?;
     Ok(())
 }
 
 /// An interval report on its way: its live counts must include the timewait sockets that
-/// turned TIME_WAIT without an event, so a flip check goes first when any may have.
+/// turned TIME_WAIT without an event, so a flip check goes first when any may have; then
+/// the host lists the holders its sinks report (off the event loop).
 #[derive(Default)]
 struct Report {
     /// The report's time, once due.
     due: Option<u64>,
-    /// A flip check for it is under way.
-    checking: bool,
+    /// What it waits for from the host.
+    waiting: Option<Waiting>,
+    /// Its flip check is done (or none was needed).
+    flipped: bool,
+    /// A failed holder listing was said.
+    said_failure: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waiting {
+    Flips,
+    Holders,
 }
 
 impl Report {
-    /// The interval ticked at `now_ns`.
+    /// The interval ticked at `now_ns`. (A report still waiting is overtaken.)
     fn due(&mut self, now_ns: u64, p: &mut Pipeline<'_>, host: &mut HostWorker) -> io::Result<()> {
         self.due = Some(now_ns);
-        self.checking = false;
+        self.waiting = None;
+        self.flipped = false;
         self.go(p, host)
     }
 
-    /// The host answered (a flip check, or something else).
+    /// The host answered: what the tracker takes goes to it; holders go to the report
+    /// waiting for them, or alone to the sinks that want them between reports.
     fn answered(
         &mut self,
-        flips: bool,
+        answer: Answer,
         p: &mut Pipeline<'_>,
         host: &mut HostWorker,
     ) -> io::Result<()> {
-        if self.checking && flips {
-            self.checking = false;
-            if let Some(at) = self.due.take() {
-                return p.interval(at);
+        let waiting = self.waiting.take();
+        match (answer, waiting) {
+            (Answer::Holders(h), Some(Waiting::Holders)) => {
+                if let Some(at) = self.due.take() {
+                    return p.interval(at, Some(&h));
+                }
+            }
+            (Answer::Holders(h), _) => p.holders(h.at_ns, &h)?,
+            (Answer::Failed(e), Some(Waiting::Holders)) => {
+                self.cannot_list(&e);
+                if let Some(at) = self.due.take() {
+                    return p.interval(at, None);
+                }
+            }
+            (answer, waiting) => {
+                self.flipped |= waiting == Some(Waiting::Flips);
+                p.host_answer(answer)?;
             }
         }
         self.go(p, host)
     }
 
-    /// Asks for the flip check when the host is free, or reports if none is needed.
+    /// Says once that the holders could not be listed (their reports are skipped).
+    fn cannot_list(&mut self, e: &sockdiag::DiagError) {
+        if !std::mem::replace(&mut self.said_failure, true) {
+            log::warn!("cannot list the sockets' holders: {e}");
+        }
+    }
+
+    /// Asks the host for what the report needs next when it is free, or reports.
     fn go(&mut self, p: &mut Pipeline<'_>, host: &mut HostWorker) -> io::Result<()> {
         let Some(at) = self.due else {
             return Ok(());
         };
-        if self.checking || host.is_pending() {
+        if !p.host {
+            self.due = None;
+            return p.interval(at, None);
+        }
+        if self.waiting.is_some() || host.is_pending() {
             return Ok(()); // after the answer under way
         }
-        let candidates = if p.host {
-            p.tracker.flip_candidates()
-        } else {
-            Vec::new()
-        };
-        if !candidates.is_empty() && host.ask(Ask::Flips(candidates)) {
-            self.checking = true;
+        if !self.flipped {
+            self.flipped = true;
+            let candidates = p.tracker.flip_candidates();
+            if !candidates.is_empty() && host.ask(Ask::Flips(candidates)) {
+                self.waiting = Some(Waiting::Flips);
+                return Ok(());
+            }
+        }
+        let states = p.holder_states(false);
+        if !states.is_empty() && host.ask(Ask::Holders(states)) {
+            self.waiting = Some(Waiting::Holders);
             return Ok(());
         }
         self.due = None;
-        p.interval(at)
+        p.interval(at, None)
     }
 }
 
@@ -583,7 +682,7 @@ fn replay(
     interval: Option<Duration>,
     p: &mut Pipeline<'_>,
 ) -> Result<()> {
-    p.started()?;
+    p.started(None)?;
     let step = interval.map(|d| d.as_nanos() as u64);
     let mut next_tick: Option<u64> = None;
     let mut last_ts = 0;
@@ -595,7 +694,7 @@ fn replay(
                     let ts = t.ts_ns();
                     let due = *next_tick.get_or_insert(ts + step);
                     if ts >= due {
-                        p.interval(due)?;
+                        p.interval(due, None)?;
                         next_tick = Some(due + step * ((ts - due) / step + 1));
                     }
                 }
@@ -613,7 +712,7 @@ fn replay(
             Err(e) => break Err(e),
         }
     };
-    p.finish(last_ts)?;
+    p.finish(last_ts, None)?;
     p.batch_done()?;
     outcome.with_context(|| format!("{path}: {} events read before the error", p.totals.events))
 }
@@ -636,7 +735,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 /// The closing lines on stderr: what was read and lost, and lives whose end was not seen.
 fn report(p: &Pipeline<'_>) {
-    eprintln!("tcplens: {}", summary(&p.totals, p.tracker.stats()));
+    say(format_args!("{}", summary(&p.totals, p.tracker.stats())));
 }
 
 /// `1234 events read (56 timewait), 0 lost`, then what the tracker could not follow.
@@ -675,26 +774,22 @@ fn formatter(clock: WallClock) -> TimeFormatter {
 }
 
 /// The metrics sink and its HTTP server, when `--serve`/`serve` asks for them.
-fn metrics(serve: Option<std::net::SocketAddr>) -> Result<Option<MetricsSink<HostSockets>>> {
+fn metrics(
+    serve: Option<std::net::SocketAddr>,
+    filter: KernelFilter,
+) -> Result<Option<MetricsSink>> {
     let Some(addr) = serve else {
         return Ok(None);
     };
     let metrics = Arc::new(Metrics::new());
     let bound = crate::sink::metrics::serve(addr, metrics.clone())
         .with_context(|| format!("serving metrics on {addr}"))?;
-    eprintln!("tcplens: metrics on http://{bound}/metrics");
-    Ok(Some(MetricsSink::new(
-        metrics,
-        HostSockets::default(),
-        monotonic_now_ns(),
-    )))
+    say(format_args!("metrics on http://{bound}/metrics"));
+    Ok(Some(MetricsSink::new(metrics, filter, monotonic_now_ns())))
 }
 
 /// The command's own sink, plus the metrics sink when there is one.
-fn sinks<'a>(
-    own: &'a mut dyn Sink,
-    metrics: &'a mut Option<MetricsSink<HostSockets>>,
-) -> Vec<&'a mut dyn Sink> {
+fn sinks<'a>(own: &'a mut dyn Sink, metrics: &'a mut Option<MetricsSink>) -> Vec<&'a mut dyn Sink> {
     let mut v: Vec<&'a mut dyn Sink> = vec![own];
     if let Some(m) = metrics {
         v.push(m);
@@ -703,7 +798,7 @@ fn sinks<'a>(
 }
 
 pub async fn serve(args: &ServeArgs) -> Result<()> {
-    let mut metrics = metrics(Some(args.listen))?;
+    let mut metrics = metrics(Some(args.listen), args.trace.filter())?;
     let input = Input::Kernel(Box::new(open_kernel(&args.trace)?));
     let tracker = input.tracker(args.max_sockets, &args.trace.filter());
     let mut none = NoOutput;
@@ -719,7 +814,7 @@ struct NoOutput;
 impl Sink for NoOutput {}
 
 pub async fn watch(args: &WatchArgs) -> Result<()> {
-    let mut metrics = metrics(args.metrics.serve)?;
+    let mut metrics = metrics(args.metrics.serve, args.common.trace.filter())?;
     let input = Input::open(&args.common)?;
     let (out, tty) = stdout();
     let mut sink = WatchSink {
@@ -747,7 +842,7 @@ pub async fn timeline(args: &TimelineArgs) -> Result<()> {
 }
 
 pub async fn stats(args: &StatsArgs) -> Result<()> {
-    let mut metrics = metrics(args.metrics.serve)?;
+    let mut metrics = metrics(args.metrics.serve, args.common.trace.filter())?;
     let input = Input::open(&args.common)?;
     let (out, _) = stdout();
     let mut sink = StatsSink::new(out, args.format, formatter(input.clock()), args.by);
@@ -776,17 +871,17 @@ pub async fn record(args: &RecordArgs) -> Result<()> {
     .await
     .with_context(|| format!("writing {}", args.output.display()))?;
     report(&p);
-    eprintln!(
-        "tcplens: {} events written to {}",
+    say(format_args!(
+        "{} events written to {}",
         sink.events,
         args.output.display()
-    );
+    ));
     Ok(())
 }
 
 /// `leaks`: returns whether any report listed a socket.
 pub async fn leaks(args: &LeaksArgs) -> Result<bool> {
-    let mut metrics = metrics(args.metrics.serve)?;
+    let mut metrics = metrics(args.metrics.serve, args.trace.filter())?;
     let start_ns = monotonic_now_ns();
     let source = open_kernel(&args.trace)?;
     let (out, _) = stdout();
@@ -794,7 +889,6 @@ pub async fn leaks(args: &LeaksArgs) -> Result<bool> {
         out,
         args.format,
         formatter(WallClock::now()),
-        HostSockets::default(),
         LeakQuery {
             state: args.state,
             threshold_ns: args.threshold.as_nanos() as u64,

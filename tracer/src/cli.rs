@@ -233,9 +233,13 @@ fn parse_netns(s: &str) -> Result<u32, String> {
     u32::try_from(ino).map_err(|_| format!("`{s}`: inode {ino} is out of range"))
 }
 
+/// Most sockets `--max-sockets` may ask for (about 30 GB of tracked lives).
+const MAX_SOCKETS: usize = 100_000_000;
+
 fn parse_count(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(0) | Err(_) => Err(format!("`{s}` is not a positive number")),
+        Ok(n) if n > MAX_SOCKETS => Err(format!("`{s}`: at most {MAX_SOCKETS}")),
         Ok(n) => Ok(n),
     }
 }
@@ -247,12 +251,18 @@ fn parse_port(s: &str) -> Result<u16, String> {
     }
 }
 
-/// `500ms`, `30s`, `5m`, `1h30m`: humantime's syntax, more than zero.
+/// The longest duration any option takes (a timer further out than that is a typo).
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// `500ms`, `30s`, `5m`, `1h30m`: humantime's syntax, more than zero, at most a year.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s.trim())
         .map_err(|e| format!("`{s}` is not a duration like 500ms, 30s or 5m ({e})"))?;
     if d.is_zero() {
         return Err("the duration must be more than zero".into());
+    }
+    if d > MAX_DURATION {
+        return Err(format!("`{s}`: at most a year (366d)"));
     }
     Ok(d)
 }
@@ -349,6 +359,12 @@ mod tests {
             &["leaks", "--state", "OPEN"],
             &["leaks", "--threshold", "x"],
             &["watch", "--netns", "0"],
+            &["watch", "--duration", "99999999999y"],
+            &["watch", "--duration", "367d"],
+            &["stats", "--interval", "18446744073709551616ns"],
+            &["stats", "--interval", "0.5ns"],
+            &["timeline", "--max-sockets", "18446744073709551615"],
+            &["leaks", "--threshold", "999999999d"],
             &["watch", "--netns", "/no/such/namespace"],
             &["watch", "--netns", "/proc/self/ns/mnt"],
             &["watch", "--netns", "/etc/hostname"],

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
+use tracer::app::say;
 use tracer::cli::{Cli, Command};
 
 /// Exit code of `leaks --fail-on-leak` when a leak was reported (1 is for errors).
@@ -27,11 +28,10 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 };
             }
-            // One line: clap's first line, without the usage block.
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("tcplens: {first} (see --help)");
+            say(format_args!(
+                "{} (see --help)",
+                one_line(&e.render().to_string())
+            ));
             return ExitCode::from(1);
         }
     };
@@ -42,7 +42,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("tcplens: starting the runtime: {e}");
+            say(format_args!("starting the runtime: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -67,10 +67,26 @@ fn main() -> ExitCode {
         Ok(0) => ExitCode::SUCCESS,
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("tcplens: {e:#}");
+            say(format_args!("{e:#}"));
             ExitCode::from(1)
         }
     }
+}
+
+/// clap's error as one line: its message and the lines that complete it (the missing
+/// argument, the possible values), without the usage block.
+fn one_line(text: &str) -> String {
+    let mut parts = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        parts.push(line.strip_prefix("error: ").unwrap_or(line));
+    }
+    if parts.is_empty() {
+        return "invalid arguments".into();
+    }
+    parts.join(" ")
 }
 
 /// Warnings (and kernel-side aya-log records) as `tcplens: warning: …` lines on stderr;
@@ -95,4 +111,31 @@ fn init_logging() {
             )
         })
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(args: &[&str]) -> String {
+        let e = Cli::try_parse_from(std::iter::once("tcplens").chain(args.iter().copied()))
+            .expect_err("invalid");
+        one_line(&e.render().to_string())
+    }
+
+    #[test]
+    fn clap_errors_are_one_line_and_say_what_is_wrong() {
+        assert_eq!(
+            error_of(&["record"]),
+            "the following required arguments were not provided: --output <FILE>"
+        );
+        assert_eq!(
+            error_of(&["watch", "--format", "xml"]),
+            "invalid value 'xml' for '--format <FORMAT>' [possible values: text, json]"
+        );
+        assert_eq!(
+            error_of(&["stats", "--by", "colour"]),
+            "invalid value 'colour' for '--by <BY>' [possible values: lport, rport, process]"
+        );
+    }
 }

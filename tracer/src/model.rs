@@ -148,9 +148,10 @@ impl fmt::Debug for Comm {
     }
 }
 
+/// For people: control characters escaped (any user can set a task's `comm`).
 impl fmt::Display for Comm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(&self.to_str_lossy())
+        f.pad(&crate::sink::escaped(&self.to_str_lossy()))
     }
 }
 

@@ -201,6 +201,29 @@ fn bad_flags_are_one_line_errors() {
         "xml",
     );
     fails_with(Command::new(TCPLENS).args(["sniff"]), "sniff");
+    // Values that used to overflow or panic.
+    fails_with(
+        Command::new(TCPLENS).args(["watch", "--duration", "99999999999y"]),
+        "at most a year",
+    );
+    fails_with(
+        Command::new(TCPLENS).args(["stats", "--interval", "400d"]),
+        "at most a year",
+    );
+    fails_with(
+        Command::new(TCPLENS).args(["timeline", "--max-sockets", "18446744073709551615"]),
+        "at most 100000000",
+    );
+    // The missing argument and the valid values are named.
+    fails_with(Command::new(TCPLENS).args(["record"]), "--output <FILE>");
+    fails_with(
+        Command::new(TCPLENS).args(["watch", "--format", "xml"]),
+        "text, json",
+    );
+    fails_with(
+        Command::new(TCPLENS).args(["leaks", "--state", "OPEN"]),
+        "CLOSE_WAIT",
+    );
 }
 
 #[test]

@@ -8,15 +8,12 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
 
 use serde::Serialize;
 
-use super::{Format, Sink, human_ns};
-use crate::app::Totals;
+use super::{Format, HolderWant, Sink, View, escaped, human_ns};
 use crate::clock::TimeFormatter;
 use crate::model::TcpState;
-use crate::source::SocketSnapshot;
 use crate::source::kernel::KernelFilter;
 use crate::source::procs::Holder;
 use crate::source::sockdiag::DiagSocket;
@@ -158,30 +155,22 @@ pub struct LeakQuery {
     pub pid: Option<u32>,
 }
 
-pub struct LeaksSink<W: Write, S: SocketSnapshot> {
+pub struct LeaksSink<W: Write> {
     out: W,
     format: Format,
     times: TimeFormatter,
-    snapshot: S,
     pub query: LeakQuery,
     previous: HashMap<Option<u32>, usize>,
     /// Whether any report listed a socket (`--fail-on-leak`).
     pub found_any: bool,
 }
 
-impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
-    pub fn new(
-        out: W,
-        format: Format,
-        times: TimeFormatter,
-        snapshot: S,
-        query: LeakQuery,
-    ) -> Self {
+impl<W: Write> LeaksSink<W> {
+    pub fn new(out: W, format: Format, times: TimeFormatter, query: LeakQuery) -> Self {
         LeaksSink {
             out,
             format,
             times,
-            snapshot,
             query,
             previous: HashMap::new(),
             found_any: false,
@@ -192,27 +181,41 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
         self.out
     }
 
-    fn refresh(&mut self, now_ns: u64, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
-        let t0 = Instant::now();
+    /// A report from the holders the host listed (none: the listing failed, said once by
+    /// the pipeline).
+    fn refresh(&mut self, now_ns: u64, v: &View<'_>) -> io::Result<()> {
+        let Some(holders) = v.holders else {
+            return Ok(());
+        };
         let q = &self.query;
-        let found: Vec<_> = self
-            .snapshot
-            .sockets(q.state)
-            .map_err(io::Error::other)?
-            .into_iter()
+        let now_ns = now_ns.max(holders.at_ns);
+        let found: Vec<_> = holders
+            .sockets
+            .iter()
             .filter(|(s, h)| {
-                q.filter.keeps(s.family, s.sport, s.dport, s.netns)
+                s.state == q.state
+                    && q.filter.keeps(s.family, s.sport, s.dport, s.netns)
                     && q.pid
                         .is_none_or(|pid| h.as_ref().is_some_and(|h| h.pid == pid))
             })
+            .cloned()
             .collect();
-        let list = leaks(found, tracker, q.state, now_ns, q.start_ns, q.threshold_ns);
+        let list = leaks(
+            found,
+            v.tracker,
+            q.state,
+            now_ns,
+            q.start_ns,
+            q.threshold_ns,
+        );
         let procs = by_process(&list, &self.previous);
-        let refresh_ns = t0.elapsed().as_nanos() as u64;
         self.previous = procs.iter().map(|p| (p.pid, p.count)).collect();
         self.found_any |= !list.is_empty();
         match self.format {
-            Format::Json => self.json(now_ns, refresh_ns, totals.lost.total(), &list, &procs)?,
+            Format::Json => {
+                let lost = v.totals.lost.total();
+                self.json(now_ns, holders.took_ns, lost, &list, &procs)?
+            }
             Format::Text => self.text(now_ns, &list, &procs)?,
         }
         self.out.flush()
@@ -284,8 +287,8 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
                 human_ns(l.age_ns)
             );
             let (pid, comm, fd) = match &l.holder {
-                Some(h) => (h.pid.to_string(), h.comm.as_str(), h.fd.to_string()),
-                None => ("-".into(), "-", "-".into()),
+                Some(h) => (h.pid.to_string(), escaped(&h.comm), h.fd.to_string()),
+                None => ("-".into(), "-".into(), "-".into()),
             };
             let _ = writeln!(
                 s,
@@ -307,11 +310,11 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
                     s,
                     "{:<7} {:<16} {:>6} {:>+7} {:>12}  {}",
                     p.pid.map_or("-".into(), |p| p.to_string()),
-                    p.comm.as_deref().unwrap_or("-"),
+                    escaped(p.comm.as_deref().unwrap_or("-")),
                     p.count,
                     p.growth,
                     human_ns(p.oldest_ns),
-                    p.cmdline.as_deref().unwrap_or(""),
+                    escaped(p.cmdline.as_deref().unwrap_or("")),
                 );
             }
         }
@@ -320,22 +323,27 @@ impl<W: Write, S: SocketSnapshot> LeaksSink<W, S> {
     }
 }
 
-impl<W: Write, S: SocketSnapshot> Sink for LeaksSink<W, S> {
-    fn interval(&mut self, now_ns: u64, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
-        self.refresh(now_ns, totals, tracker)
+impl<W: Write> Sink for LeaksSink<W> {
+    fn holder_want(&self) -> HolderWant {
+        HolderWant::AtIntervals(self.query.state)
     }
 
-    fn finish(&mut self, now_ns: u64, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
-        self.refresh(now_ns, totals, tracker)
+    fn interval(&mut self, now_ns: u64, v: &View<'_>) -> io::Result<()> {
+        self.refresh(now_ns, v)
+    }
+
+    fn finish(&mut self, now_ns: u64, v: &View<'_>) -> io::Result<()> {
+        self.refresh(now_ns, v)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::Totals;
     use crate::clock::WallClock;
     use crate::model::{Family, TcpState::*};
-    use crate::source::sockdiag::DiagError;
+    use crate::source::host::Holders;
     use crate::tracker::tests::tr;
     use jiff::tz::TimeZone;
 
@@ -446,15 +454,12 @@ mod tests {
         assert_eq!(procs[0].cmdline.as_deref(), Some("/bin/srv7 --leak"));
     }
 
-    struct Fake(Vec<(DiagSocket, Option<Holder>)>);
-
-    impl SocketSnapshot for Fake {
-        fn sockets(
-            &mut self,
-            state: TcpState,
-        ) -> Result<Vec<(DiagSocket, Option<Holder>)>, DiagError> {
-            assert_eq!(state, CloseWait);
-            Ok(self.0.clone())
+    /// What the host thread would list: at 40 s, in 2 ms.
+    fn listed(sockets: Vec<(DiagSocket, Option<Holder>)>) -> Holders {
+        Holders {
+            at_ns: 40_000_000_000,
+            took_ns: 2_000_000,
+            sockets,
         }
     }
 
@@ -465,10 +470,13 @@ mod tests {
         };
         let mut other_port = diag(40009, 99);
         other_port.dport = 1234; // dropped by -D 8080
-        let fake = Fake(vec![
+        let mut established = diag(40010, 98);
+        established.state = Established; // listed for another sink
+        let holders = listed(vec![
             (diag(40000, 11), holder(7, 3)),
             (diag(40001, 12), None),
             (other_port, holder(8, 3)),
+            (established, holder(7, 9)),
         ]);
         let query = LeakQuery {
             state: CloseWait,
@@ -484,7 +492,6 @@ mod tests {
             Vec::new(),
             Format::Json,
             TimeFormatter::new(clock, TimeZone::UTC),
-            fake,
             query,
         );
         let totals = Totals {
@@ -494,7 +501,16 @@ mod tests {
             },
             ..Totals::default()
         };
-        sink.finish(40_000_000_000, &totals, &tracker()).unwrap();
+        let tracker = tracker();
+        let view = |holders| View {
+            totals: &totals,
+            tracker: &tracker,
+            holders,
+        };
+        // No listing (it failed): no report.
+        sink.interval(39_000_000_000, &view(None)).unwrap();
+        assert!(!sink.found_any);
+        sink.finish(39_999_000_000, &view(Some(&holders))).unwrap();
         assert!(sink.found_any);
         let out = String::from_utf8(sink.into_inner()).unwrap();
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
@@ -502,6 +518,7 @@ mod tests {
         assert_eq!(v["threshold_ns"], 30_000_000_000u64);
         assert_eq!(v["state"], "CLOSE_WAIT");
         assert_eq!(v["lost_events"], 3);
+        assert_eq!(v["refresh_ns"], 2_000_000);
         let socks = v["sockets"].as_array().unwrap();
         assert_eq!(socks.len(), 2, "{v}");
         assert_eq!(socks[0]["sport"], 40001);
@@ -527,11 +544,6 @@ mod tests {
             Vec::new(),
             Format::Json,
             TimeFormatter::new(clock, TimeZone::UTC),
-            Fake(vec![
-                (diag(40000, 11), holder(7, 3)),
-                (diag(40001, 12), None),
-                (diag(40002, 13), holder(8, 4)),
-            ]),
             LeakQuery {
                 state: CloseWait,
                 threshold_ns: 1,
@@ -540,8 +552,21 @@ mod tests {
                 pid: Some(7),
             },
         );
+        let holders = listed(vec![
+            (diag(40000, 11), holder(7, 3)),
+            (diag(40001, 12), None),
+            (diag(40002, 13), holder(8, 4)),
+        ]);
+        let totals = Totals::default();
         only7
-            .finish(40_000_000_000, &Totals::default(), &tracker())
+            .finish(
+                40_000_000_000,
+                &View {
+                    totals: &totals,
+                    tracker: &tracker,
+                    holders: Some(&holders),
+                },
+            )
             .unwrap();
         let only7: serde_json::Value = serde_json::from_slice(&only7.into_inner()).unwrap();
         let pids: Vec<_> = only7["sockets"]

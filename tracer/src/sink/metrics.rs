@@ -3,8 +3,8 @@
 //! processing.
 //!
 //! Per event only cached counter and histogram handles are touched (atomics). Gauges are
-//! refreshed from the tracker at most once a second, and the CLOSE_WAIT holders (sock_diag
-//! plus /proc, as `leaks` does it) at most every 5 s.
+//! refreshed from the tracker at most once a second, and the CLOSE_WAIT holders whenever
+//! the host thread lists them (every few seconds: sock_diag plus /proc, as for `leaks`).
 
 use std::collections::HashMap;
 use std::io;
@@ -20,20 +20,18 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use super::Sink;
 use super::leaks::leaks;
+use super::{HolderWant, Sink, View};
 use crate::app::Totals;
-use crate::clock::monotonic_now_ns;
 use crate::model::{TcpState, Transition};
-use crate::source::SocketSnapshot;
-use crate::source::kernel::Lost;
+use crate::source::host::Holders;
+use crate::source::kernel::{KernelFilter, Lost};
 use crate::tracker::{End, Observed, Role, SocketLife, Tracker};
 
-/// `tcplens_close_wait_sockets{comm}` keeps the processes with the most sockets; the rest
-/// are summed into `comm="other"`.
-pub const TOP_COMMS: usize = 10;
+/// `tcplens_close_wait_sockets{pid,comm}` keeps the processes with the most sockets; the
+/// rest are summed into `comm="other"`.
+pub const TOP_HOLDERS: usize = 10;
 const GAUGE_EVERY: Duration = Duration::from_secs(1);
-const HOLDERS_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TransitionLabels {
@@ -57,8 +55,18 @@ struct CauseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CommLabels {
+struct HolderLabels {
+    /// The host pid; "unknown" when no process holds the sockets, "other" past the top.
+    pid: String,
     comm: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OldestLabels {
+    #[prometheus(flatten)]
+    holder: HolderLabels,
+    /// "true": the socket was in CLOSE_WAIT before tracing began; its age is at least this.
+    lower_bound: &'static str,
 }
 
 /// Durations from 10 µs to about 3 hours, in seconds.
@@ -75,8 +83,8 @@ pub struct Metrics {
     connect: Histogram,
     accept: Histogram,
     lifetime: Histogram,
-    close_wait: Family<CommLabels, Gauge>,
-    close_wait_oldest: Family<CommLabels, Gauge<f64, AtomicU64>>,
+    close_wait: Family<HolderLabels, Gauge>,
+    close_wait_oldest: Family<OldestLabels, Gauge<f64, AtomicU64>>,
     lost: Family<ReasonLabels, Counter>,
     unseen: Family<CauseLabels, Counter>,
     tracked: Gauge,
@@ -135,12 +143,12 @@ impl Metrics {
         );
         r.register(
             "close_wait_sockets",
-            "Sockets in CLOSE_WAIT per holding process (top processes, the rest as other)",
+            "Sockets in CLOSE_WAIT per holding process (the top 10, the rest as other)",
             m.close_wait.clone(),
         );
         r.register(
             "close_wait_oldest_seconds",
-            "Age of the oldest CLOSE_WAIT socket per holding process",
+            "Age of the oldest CLOSE_WAIT socket per holding process (lower_bound: it was there before tracing began)",
             m.close_wait_oldest.clone(),
         );
         r.register(
@@ -175,46 +183,74 @@ impl Metrics {
     }
 }
 
-/// `comm -> (count, oldest_ns)` capped at `top` entries; the rest summed into `other`.
-pub fn top_comms(mut by_comm: Vec<(String, u64, u64)>, top: usize) -> Vec<(String, u64, u64)> {
-    by_comm.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
-    if by_comm.len() <= top {
-        return by_comm;
+/// CLOSE_WAIT sockets of one holding process (`pid` `None`: no process holds them, or
+/// "other" once capped).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldBy {
+    pub pid: Option<u32>,
+    pub comm: String,
+    pub count: u64,
+    pub oldest_ns: u64,
+    /// The oldest was already in CLOSE_WAIT when tracing began: its age is a lower bound.
+    pub at_least: bool,
+}
+
+/// The `top` processes with the most sockets (then the oldest); the rest summed into one
+/// `comm="other"` entry.
+pub fn top_holders(mut held: Vec<HeldBy>, top: usize) -> Vec<HeldBy> {
+    held.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then(b.oldest_ns.cmp(&a.oldest_ns))
+            .then(a.pid.cmp(&b.pid))
+            .then(a.comm.cmp(&b.comm))
+    });
+    if held.len() <= top {
+        return held;
     }
-    let rest = by_comm.split_off(top);
-    let other = rest
-        .into_iter()
-        .fold(("other".to_string(), 0, 0), |(n, c, o), (_, c2, o2)| {
-            (n, c + c2, o.max(o2))
-        });
-    by_comm.push(other);
-    by_comm
+    let rest = held.split_off(top);
+    let mut other = HeldBy {
+        pid: None,
+        comm: "other".into(),
+        count: 0,
+        oldest_ns: 0,
+        at_least: false,
+    };
+    for h in rest {
+        other.count += h.count;
+        if h.oldest_ns > other.oldest_ns {
+            (other.oldest_ns, other.at_least) = (h.oldest_ns, h.at_least);
+        }
+    }
+    held.push(other);
+    held
 }
 
 /// Feeds [`Metrics`] from the pipeline.
-pub struct MetricsSink<S: SocketSnapshot> {
+pub struct MetricsSink {
     metrics: Arc<Metrics>,
-    snapshot: S,
+    /// The command's filters, applied to the holders' listing too.
+    filter: KernelFilter,
     start_ns: u64,
     transitions: HashMap<(TcpState, TcpState), Counter>,
     durations: HashMap<TcpState, Histogram>,
     last_gauges: Option<Instant>,
-    last_holders: Option<Instant>,
     reported_lost: Lost,
     reported_unseen: (u64, u64),
     reported_evicted: u64,
 }
 
-impl<S: SocketSnapshot> MetricsSink<S> {
-    pub fn new(metrics: Arc<Metrics>, snapshot: S, start_ns: u64) -> Self {
+impl MetricsSink {
+    /// `start_ns`: kernel monotonic time tracing began (the age floor of CLOSE_WAIT sockets
+    /// that were there before).
+    pub fn new(metrics: Arc<Metrics>, filter: KernelFilter, start_ns: u64) -> Self {
         MetricsSink {
             metrics,
-            snapshot,
+            filter,
             start_ns,
             transitions: HashMap::new(),
             durations: HashMap::new(),
             last_gauges: None,
-            last_holders: None,
             reported_lost: Lost::default(),
             reported_unseen: (0, 0),
             reported_evicted: 0,
@@ -262,63 +298,83 @@ impl<S: SocketSnapshot> MetricsSink<S> {
         self.reported_evicted = self.reported_evicted.max(evicted);
     }
 
-    fn holders(&mut self, tracker: &Tracker) -> io::Result<()> {
-        let found = self
-            .snapshot
-            .sockets(TcpState::CloseWait)
-            .map_err(io::Error::other)?;
+    /// The CLOSE_WAIT gauges from the host's listing, per holding process.
+    fn close_wait(&mut self, now_ns: u64, holders: &Holders, tracker: &Tracker) {
+        let found = holders
+            .sockets
+            .iter()
+            .filter(|(s, _)| {
+                s.state == TcpState::CloseWait
+                    && self.filter.keeps(s.family, s.sport, s.dport, s.netns)
+            })
+            .cloned()
+            .collect();
+        let now_ns = now_ns.max(holders.at_ns);
         let list = leaks(
             found,
             tracker,
             TcpState::CloseWait,
-            monotonic_now_ns(),
+            now_ns,
             self.start_ns,
             0,
         );
-        let mut by_comm: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut by_pid: HashMap<Option<u32>, HeldBy> = HashMap::new();
         for l in &list {
-            let comm = l
-                .holder
-                .as_ref()
-                .map_or_else(|| "unknown".to_string(), |h| h.comm.clone());
-            let e = by_comm.entry(comm).or_default();
-            e.0 += 1;
-            e.1 = e.1.max(l.age_ns);
+            let pid = l.holder.as_ref().map(|h| h.pid);
+            let e = by_pid.entry(pid).or_insert_with(|| HeldBy {
+                pid,
+                comm: l
+                    .holder
+                    .as_ref()
+                    .map_or_else(|| "unknown".to_string(), |h| h.comm.clone()),
+                count: 0,
+                oldest_ns: 0,
+                at_least: false,
+            });
+            e.count += 1;
+            if l.age_ns >= e.oldest_ns {
+                (e.oldest_ns, e.at_least) = (l.age_ns, l.age_at_least);
+            }
         }
-        let capped = top_comms(
-            by_comm.into_iter().map(|(c, (n, o))| (c, n, o)).collect(),
-            TOP_COMMS,
-        );
+        let capped = top_holders(by_pid.into_values().collect(), TOP_HOLDERS);
         let m = &self.metrics;
         m.close_wait.clear();
         m.close_wait_oldest.clear();
-        for (comm, count, oldest) in capped {
-            let labels = CommLabels { comm };
-            m.close_wait.get_or_create(&labels).set(count as i64);
+        for h in capped {
+            let labels = HolderLabels {
+                pid: match (h.pid, h.comm.as_str()) {
+                    (Some(pid), _) => pid.to_string(),
+                    (None, "other") => "other".into(),
+                    (None, _) => "unknown".into(),
+                },
+                comm: h.comm,
+            };
+            m.close_wait.get_or_create(&labels).set(h.count as i64);
             m.close_wait_oldest
-                .get_or_create(&labels)
-                .set(oldest as f64 / 1e9);
+                .get_or_create(&OldestLabels {
+                    lower_bound: if h.at_least { "true" } else { "false" },
+                    holder: labels,
+                })
+                .set(h.oldest_ns as f64 / 1e9);
         }
-        Ok(())
     }
 
-    fn refresh(&mut self, totals: &Totals, tracker: &Tracker, force: bool) -> io::Result<()> {
-        let due = |last: Option<Instant>, every| force || last.is_none_or(|t| t.elapsed() >= every);
-        if due(self.last_gauges, GAUGE_EVERY) {
-            self.gauges(totals, tracker);
+    fn refresh(&mut self, now_ns: u64, v: &View<'_>, force: bool) {
+        if force || self.last_gauges.is_none_or(|t| t.elapsed() >= GAUGE_EVERY) {
+            self.gauges(v.totals, v.tracker);
             self.last_gauges = Some(Instant::now());
         }
-        if due(self.last_holders, HOLDERS_EVERY) {
-            self.last_holders = Some(Instant::now());
-            if let Err(e) = self.holders(tracker) {
-                log::warn!("CLOSE_WAIT holders for the metrics: {e}");
-            }
+        if let Some(holders) = v.holders {
+            self.close_wait(now_ns, holders, v.tracker);
         }
-        Ok(())
     }
 }
 
-impl<S: SocketSnapshot> Sink for MetricsSink<S> {
+impl Sink for MetricsSink {
+    fn holder_want(&self) -> HolderWant {
+        HolderWant::Periodically(TcpState::CloseWait)
+    }
+
     fn transition(&mut self, t: &Transition, o: &Observed) -> io::Result<()> {
         let m = &self.metrics;
         self.transitions
@@ -359,21 +415,39 @@ impl<S: SocketSnapshot> Sink for MetricsSink<S> {
         Ok(())
     }
 
-    fn batch_done(&mut self, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
-        self.refresh(totals, tracker, false)
+    fn batch_done(&mut self, v: &View<'_>) -> io::Result<()> {
+        self.refresh(0, v, false);
+        Ok(())
     }
 
-    fn interval(&mut self, _now: u64, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
-        self.refresh(totals, tracker, false)
+    fn interval(&mut self, now_ns: u64, v: &View<'_>) -> io::Result<()> {
+        self.refresh(now_ns, v, false);
+        Ok(())
     }
 
-    fn finish(&mut self, _now: u64, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
-        self.refresh(totals, tracker, true)
+    fn holders(&mut self, now_ns: u64, v: &View<'_>) -> io::Result<()> {
+        self.refresh(now_ns, v, false);
+        Ok(())
+    }
+
+    fn finish(&mut self, now_ns: u64, v: &View<'_>) -> io::Result<()> {
+        self.refresh(now_ns, v, true);
+        Ok(())
     }
 }
 
-/// Serves `GET /metrics` (any path) on `addr` from a thread of its own. Returns once the
-/// socket is bound; the thread lives as long as the process.
+/// Connections served at once; past this the oldest is closed for the newest (a scraper
+/// is never locked out by idle connections).
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection has this long to send a request's headers, also between keep-alive
+/// requests (the idle timeout).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// After an accept error (out of file descriptors, say), the loop waits this long.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serves `GET /metrics` (and `HEAD`) on `addr` from a thread of its own: 404 for any
+/// other path, 405 for any other method. Returns once the socket is bound; the thread
+/// lives as long as the process.
 pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
@@ -383,69 +457,113 @@ pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<SocketAddr> 
             "serving metrics on {bound} without authentication: anyone who can reach it can read them"
         );
     }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     std::thread::Builder::new()
         .name("tcplens-metrics".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    log::warn!("metrics server: {e}");
-                    return;
-                }
-            };
             rt.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                    log::warn!("metrics server: cannot register the listening socket");
-                    return;
-                };
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let metrics = metrics.clone();
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |_req| {
-                            let body = metrics.encode();
-                            async move {
-                                hyper::Response::builder()
-                                .header(
-                                    "content-type",
-                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                )
-                                .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
-                            }
-                        });
-                        let io = hyper_util::rt::TokioIo::new(stream);
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, service)
-                            .await;
-                    });
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => accept_loop(listener, metrics).await,
+                    Err(e) => log::warn!("metrics server: {e}"),
                 }
             });
         })?;
     Ok(bound)
 }
 
+async fn accept_loop(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    let mut open: std::collections::VecDeque<tokio::task::AbortHandle> =
+        std::collections::VecDeque::new();
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors (EMFILE, ENFILE) or memory: free one and wait, rather
+                // than spin on an error that persists.
+                log::debug!("metrics server: accept: {e}");
+                if let Some(oldest) = open.pop_front() {
+                    oldest.abort();
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        open.retain(|c| !c.is_finished());
+        while open.len() >= MAX_CONNECTIONS {
+            if let Some(oldest) = open.pop_front() {
+                oldest.abort(); // dropping its future closes the socket
+            }
+        }
+        let metrics = metrics.clone();
+        let conn = tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req| std::future::ready(respond(&req, &metrics)));
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(io, service)
+                .await;
+        });
+        open.push_back(conn.abort_handle());
+    }
+}
+
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+/// The answer to one request.
+fn respond<B>(
+    req: &hyper::Request<B>,
+    metrics: &Metrics,
+) -> Result<hyper::Response<Body>, hyper::http::Error> {
+    use hyper::{Method, StatusCode};
+    let plain = |status: StatusCode, text: &'static str| {
+        hyper::Response::builder()
+            .status(status)
+            .header("content-type", "text/plain; charset=utf-8")
+            .body(Body::from(text))
+    };
+    if req.uri().path() != "/metrics" {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found: tcplens serves /metrics\n",
+        );
+    }
+    let head = match *req.method() {
+        Method::GET => false,
+        Method::HEAD => true,
+        _ => {
+            return hyper::Response::builder()
+                .status(StatusCode::METHOD_NOT_ALLOWED)
+                .header("allow", "GET, HEAD")
+                .body(Body::from("method not allowed: GET or HEAD\n"));
+        }
+    };
+    let body = metrics.encode();
+    let builder = hyper::Response::builder().header(
+        "content-type",
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    );
+    if head {
+        builder
+            .header("content-length", body.len())
+            .body(Body::default())
+    } else {
+        builder.body(Body::from(body))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::source::procs::Holder;
-    use crate::source::sockdiag::{DiagError, DiagSocket};
+    use crate::source::sockdiag::DiagSocket;
     use crate::tracker::tests::tr;
     use TcpState::*;
 
-    struct Fake(Vec<(DiagSocket, Option<Holder>)>);
-
-    impl SocketSnapshot for Fake {
-        fn sockets(&mut self, _: TcpState) -> Result<Vec<(DiagSocket, Option<Holder>)>, DiagError> {
-            Ok(self.0.clone())
-        }
-    }
-
-    fn cw(sport: u16, comm: &str) -> (DiagSocket, Option<Holder>) {
+    fn cw(sport: u16, pid: u32, comm: &str) -> (DiagSocket, Option<Holder>) {
         (
             DiagSocket {
                 family: crate::model::Family::Ipv4,
@@ -461,7 +579,7 @@ mod tests {
                 tw_expires_ms: None,
             },
             Some(Holder {
-                pid: 1,
+                pid,
                 fd: 3,
                 comm: comm.into(),
                 cmdline: String::new(),
@@ -472,20 +590,44 @@ mod tests {
     #[test]
     fn exposition_is_openmetrics_with_the_expected_families() {
         let metrics = Arc::new(Metrics::new());
-        let mut holders = vec![cw(1, "a"), cw(2, "a"), cw(3, "b")];
-        // 12 more processes with one socket each: 14 in all, the 4 beyond the top 10 sum
+        // Two python3 servers apart; socket 1 (tracked from 0 s) is the only one whose
+        // age is exact.
+        let mut sockets = vec![
+            cw(1, 10, "python3"),
+            cw(2, 10, "python3"),
+            cw(3, 11, "python3"),
+            cw(4, 12, "b"),
+        ];
+        // 11 more processes with one socket each: 14 in all, the 4 beyond the top 10 sum
         // into `other`.
-        holders.extend((0..12).map(|i| cw(100 + i, &format!("p{i:02}"))));
-        let mut sink = MetricsSink::new(metrics.clone(), Fake(holders), 0);
+        sockets.extend((0..11).map(|i| cw(100 + i, 100 + u32::from(i), &format!("p{i:02}"))));
+        // -L 9 (the sockets' local port... their dport is 9): one on another port is left out.
+        let mut elsewhere = cw(5, 13, "elsewhere");
+        elsewhere.0.dport = 10;
+        sockets.push(elsewhere);
+        let holders = Holders {
+            at_ns: 3_000_000_000,
+            took_ns: 1,
+            sockets,
+        };
+        let filter = KernelFilter {
+            rports: vec![9],
+            ..KernelFilter::default()
+        };
+        // Tracing began at 1 s.
+        let mut sink = MetricsSink::new(metrics.clone(), filter, 1_000_000_000);
         let mut t = Tracker::default();
         let mut ended = Vec::new();
         for e in [
-            tr(1, 0, Close, SynSent, 1),
-            tr(1, 2_000_000, SynSent, Established, 1),
-            tr(1, 1_002_000_000, Established, FinWait1, 1),
-            tr(1, 1_002_100_000, FinWait1, FinWait2, 1),
-            tr(1, 1_002_200_000, FinWait2, Close, 1),
-            tr(2, 0, Close, SynSent, 1),
+            tr(7, 0, Close, SynSent, 1),
+            tr(7, 2_000_000, SynSent, Established, 1),
+            tr(7, 1_002_000_000, Established, FinWait1, 1),
+            tr(7, 1_002_100_000, FinWait1, FinWait2, 1),
+            tr(7, 1_002_200_000, FinWait2, Close, 1),
+            tr(8, 0, Close, SynSent, 1),
+            tr(1, 1_500_000_000, Listen, SynRecv, 10),
+            tr(1, 1_500_100_000, SynRecv, Established, 10),
+            tr(1, 2_500_000_000, Established, CloseWait, 10),
         ] {
             let o = t.observe(&e, &mut ended);
             sink.transition(&e, &o).unwrap();
@@ -493,18 +635,22 @@ mod tests {
                 sink.life_ended(&l).unwrap();
             }
         }
-        sink.finish(
-            0,
-            &Totals {
-                events: 6,
-                timewait: 0,
-                lost: Lost {
-                    ring_full: 3,
-                    recursion: 2,
-                },
-                bad: 0,
+        let totals = Totals {
+            events: 9,
+            timewait: 0,
+            lost: Lost {
+                ring_full: 3,
+                recursion: 2,
             },
-            &t,
+            bad: 0,
+        };
+        sink.finish(
+            3_000_000_000,
+            &View {
+                totals: &totals,
+                tracker: &t,
+                holders: Some(&holders),
+            },
         )
         .unwrap();
         let text = metrics.encode();
@@ -565,33 +711,97 @@ mod tests {
             "{text}"
         );
         // Label cardinality: 10 processes + other.
-        let comms = text
+        let held: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("tcplens_close_wait_sockets{"))
-            .count();
-        assert_eq!(comms, TOP_COMMS + 1, "{text}");
-        assert!(
-            text.contains("tcplens_close_wait_sockets{comm=\"a\"} 2"),
-            "{text}"
+            .collect();
+        assert_eq!(held.len(), TOP_HOLDERS + 1, "{text}");
+        assert!(!text.contains("elsewhere"), "-D 9 leaves it out: {text}");
+        // The two python3 processes apart, by pid.
+        for line in [
+            "tcplens_close_wait_sockets{pid=\"10\",comm=\"python3\"} 2",
+            "tcplens_close_wait_sockets{pid=\"11\",comm=\"python3\"} 1",
+            "tcplens_close_wait_sockets{pid=\"other\",comm=\"other\"} 4",
+            // Socket 2 was there before tracing began (1 s): at least 2 s old at 3 s.
+            "tcplens_close_wait_oldest_seconds{pid=\"10\",comm=\"python3\",lower_bound=\"true\"} 2.0",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        // Alone, socket 1's age is exact: in CLOSE_WAIT since 2.5 s.
+        let mut only_1 = MetricsSink::new(
+            Arc::new(Metrics::new()),
+            KernelFilter::default(),
+            1_000_000_000,
         );
-        assert!(
-            text.contains("tcplens_close_wait_sockets{comm=\"other\"} 4"),
-            "{text}"
-        );
+        let one = Holders {
+            sockets: vec![cw(1, 10, "python3")],
+            ..holders.clone()
+        };
+        only_1
+            .holders(
+                3_000_000_000,
+                &View {
+                    totals: &totals,
+                    tracker: &t,
+                    holders: Some(&one),
+                },
+            )
+            .unwrap();
+        let text = only_1.metrics.encode();
+        let line = "tcplens_close_wait_oldest_seconds{pid=\"10\",comm=\"python3\",lower_bound=\"false\"} 0.5";
+        assert!(text.contains(line), "{line} missing:\n{text}");
     }
 
     #[test]
-    fn top_comms_caps_and_sums_the_rest() {
+    fn only_get_and_head_of_metrics_are_answered() {
+        use hyper::body::Body as _;
+        let metrics = Metrics::new();
+        let ask = |method: &str, path: &str| {
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .body(())
+                .unwrap();
+            respond(&req, &metrics).unwrap()
+        };
+        let get = ask("GET", "/metrics");
+        assert_eq!(get.status(), 200);
+        let len = get.body().size_hint().exact().unwrap();
+        assert!(len > 100, "{len}");
+        let head = ask("HEAD", "/metrics");
+        assert_eq!(head.status(), 200);
+        assert_eq!(head.body().size_hint().exact(), Some(0));
+        assert_eq!(head.headers()["content-length"], len.to_string().as_str());
+        assert_eq!(ask("GET", "/").status(), 404);
+        assert_eq!(ask("GET", "/metrics/x").status(), 404);
+        assert_eq!(ask("GET", "/metrics?x=1").status(), 200);
+        let post = ask("POST", "/metrics");
+        assert_eq!(post.status(), 405);
+        assert_eq!(post.headers()["allow"], "GET, HEAD");
+        assert_eq!(ask("DELETE", "/metrics").status(), 405);
+    }
+
+    #[test]
+    fn top_holders_caps_and_sums_the_rest() {
         let v = (0..5)
-            .map(|i| (format!("c{i}"), 5 - i as u64, i as u64))
+            .map(|i| HeldBy {
+                pid: Some(i),
+                comm: format!("c{i}"),
+                count: 5 - u64::from(i),
+                oldest_ns: u64::from(i),
+                at_least: i == 4,
+            })
             .collect();
-        let capped = top_comms(v, 2);
+        let got: Vec<_> = top_holders(v, 2)
+            .into_iter()
+            .map(|h| (h.pid, h.comm, h.count, h.oldest_ns, h.at_least))
+            .collect();
         assert_eq!(
-            capped,
+            got,
             [
-                ("c0".into(), 5, 0),
-                ("c1".into(), 4, 1),
-                ("other".into(), 3 + 2 + 1, 4)
+                (Some(0), "c0".into(), 5, 0, false),
+                (Some(1), "c1".into(), 4, 1, false),
+                (None, "other".into(), 3 + 2 + 1, 4, true)
             ]
         );
     }

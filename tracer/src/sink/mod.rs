@@ -12,7 +12,8 @@ pub mod watch;
 use std::io;
 
 use crate::app::Totals;
-use crate::model::{KernelEvent, Transition};
+use crate::model::{KernelEvent, TcpState, Transition};
+use crate::source::host::Holders;
 use crate::tracker::{Observed, SocketLife, Tracker};
 
 /// Output format shared by the commands.
@@ -24,9 +25,34 @@ pub enum Format {
     Json,
 }
 
+/// What sinks read besides the events: the run's totals, the tracker, and, when a sink
+/// asked for them ([`Sink::holder_want`]), the sockets sock_diag lists in some states with
+/// the processes holding them (found on the host thread, off the event loop).
+#[derive(Clone, Copy)]
+pub struct View<'a> {
+    pub totals: &'a Totals,
+    pub tracker: &'a Tracker,
+    pub holders: Option<&'a Holders>,
+}
+
+/// Which sockets' holders a sink reports, and how often.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HolderWant {
+    None,
+    /// At every `--interval` and at exit (the leak reports).
+    AtIntervals(TcpState),
+    /// Every few seconds, and at intervals and exit when they come anyway (the metrics).
+    Periodically(TcpState),
+}
+
 pub trait Sink {
-    /// Tracing has started (the program is attached, or the file is open).
-    fn started(&mut self) -> io::Result<()> {
+    /// The holders this sink reports, if any.
+    fn holder_want(&self) -> HolderWant {
+        HolderWant::None
+    }
+    /// Tracing has started (the programs are attached, or the file is open): live, at
+    /// kernel monotonic `start_ns`; a replay starts at its first event (`None`).
+    fn started(&mut self, _start_ns: Option<u64>) -> io::Result<()> {
         Ok(())
     }
     /// Every event as decoded, before the tracker (the recorder keeps them raw).
@@ -44,15 +70,20 @@ pub trait Sink {
     }
     /// After each batch of events (at least every 10 ms while events flow): the flush
     /// point.
-    fn batch_done(&mut self, _totals: &Totals, _tracker: &Tracker) -> io::Result<()> {
+    fn batch_done(&mut self, _v: &View<'_>) -> io::Result<()> {
         Ok(())
     }
-    /// Every `--interval` (kernel monotonic `now_ns`).
-    fn interval(&mut self, _now_ns: u64, _totals: &Totals, _tracker: &Tracker) -> io::Result<()> {
+    /// Every `--interval` (kernel monotonic `now_ns`), with the holders when wanted.
+    fn interval(&mut self, _now_ns: u64, _v: &View<'_>) -> io::Result<()> {
         Ok(())
     }
-    /// At exit, after the still-open lives were handed to [`Sink::life_ended`].
-    fn finish(&mut self, _now_ns: u64, _totals: &Totals, _tracker: &Tracker) -> io::Result<()> {
+    /// Holders fetched for a [`HolderWant::Periodically`] sink between intervals.
+    fn holders(&mut self, _now_ns: u64, _v: &View<'_>) -> io::Result<()> {
+        Ok(())
+    }
+    /// At exit, after the still-open lives were handed to [`Sink::life_ended`], with the
+    /// holders when wanted.
+    fn finish(&mut self, _now_ns: u64, _v: &View<'_>) -> io::Result<()> {
         Ok(())
     }
 }
@@ -68,22 +99,44 @@ pub fn cookie(cookie: u64) -> Option<u64> {
     (cookie != 0).then_some(cookie)
 }
 
-/// A duration for people: `850ns`, `12.5us`, `1.500ms`, `2.250s`, `3m05s`, `1h02m`.
+/// A duration for people: `850ns`, `12.5us`, `1.500ms`, `2.250s`, `3m05.125s`,
+/// `1h02m00.500s` (milliseconds kept from a second on).
 pub fn human_ns(ns: u64) -> String {
+    const MIN: u64 = 60_000_000_000;
+    let ms_in_minute = |ns: u64| (ns % MIN) as f64 / 1e9;
     match ns {
         0..1_000 => format!("{ns}ns"),
         1_000..1_000_000 => format!("{:.1}us", ns as f64 / 1e3),
         1_000_000..1_000_000_000 => format!("{:.3}ms", ns as f64 / 1e6),
-        1_000_000_000..60_000_000_000 => format!("{:.3}s", ns as f64 / 1e9),
-        60_000_000_000..3_600_000_000_000 => {
-            let s = ns / 1_000_000_000;
-            format!("{}m{:02}s", s / 60, s % 60)
-        }
+        1_000_000_000..MIN => format!("{:.3}s", ns as f64 / 1e9),
+        MIN..3_600_000_000_000 => format!("{}m{:06.3}s", ns / MIN, ms_in_minute(ns)),
         _ => {
-            let m = ns / 60_000_000_000;
-            format!("{}h{:02}m", m / 60, m % 60)
+            let m = ns / MIN;
+            format!("{}h{:02}m{:06.3}s", m / 60, m % 60, ms_in_minute(ns))
         }
     }
+}
+
+/// Text that other users control (a task's `comm`, a command line) as safe to print on a
+/// terminal: control characters (C0, DEL, C1) become `\xNN`, and a backslash `\\`, so that
+/// nothing can move the cursor, recolour or fake a line.
+pub fn escaped(s: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() || c == '\\';
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                use std::fmt::Write as _;
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -96,7 +149,25 @@ mod tests {
         assert_eq!(human_ns(12_500), "12.5us");
         assert_eq!(human_ns(1_500_000), "1.500ms");
         assert_eq!(human_ns(2_250_000_000), "2.250s");
-        assert_eq!(human_ns(185_000_000_000), "3m05s");
-        assert_eq!(human_ns(3_720_000_000_000), "1h02m");
+        assert_eq!(human_ns(61_100_000_000), "1m01.100s");
+        assert_eq!(human_ns(61_940_000_000), "1m01.940s");
+        assert_eq!(human_ns(185_125_000_000), "3m05.125s");
+        assert_eq!(human_ns(3_720_500_000_000), "1h02m00.500s");
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        use super::escaped;
+        assert!(matches!(
+            escaped("nginx"),
+            std::borrow::Cow::Borrowed("nginx")
+        ));
+        assert_eq!(escaped("\u{1b}[31mevil\nx"), "\\x1b[31mevil\\x0ax");
+        assert_eq!(
+            escaped("a\\x1b"),
+            "a\\\\x1b",
+            "a literal backslash cannot fake one"
+        );
+        assert_eq!(escaped("\u{7f}\u{9b}é"), "\\x7f\\x9bé");
     }
 }

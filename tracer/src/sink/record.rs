@@ -2,11 +2,9 @@
 
 use std::io::{self, Write};
 
-use super::Sink;
-use crate::app::Totals;
+use super::{Sink, View};
 use crate::model::KernelEvent;
 use crate::source::record::RecordWriter;
-use crate::tracker::Tracker;
 
 pub struct RecordSink<W: Write> {
     pub writer: RecordWriter<W>,
@@ -19,20 +17,16 @@ impl<W: Write> Sink for RecordSink<W> {
         self.writer.event(ev)
     }
 
-    fn batch_done(
-        &mut self,
-        _: &crate::app::Totals,
-        _: &crate::tracker::Tracker,
-    ) -> io::Result<()> {
+    fn batch_done(&mut self, _: &View<'_>) -> io::Result<()> {
         self.writer.flush()
     }
 
-    fn interval(&mut self, _now: u64, totals: &Totals, _tracker: &Tracker) -> io::Result<()> {
-        self.writer.lost(totals.lost.total())
+    fn interval(&mut self, _now: u64, v: &View<'_>) -> io::Result<()> {
+        self.writer.lost(v.totals.lost.total())
     }
 
-    fn finish(&mut self, _now: u64, totals: &Totals, _tracker: &Tracker) -> io::Result<()> {
-        self.writer.lost(totals.lost.total())?;
+    fn finish(&mut self, _now: u64, v: &View<'_>) -> io::Result<()> {
+        self.writer.lost(v.totals.lost.total())?;
         self.writer.flush()
     }
 }

@@ -9,7 +9,7 @@ use std::io::{self, Write};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use super::{Format, Sink, human_ns};
+use super::{Format, Sink, View, human_ns};
 use crate::app::Totals;
 use crate::clock::TimeFormatter;
 use crate::model::{TcpState, Transition};
@@ -41,22 +41,33 @@ impl By {
     }
 }
 
-/// One histogram: ns resolution, 3 significant digits, from 1 ns to a day.
-pub fn new_histogram() -> Histogram<u64> {
-    // The bounds are constants that hdrhistogram accepts.
-    Histogram::new_with_bounds(1, MAX_NS, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
+/// A histogram of nanoseconds (3 significant digits, from 1 ns): its counts grow only as
+/// far as the largest value recorded, and are 32-bit (saturating), so a group holds a few
+/// tens of KiB per state it saw rather than 300 KiB per histogram.
+pub type Hist = Histogram<u32>;
+
+pub fn new_histogram() -> Hist {
+    // 3 significant digits is a precision hdrhistogram accepts.
+    Histogram::new(3).unwrap_or_else(|_| unreachable!("valid precision"))
 }
 
+/// Records `ns`, clamped to a day.
+fn record_ns(h: &mut Hist, ns: u64) {
+    // Auto-resizing: it fails only if the counts could not be indexed, not for a day.
+    let _ = h.record(ns.clamp(1, MAX_NS));
+}
+
+/// The histograms of one group: only those of what it saw are allocated.
 #[derive(Default)]
 pub struct Group {
-    pub states: BTreeMap<TcpState, Histogram<u64>>,
-    pub connect: Option<Histogram<u64>>,
-    pub accept: Option<Histogram<u64>>,
-    pub lifetime: Option<Histogram<u64>>,
+    pub states: BTreeMap<TcpState, Hist>,
+    pub connect: Option<Hist>,
+    pub accept: Option<Hist>,
+    pub lifetime: Option<Hist>,
 }
 
-fn record(h: &mut Option<Histogram<u64>>, ns: u64) {
-    h.get_or_insert_with(new_histogram).saturating_record(ns);
+fn record(h: &mut Option<Hist>, ns: u64) {
+    record_ns(h.get_or_insert_with(new_histogram), ns);
 }
 
 impl Group {
@@ -82,7 +93,7 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn of(h: &Histogram<u64>) -> Summary {
+    pub fn of(h: &Hist) -> Summary {
         Summary {
             count: h.len(),
             min_ns: h.min(),
@@ -120,6 +131,9 @@ struct JsonWindow<'a> {
     lost_events: u64,
     lost: JsonLost,
     ended_unseen: JsonUnseen,
+    /// Sockets dropped at the `--max-sockets` cap since tracing began (their lives are
+    /// missing from the histograms from then on).
+    evicted: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     by: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -245,6 +259,7 @@ impl<W: Write> StatsSink<W> {
                 reused: stats.unseen_reused,
                 gone: stats.unseen_gone,
             },
+            evicted: stats.evicted,
             by: self.by.map(By::name),
             group: self.by.and(key),
             states: g
@@ -282,6 +297,13 @@ impl<W: Write> StatsSink<W> {
         let unseen = stats.unseen_reused + stats.unseen_gone;
         if unseen > 0 {
             let _ = write!(s, ", {unseen} sockets ended unseen");
+        }
+        if stats.evicted > 0 {
+            let _ = write!(
+                s,
+                ", {} sockets evicted at the --max-sockets cap",
+                stats.evicted
+            );
         }
         s.push('\n');
         if !live.is_empty() {
@@ -336,11 +358,11 @@ impl<W: Write> StatsSink<W> {
 }
 
 /// A bcc-style power-of-two bar chart drawn from the HDR data.
-pub fn log2_chart(h: &Histogram<u64>, out: &mut String) {
+pub fn log2_chart(h: &Hist, out: &mut String) {
     let mut buckets = [0u64; 64];
     for v in h.iter_recorded() {
         let value = v.value_iterated_to().max(1);
-        buckets[63 - value.leading_zeros() as usize] += v.count_at_value();
+        buckets[63 - value.leading_zeros() as usize] += u64::from(v.count_at_value());
     }
     let Some(lo) = buckets.iter().position(|&c| c > 0) else {
         return;
@@ -364,7 +386,9 @@ pub fn log2_chart(h: &Histogram<u64>, out: &mut String) {
 }
 
 impl<W: Write> Sink for StatsSink<W> {
-    fn started(&mut self) -> io::Result<()> {
+    fn started(&mut self, start_ns: Option<u64>) -> io::Result<()> {
+        // Live, the first window starts with tracing; a replay's with its first event.
+        self.window_start_ns = start_ns;
         Ok(())
     }
 
@@ -377,10 +401,7 @@ impl<W: Write> Sink for StatsSink<W> {
         };
         let key = self.key(o.sport, o.dport, o.owner.as_ref());
         let g = self.group(key);
-        g.states
-            .entry(t.old)
-            .or_insert_with(new_histogram)
-            .saturating_record(ns);
+        record_ns(g.states.entry(t.old).or_insert_with(new_histogram), ns);
         match (t.old, t.new) {
             (TcpState::SynSent, TcpState::Established) => record(&mut g.connect, ns),
             (TcpState::SynRecv, TcpState::Established) => record(&mut g.accept, ns),
@@ -401,12 +422,12 @@ impl<W: Write> Sink for StatsSink<W> {
         Ok(())
     }
 
-    fn interval(&mut self, now_ns: u64, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
-        self.report(now_ns, totals, tracker)
+    fn interval(&mut self, now_ns: u64, v: &View<'_>) -> io::Result<()> {
+        self.report(now_ns, v.totals, v.tracker)
     }
 
-    fn finish(&mut self, now_ns: u64, totals: &Totals, tracker: &Tracker) -> io::Result<()> {
-        self.report(now_ns, totals, tracker)
+    fn finish(&mut self, now_ns: u64, v: &View<'_>) -> io::Result<()> {
+        self.report(now_ns, v.totals, v.tracker)
     }
 }
 
@@ -428,6 +449,59 @@ mod tests {
             TimeFormatter::new(clock, TimeZone::UTC),
             by,
         )
+    }
+
+    fn view<'a>(totals: &'a Totals, tracker: &'a Tracker) -> View<'a> {
+        View {
+            totals,
+            tracker,
+            holders: None,
+        }
+    }
+
+    #[test]
+    fn the_first_live_window_starts_with_tracing_and_evictions_are_reported() {
+        // Live, tracing began at 0.5 s; the first event comes at 1 s, the report at 1.5 s.
+        let mut s = sink(Format::Json, None);
+        s.started(Some(500_000_000)).unwrap();
+        // A tracker capped at one socket: the second evicts the first.
+        let mut t = Tracker::new(1);
+        let mut ended = Vec::new();
+        for e in [
+            tr(1, 1_000_000_000, Close, SynSent, 1),
+            tr(2, 1_100_000_000, Close, SynSent, 1),
+        ] {
+            let o = t.observe(&e, &mut ended);
+            s.transition(&e, &o).unwrap();
+        }
+        assert_eq!(t.stats().evicted, 1);
+        s.interval(1_500_000_000, &view(&Totals::default(), &t))
+            .unwrap();
+        s.interval(2_000_000_000, &view(&Totals::default(), &t))
+            .unwrap();
+        let out = String::from_utf8(s.into_inner()).unwrap();
+        let windows: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<_> = windows
+            .iter()
+            .map(|w| (w["window_ns"].as_u64(), w["evicted"].as_u64()))
+            .collect();
+        assert_eq!(
+            got,
+            [(Some(1_000_000_000), Some(1)), (Some(500_000_000), Some(1))]
+        );
+        // In text too.
+        let mut s = sink(Format::Text, None);
+        s.started(Some(500_000_000)).unwrap();
+        s.finish(1_500_000_000, &view(&Totals::default(), &t))
+            .unwrap();
+        let out = String::from_utf8(s.into_inner()).unwrap();
+        assert!(
+            out.contains("window 1.000s, events 0 lost in the kernel, 1 sockets evicted at the --max-sockets cap\n"),
+            "{out}"
+        );
     }
 
     /// Drives a tracker and the sink through `n` connections whose CLOSE_WAIT lasts
@@ -484,18 +558,14 @@ mod tests {
         s.life_ended(&ended[0]).unwrap();
         let lifetimes = s.groups()[""].lifetime.as_ref().map(|h| h.len());
         assert_eq!(lifetimes, Some(100));
-        s.finish(
-            end,
-            &Totals {
-                lost: crate::source::kernel::Lost {
-                    ring_full: 7,
-                    recursion: 2,
-                },
-                ..Totals::default()
+        let totals = Totals {
+            lost: crate::source::kernel::Lost {
+                ring_full: 7,
+                recursion: 2,
             },
-            &Tracker::default(),
-        )
-        .unwrap();
+            ..Totals::default()
+        };
+        s.finish(end, &view(&totals, &Tracker::default())).unwrap();
         let out = String::from_utf8(s.into_inner()).unwrap();
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(v["lost_events"], 9, "ring drops and recursion misses");
@@ -534,7 +604,7 @@ mod tests {
     fn text_report_with_chart() {
         let mut s = sink(Format::Text, None);
         let end = drive(&mut s, 4);
-        s.finish(end, &Totals::default(), &Tracker::default())
+        s.finish(end, &view(&Totals::default(), &Tracker::default()))
             .unwrap();
         let out = String::from_utf8(s.into_inner()).unwrap();
         assert!(

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 
-use super::{Format, Sink, human_ns};
+use super::{Format, Sink, View, human_ns};
 use crate::clock::TimeFormatter;
 use crate::tracker::SocketLife;
 
@@ -161,20 +161,11 @@ impl<W: Write> Sink for TimelineSink<W> {
         }
     }
 
-    fn batch_done(
-        &mut self,
-        _: &crate::app::Totals,
-        _: &crate::tracker::Tracker,
-    ) -> io::Result<()> {
+    fn batch_done(&mut self, _: &View<'_>) -> io::Result<()> {
         self.out.flush()
     }
 
-    fn finish(
-        &mut self,
-        _: u64,
-        _: &crate::app::Totals,
-        _: &crate::tracker::Tracker,
-    ) -> io::Result<()> {
+    fn finish(&mut self, _: u64, _: &View<'_>) -> io::Result<()> {
         self.out.flush()
     }
 }

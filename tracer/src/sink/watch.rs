@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 
-use super::{Format, Sink};
+use super::{Format, Sink, View};
 use crate::clock::TimeFormatter;
 use crate::model::{Transition, Via};
 use crate::tracker::Observed;
@@ -154,7 +154,7 @@ pub struct WatchSink<W: Write> {
 }
 
 impl<W: Write> Sink for WatchSink<W> {
-    fn started(&mut self) -> io::Result<()> {
+    fn started(&mut self, _start_ns: Option<u64>) -> io::Result<()> {
         self.printer.header()?;
         self.printer.flush()
     }
@@ -167,11 +167,7 @@ impl<W: Write> Sink for WatchSink<W> {
         Ok(())
     }
 
-    fn batch_done(
-        &mut self,
-        _: &crate::app::Totals,
-        _: &crate::tracker::Tracker,
-    ) -> io::Result<()> {
+    fn batch_done(&mut self, _: &View<'_>) -> io::Result<()> {
         self.printer.flush()
     }
 }

@@ -15,6 +15,7 @@ use std::io;
 
 use crate::clock::monotonic_now_ns;
 use crate::model::TcpState;
+use crate::source::procs::{Holder, OwnerIndex};
 use crate::source::sockdiag::{self, Diag, DiagError, DiagSocket};
 use crate::tracker::{FlipCandidate, Listed, Listing, TIMEWAIT_LEN_S};
 
@@ -27,6 +28,19 @@ pub enum Ask {
     Listing(Vec<TcpState>),
     /// Which of these timewait sockets turned TIME_WAIT, and when.
     Flips(Vec<FlipCandidate>),
+    /// Every socket in these states, with its holder.
+    Holders(Vec<TcpState>),
+}
+
+/// Sockets in some states, each with the process holding it (`None`: no process holds it,
+/// or it could not be read).
+#[derive(Clone, Debug, Default)]
+pub struct Holders {
+    /// Kernel monotonic time the listing began.
+    pub at_ns: u64,
+    /// How long the listing and the holder lookup took.
+    pub took_ns: u64,
+    pub sockets: Vec<(DiagSocket, Option<Holder>)>,
 }
 
 /// Timewait sockets (cookies) that turned TIME_WAIT, with when (`None`: not known).
@@ -39,6 +53,7 @@ pub enum Answer {
         from_ns: u64,
         turned: Turned,
     },
+    Holders(Holders),
     Failed(DiagError),
 }
 
@@ -56,8 +71,9 @@ impl HostWorker {
         std::thread::Builder::new()
             .name("tcplens-host".into())
             .spawn(move || {
+                let mut owners = OwnerIndex::new();
                 for ask in ask_rx {
-                    if answer_tx.send(answer(ask)).is_err() {
+                    if answer_tx.send(answer(ask, &mut owners)).is_err() {
                         break;
                     }
                 }
@@ -97,14 +113,37 @@ impl HostWorker {
     }
 }
 
-fn answer(ask: Ask) -> Answer {
+fn answer(ask: Ask, owners: &mut OwnerIndex) -> Answer {
     let result = match ask {
         Ask::Listing(states) => listing(&states).map(Answer::Listing),
         Ask::Flips(candidates) => {
             flips(&candidates).map(|(from_ns, turned)| Answer::Flips { from_ns, turned })
         }
+        Ask::Holders(states) => holders(&states, owners).map(Answer::Holders),
     };
     result.unwrap_or_else(Answer::Failed)
+}
+
+/// Every socket in `states`, in every namespace, with its holder (`owners` caches them
+/// from one call to the next).
+pub fn holders(states: &[TcpState], owners: &mut OwnerIndex) -> Result<Holders, DiagError> {
+    let at_ns = monotonic_now_ns();
+    let found = sockdiag::dump_all(states)?;
+    let inodes: HashSet<u64> = found.iter().map(|s| s.inode).collect();
+    owners.resolve(inodes.iter().copied());
+    owners.retain(&inodes);
+    let sockets = found
+        .into_iter()
+        .map(|s| {
+            let holder = owners.holder(s.inode).cloned();
+            (s, holder)
+        })
+        .collect();
+    Ok(Holders {
+        at_ns,
+        took_ns: monotonic_now_ns().saturating_sub(at_ns),
+        sockets,
+    })
 }
 
 /// Every socket in `states`, in every namespace.

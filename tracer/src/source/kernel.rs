@@ -76,8 +76,10 @@ pub enum SourceError {
         "this kernel has no BTF ({VMLINUX_BTF}: {0}); tcplens needs a kernel built with CONFIG_DEBUG_INFO_BTF (Linux 5.12 or later)"
     )]
     NoBtf(io::Error),
+    // Messages carry their cause themselves, and chain none (no `#[from]` or `source`):
+    // anyhow's `{:#}` would print it a second time.
     #[error("this kernel's BTF lacks what tcplens reads: {0}")]
-    Layout(#[from] btf::LayoutError),
+    Layout(btf::LayoutError),
     #[error(
         "this kernel has no BPF ring buffer (BPF_MAP_TYPE_RINGBUF); tcplens needs Linux 5.12 or later"
     )]
@@ -95,7 +97,19 @@ pub enum SourceError {
         error: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("reading the ring buffer: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+}
+
+impl From<btf::LayoutError> for SourceError {
+    fn from(e: btf::LayoutError) -> Self {
+        SourceError::Layout(e)
+    }
+}
+
+impl From<io::Error> for SourceError {
+    fn from(e: io::Error) -> Self {
+        SourceError::Io(e)
+    }
 }
 
 /// What the kernel programs keep; everything else they drop before using ring space.
@@ -544,6 +558,22 @@ fn drain(ring: &mut RingBuf<MapData>, f: &mut impl FnMut(&[u8])) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_say_their_cause_once() {
+        let e = anyhow::Error::from(SourceError::from(io::Error::from_raw_os_error(
+            nix::libc::EINVAL,
+        )));
+        assert_eq!(
+            format!("{e:#}"),
+            "reading the ring buffer: Invalid argument (os error 22)"
+        );
+        let e = anyhow::Error::from(SourceError::Bpf {
+            what: "port filter",
+            error: "at most 64 ports per list".into(),
+        });
+        assert_eq!(format!("{e:#}"), "port filter: at most 64 ports per list");
+    }
 
     #[test]
     fn loss_is_reported_by_reason_and_zero_only_when_both_are() {

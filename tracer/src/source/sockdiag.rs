@@ -26,14 +26,25 @@ use crate::model::{Family, TcpState};
 
 #[derive(Debug, Error)]
 pub enum DiagError {
+    // Messages carry their cause themselves and chain none (see `SourceError`).
     #[error("sock_diag netlink: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     #[error("sock_diag netlink: undecodable reply: {0}")]
     Decode(String),
     #[error("sock_diag netlink: the kernel answered error {0}")]
     Kernel(i32),
+    #[error(
+        "sock_diag has no TCP support in this kernel: the inet_diag and tcp_diag modules are not loaded (modprobe tcp_diag)"
+    )]
+    NoTcpDiag,
     #[error("returning to tcplens's own network namespace: {0}")]
     Home(nix::Error),
+}
+
+impl From<io::Error> for DiagError {
+    fn from(e: io::Error) -> Self {
+        DiagError::Io(e)
+    }
 }
 
 /// One TCP socket as sock_diag reports it.
@@ -132,7 +143,13 @@ impl Diag {
                 },
             };
             send(&mut self.socket, req, NLM_F_REQUEST | NLM_F_DUMP)?;
-            receive(&mut self.socket, self.netns, &mut out)?;
+            match receive(&mut self.socket, self.netns, &mut out) {
+                // No handler for TCP dumps: the modules are missing.
+                Err(DiagError::Kernel(code)) if code == -nix::libc::ENOENT => {
+                    return Err(DiagError::NoTcpDiag);
+                }
+                other => other?,
+            }
         }
         Ok(out)
     }

@@ -302,11 +302,17 @@ pub fn connect_from(local_port: u16, port: u16) -> TcpStream {
 
 /// A plain HTTP/1.0 GET on loopback: (status, body).
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let (status, _, body) = http_request(addr, "GET", path);
+    (status, body)
+}
+
+/// A plain HTTP/1.0 request on loopback: (status, head, body).
+pub fn http_request(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String, String) {
     use std::io::{Read as _, Write as _};
     let mut s = TcpStream::connect(addr).expect("connecting");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
     let mut raw = String::new();
     s.read_to_string(&mut raw).expect("response");
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
@@ -315,7 +321,7 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    (status, body.to_string())
+    (status, head.to_string(), body.to_string())
 }
 
 /// tcplens's closing line says nothing was lost in the kernel (ring buffer drops and

@@ -56,8 +56,8 @@ pub enum RecordError {
     Truncated { offset: u64, what: &'static str },
     #[error("corrupt record at byte {offset}: {what}")]
     Corrupt { offset: u64, what: String },
-    #[error("bad event at byte {offset}: {source}")]
-    Event { offset: u64, source: DecodeError },
+    #[error("bad event at byte {offset}: {error}")]
+    Event { offset: u64, error: DecodeError },
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -256,9 +256,9 @@ impl<R: Read> RecordReader<R> {
         };
         decoded
             .map(|t| Some(Item::Event(t)))
-            .map_err(|source| RecordError::Event {
+            .map_err(|error| RecordError::Event {
                 offset: start + 4,
-                source,
+                error,
             })
     }
 }
