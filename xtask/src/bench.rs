@@ -170,18 +170,24 @@ fn tracepoint_progs() -> Result<Vec<(u32, u64, u64, String)>> {
 }
 
 fn start(mode: Mode, tcplens: &Path, dir: &Path, tag: &str) -> Result<Option<Tracer>> {
-    let Some(mut cmd) = mode.command(tcplens) else {
+    let Some(cmd) = mode.command(tcplens) else {
         return Ok(None);
     };
-    let before: BTreeSet<u32> = tracepoint_progs()?.into_iter().map(|p| p.0).collect();
     let slug = format!("{mode:?}{tag}").to_lowercase();
+    start_command(cmd, dir, &slug, mode.name()).map(Some)
+}
+
+/// Starts a tracer command, its output in `dir/slug.{out,err}`; returns once its programs
+/// are attached.
+fn start_command(mut cmd: Command, dir: &Path, slug: &str, name: &str) -> Result<Tracer> {
+    let before: BTreeSet<u32> = tracepoint_progs()?.into_iter().map(|p| p.0).collect();
     let stdout = dir.join(format!("{slug}.out"));
     let stderr = dir.join(format!("{slug}.err"));
     let child = cmd
         .stdout(File::create(&stdout)?)
         .stderr(File::create(&stderr)?)
         .spawn()
-        .with_context(|| format!("starting {}", mode.name()))?;
+        .with_context(|| format!("starting {name}"))?;
     // Ready when its program is attached: a new tracepoint program shows up and stays.
     let deadline = Instant::now() + Duration::from_secs(20);
     let new_progs = || -> Result<Vec<u32>> {
@@ -193,19 +199,77 @@ fn start(mode: Mode, tcplens: &Path, dir: &Path, tag: &str) -> Result<Option<Tra
     };
     while new_progs()?.is_empty() {
         if Instant::now() > deadline {
-            bail!("{} did not attach within 20 s", mode.name());
+            bail!("{name} did not attach within 20 s");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     // All of its programs attached, output set up.
     std::thread::sleep(Duration::from_millis(500));
     let progs = new_progs()?;
-    Ok(Some(Tracer {
+    Ok(Tracer {
         child,
         stdout,
         stderr,
         progs,
-    }))
+    })
+}
+
+/// `stats --by lport` under churn: every client's ephemeral port is a group, so the
+/// groups reach the cap (256 and `other`). Peak RSS, groups reported, events lost.
+pub fn by_groups(bins: &[(&str, &Path)], opts: &Opts) -> Result<String> {
+    let mut out = String::from(
+        "`tcplens stats --by lport` under 3 s of churn (every ephemeral port a group, up to the cap):\n\n| binary | groups | peak RSS MiB | lost |\n|---|---:|---:|---:|\n",
+    );
+    for (label, bin) in bins {
+        let mut cmd = Command::new(bin);
+        cmd.args(["stats", "--by", "lport", "--format", "json"]);
+        let slug = format!("by-lport-{label}");
+        let tracer = start_command(cmd, &opts.out_dir, &slug, "stats --by lport")?;
+        let pid = tracer.child.id();
+        churn::run(Duration::from_secs(3), opts.threads, 9000)?;
+        let peak = status_kib(pid, "VmHWM:")?;
+        let stdout = tracer.stdout.clone();
+        let (_, stderr) = finish_tracer(tracer)?;
+        let (_, lost) = tcplens_counts(&stderr)?;
+        let groups = std::fs::read_to_string(&stdout)?.lines().count();
+        out.push_str(&format!(
+            "| {label} | {groups} | {:.0} | {lost} |\n",
+            peak as f64 / 1024.0
+        ));
+    }
+    Ok(out)
+}
+
+/// A replay that reports after every event (`--interval 1us`) of a recording of 1 s of
+/// churn (its server sockets: tens of thousands in TIME_WAIT at the end): the cost of a
+/// report must not grow with the sockets tracked.
+pub fn replay_tiny_interval(bins: &[(&str, &Path)], opts: &Opts) -> Result<String> {
+    let (_, tcplens) = bins.first().context("a binary")?;
+    let file = opts.out_dir.join("churn.rec");
+    let mut cmd = Command::new(tcplens);
+    cmd.args(["record", "-L", "9000", "-o"]).arg(&file);
+    let tracer = start_command(cmd, &opts.out_dir, "record", "record")?;
+    let r = churn::run(Duration::from_secs(1), opts.threads, 9000)?;
+    finish_tracer(tracer)?;
+    let mut out = format!(
+        "Replay of {} connections' server sockets with `stats --interval 1us` (a report per event):\n\n| binary | seconds | reports |\n|---|---:|---:|\n",
+        r.connections
+    );
+    for (label, bin) in bins {
+        let started = Instant::now();
+        let run = Command::new(bin)
+            .args(["stats", "--interval", "1us", "--format", "json", "--from"])
+            .arg(&file)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .with_context(|| format!("replaying with {label}"))?;
+        let reports = run.stdout.iter().filter(|&&b| b == b'\n').count();
+        out.push_str(&format!(
+            "| {label} | {:.1} | {reports} |\n",
+            started.elapsed().as_secs_f64()
+        ));
+    }
+    Ok(out)
 }
 
 /// Over a tracer's programs: (run time of all, runs of the transition program, run time

@@ -191,6 +191,16 @@ fn run(cli: Cli) -> Result<()> {
                     step("scale: 100 k live sockets");
                     report.push('\n');
                     report.push_str(&bench::scale_sockets(&tcplens, &opts, 50_000)?);
+                    let bins: Vec<(&str, &std::path::Path)> =
+                        std::iter::once(("tcplens", tcplens.as_path()))
+                            .chain(opts.baseline.iter().map(|b| ("baseline", b.as_path())))
+                            .collect();
+                    step("stats --by lport: memory at the group cap");
+                    report.push('\n');
+                    report.push_str(&bench::by_groups(&bins, &opts)?);
+                    step("replay with a report per event");
+                    report.push('\n');
+                    report.push_str(&bench::replay_tiny_interval(&bins, &opts)?);
                 }
                 Ok(report)
             })();
