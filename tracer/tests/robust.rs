@@ -36,6 +36,11 @@ fn namespaces_that_come_and_go_during_leaks_refreshes_are_skipped() {
         drop(client);
         server
     });
+    // A name under /run/netns whose namespace is gone: the plain file `ip netns delete`
+    // leaves between its unmount and its unlink (setns on it fails with EINVAL).
+    std::fs::create_dir_all("/run/netns").expect("/run/netns");
+    let stale = "/run/netns/tcplens-stale";
+    std::fs::write(stale, b"").expect("a stale /run/netns entry");
     // Meanwhile namespaces appear and vanish, each with a process in it (so tcplens finds
     // it by /proc as well as under /run/netns).
     let mut cycles = 0;
@@ -53,6 +58,7 @@ fn namespaces_that_come_and_go_during_leaks_refreshes_are_skipped() {
     }
     let f = tcplens.wait();
     server.stop();
+    std::fs::remove_file(stale).expect("removing the stale entry");
     assert_eq!(f.status.code(), Some(0), "stderr: {}", f.stderr);
     assert!(!f.stderr.contains("error"), "{}", f.stderr);
     assert!(cycles >= 20, "only {cycles} namespaces came and went");
