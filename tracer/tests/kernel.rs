@@ -27,8 +27,18 @@ struct Ran {
 fn assert_endpoints(life: &[Transition], local: (IpAddr, u16), remote: (IpAddr, u16)) {
     for t in life {
         assert_eq!((t.saddr, t.sport), local, "local end of {t:?}");
+        if born_bare(t) {
+            continue;
+        }
         assert_eq!((t.daddr, t.dport), remote, "remote end of {t:?}");
     }
+}
+
+/// A child's LISTEN -> SYN_RECV on a kernel that reports it before giving the child its
+/// peer's address and its request's cookie (Linux 6.1; the tracker joins it with the
+/// child's next event): no peer then, and only then.
+fn born_bare(t: &Transition) -> bool {
+    (t.old, t.new) == (Listen, SynRecv) && t.daddr.is_unspecified() && t.dport == 0
 }
 
 fn assert_task_is_us(t: &Transition, tid: u32) {

@@ -453,11 +453,15 @@ impl Tracker {
     /// Feeds one transition. Lives that end (the socket closed, another socket took its
     /// address, or one was evicted to make room) are pushed onto `ended`.
     pub fn observe(&mut self, t: &Transition, ended: &mut Vec<SocketLife>) -> Observed {
+        let mut vetted = *t;
+        self.vet(&mut vetted);
+        let t = &vetted;
         let id = t.id();
         self.clock.learn(t.ts_ns, t.jiffies);
         self.resolve_cancel_on(t.cpu, id, None, ended);
         if let Some(prev) = self.by_sk.insert(t.sk, id)
             && prev != id
+            && !self.adopt_cookie(prev, id, t)
         {
             // The address belongs to another socket now: the kernel did not show the end
             // of the one that had it (a timewait socket carrying that life on is fine).
@@ -494,6 +498,45 @@ impl Tracker {
             self.end(id, End::from_close(t.old), Some(entered), ended);
         }
         observed
+    }
+
+    /// Clears the cookie of a child's LISTEN -> SYN_RECV that carries its listener's:
+    /// kernels that set that state before giving the child its request's cookie (Linux
+    /// 6.1) report the one copied from the listener. The child has no cookie of its own
+    /// yet; its next event brings it ([`Tracker::adopt_cookie`]).
+    pub fn vet(&self, t: &mut Transition) {
+        if (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv)
+            && t.cookie != 0
+            && self
+                .lives
+                .peek(&t.cookie)
+                .is_some_and(|l| l.life.sk != t.sk && l.state() == Some(TcpState::Listen))
+        {
+            t.cookie = 0;
+        }
+    }
+
+    /// A passive child seen only at its creation (LISTEN -> SYN_RECV) without a cookie: on
+    /// kernels that set that state before giving the child its request's cookie and peer
+    /// address (Linux 6.1), its next event is the first to carry them. The record `prev`
+    /// moves to the cookie `id`; returns whether it did.
+    fn adopt_cookie(&mut self, prev: u64, id: u64, t: &Transition) -> bool {
+        let newborn = self.lives.peek(&prev).is_some_and(|p| {
+            let l = &p.life;
+            l.cookie == 0
+                && l.role == Role::Passive
+                && l.netns == t.netns
+                && matches!(l.spans.as_slice(), [s] if s.state == TcpState::SynRecv)
+        });
+        if !newborn || t.cookie == 0 || t.old != TcpState::SynRecv || self.lives.contains(&id) {
+            return false;
+        }
+        // Same state before and after: the per-state counts stand.
+        if let Some(mut moved) = self.lives.pop(&prev) {
+            moved.life.cookie = t.cookie;
+            self.lives.put(id, moved);
+        }
+        true
     }
 
     /// The record of the socket of `t`, started when new (evicting the least recently

@@ -230,6 +230,63 @@ fn a_reused_address_starts_a_fresh_record() {
 }
 
 #[test]
+fn a_child_born_without_cookie_or_peer_takes_them_from_its_next_event() {
+    // Linux 6.1: the child's LISTEN -> SYN_RECV comes before the kernel gives it its
+    // request's cookie (the program reports 0) and its peer's address.
+    let sk = 0xffff_8880_0000_1000;
+    let mut born = tr(sk, 1_000, Listen, SynRecv, 1);
+    born.cookie = 0;
+    born.daddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    born.dport = 0;
+    let mut est = tr(sk, 1_500, SynRecv, Established, 1);
+    est.cookie = 77;
+    let mut t = Tracker::default();
+    let (obs, ended) = feed(&mut t, &[born, est]);
+    assert!(ended.is_empty(), "{ended:?}");
+    assert_eq!(t.stats().unseen_reused, 0);
+    assert_eq!(
+        obs[1].old_ns,
+        Some(500),
+        "SYN_RECV lasted from the child's birth"
+    );
+    let life = t.socket(77).expect("tracked by its cookie");
+    assert_eq!((life.cookie, life.dport, life.daddr), (77, 8080, est.daddr));
+    assert_eq!(life.role, Role::Passive);
+    assert!(!life.first_seen_mid_life);
+    assert_eq!(t.state_counts()[Established as usize], 1);
+    assert_eq!(t.live(), 1);
+    // The same on a kernel that reports the listener's cookie (copied into the child)
+    // at the child's birth.
+    let mut t = Tracker::default();
+    let listener = 0xffff_8880_0000_2000;
+    let mut listen = tr(listener, 0, Close, Listen, 1);
+    listen.cookie = 5;
+    let mut born = tr(sk, 1_000, Listen, SynRecv, 1);
+    born.cookie = 5;
+    born.daddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    born.dport = 0;
+    let mut vetted = born;
+    t.observe(&listen, &mut Vec::new());
+    t.vet(&mut vetted);
+    assert_eq!(vetted.cookie, 0);
+    let (_, ended) = feed(&mut t, &[born, est]);
+    assert!(ended.is_empty(), "{ended:?}");
+    assert_eq!(t.socket(5).map(SocketLife::state), Some(Some(Listen)));
+    assert_eq!(t.socket(77).map(|l| l.role), Some(Role::Passive));
+    assert_eq!(t.live(), 2);
+    // A socket with a cookie of its own at birth is never re-keyed: a new cookie on the
+    // same address after it is another socket.
+    let mut t = Tracker::default();
+    let mut other = tr(sk, 2_000, SynRecv, Established, 1);
+    other.cookie = 78;
+    let mut born = tr(sk, 1_000, Listen, SynRecv, 1);
+    born.cookie = 76;
+    let (_, ended) = feed(&mut t, &[born, other]);
+    assert_eq!(ended.len(), 1);
+    assert_eq!(t.stats().unseen_reused, 1);
+}
+
+#[test]
 fn a_huge_cap_allocates_nothing_up_front() {
     let t = Tracker::new(usize::MAX);
     assert_eq!(t.live(), 0);
