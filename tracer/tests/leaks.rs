@@ -65,6 +65,7 @@ fn a_leaky_server_is_reported_with_pid_fd_and_a_growing_age() {
     // The leak ends 2.5 s after tracing started: the process exits, closing it.
     std::thread::sleep(Duration::from_millis(2500).saturating_sub(t_start.elapsed()));
     let (pid, fd) = (server.pid, server.fds[0]);
+    let stopping_at = now_unix_ns();
     server.stop();
     let stopped_at = now_unix_ns();
     let (reports, code) = finish(tcplens);
@@ -92,9 +93,14 @@ fn a_leaky_server_is_reported_with_pid_fd_and_a_growing_age() {
         let socks = r["sockets"].as_array().unwrap();
         assert_eq!(socks.len(), 1, "{r}");
         let s = &socks[0];
-        assert_eq!(s["pid"], u64::from(pid));
-        assert_eq!(s["fd"], u64::from(fd));
-        assert_eq!(s["comm"], "leaky-server");
+        // A report made while the server was exiting may have listed the socket before
+        // the exit closed it and looked for its holder after: that one may have none.
+        let exiting = unix_ns(&r["time"]) >= stopping_at;
+        if !exiting || !s["pid"].is_null() {
+            assert_eq!(s["pid"], u64::from(pid));
+            assert_eq!(s["fd"], u64::from(fd));
+            assert_eq!(s["comm"], "leaky-server");
+        }
         assert_eq!(s["state"], "CLOSE_WAIT");
         assert_eq!(s["sport"], u64::from(PORT));
         assert_eq!(s["age_at_least"], false);
@@ -108,7 +114,9 @@ fn a_leaky_server_is_reported_with_pid_fd_and_a_growing_age() {
         );
         assert!(age > last_age, "the age grows between refreshes");
         last_age = age;
-        assert_eq!(r["by_process"][0]["pid"], u64::from(pid));
+        if !exiting {
+            assert_eq!(r["by_process"][0]["pid"], u64::from(pid));
+        }
         assert_eq!(r["by_process"][0]["count"], 1);
         assert!(r["threshold_ns"] == 1_000_000_000u64);
     }

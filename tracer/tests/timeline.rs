@@ -11,8 +11,7 @@ use common::*;
 use serde_json::Value;
 
 /// stdout of a successful run that lost nothing.
-fn finish(r: Running) -> String {
-    let f = r.wait();
+fn finish(f: Finished) -> String {
     assert!(
         f.status.success(),
         "tcplens failed: {}: {}",
@@ -51,9 +50,11 @@ fn close_wait_and_established_durations_owner_and_replay() {
     let file = std::env::temp_dir().join(format!("tcplens-test-{}.rec", std::process::id()));
     let file_s = file.display().to_string();
 
-    let timeline = start_tcplens(&["timeline", "--format", "json", "--duration", "4s"]);
-    let stats = start_tcplens(&["stats", "--format", "json", "--duration", "4s", "-L", &port]);
-    let record = start_tcplens(&["record", "-o", &file_s, "--duration", "4s"]);
+    // Stopped once the scenario is over (each start takes seconds under emulation: a
+    // --duration would count those too).
+    let timeline = start_tcplens(&["timeline", "--format", "json"]);
+    let stats = start_tcplens(&["stats", "--format", "json", "-L", &port]);
+    let record = start_tcplens(&["record", "-o", &file_s]);
 
     let (server_pid, client_held, server_held) = in_netns(|| {
         let server = ForkedServer::start(PORT, c"cw-server", Duration::from_millis(1500));
@@ -66,9 +67,20 @@ fn close_wait_and_established_durations_owner_and_replay() {
         (server_pid, client_held, server.finish())
     });
     let me = u64::from(std::process::id());
+    // Both connection lives have ended (the client's TIME_WAIT is killed when the kernel
+    // purges the dying namespace): every event is in.
+    let (sport, dport) = (format!("\"sport\":{PORT},"), format!("\"dport\":{PORT},"));
+    for (role, port) in [("passive", &sport), ("active", &dport)] {
+        let role = format!("\"role\":\"{role}\"");
+        timeline
+            .wait_for_line(slack(Duration::from_secs(5)), |l| {
+                l.contains(&role) && l.contains(port.as_str())
+            })
+            .unwrap_or_else(|| panic!("the {role} life"));
+    }
 
     // Timeline: the passive socket and the client, with measured durations.
-    let lives = on_port(&json_lines(&finish(timeline)), PORT);
+    let lives = on_port(&json_lines(&finish(timeline.stop())), PORT);
     let roles: Vec<&str> = lives.iter().map(|l| l["role"].as_str().unwrap()).collect();
     assert_eq!(lives.len(), 3, "{lives:#?}");
     let passive = lives
@@ -149,7 +161,7 @@ fn close_wait_and_established_durations_owner_and_replay() {
     }
 
     // Stats (-L PORT: the server side): CLOSE_WAIT in its histogram.
-    let live = json_lines(&finish(stats));
+    let live = json_lines(&finish(stats.stop()));
     assert_eq!(live.len(), 1, "one window at exit: {live:?}");
     let s = &live[0];
     assert_eq!(s["lost_events"], 0);
@@ -167,7 +179,7 @@ fn close_wait_and_established_durations_owner_and_replay() {
     // Record, then replay without the kernel: the same figures. Each tcplens instance
     // has its own program on the tracepoint, which timestamps the event when it runs, so
     // two instances' times of one event differ by the microseconds between their runs.
-    finish(record);
+    finish(record.stop());
     let replayed = json_lines(&run_from(&[
         "stats", "--from", &file_s, "--format", "json", "-L", &port,
     ]));
@@ -249,7 +261,7 @@ fn a_connection_older_than_tcplens_existed_at_start() {
     ]);
     drop(client);
     drop(server); // ESTABLISHED -> CLOSE_WAIT -> LAST_ACK -> CLOSE, seen on the tracepoint
-    let lives = on_port(&json_lines(&finish(timeline)), PORT);
+    let lives = on_port(&json_lines(&finish(timeline.wait())), PORT);
     drop(listener);
     drop(done_tx);
     holder.join().unwrap();
@@ -301,7 +313,7 @@ fn pid_filter_keeps_one_process_sockets() {
     .unwrap();
     a.finish();
     b.finish();
-    let lives = json_lines(&finish(timeline));
+    let lives = json_lines(&finish(timeline.wait()));
     let owners: Vec<_> = lives
         .iter()
         .map(|l| (l["owner_pid"].clone(), l["role"].clone()))

@@ -356,6 +356,17 @@ pub fn state_ns(life: &serde_json::Value, state: &str) -> u64 {
 }
 
 /// Whether `got_ns` is within `tol` of `want`.
+/// Whether the tests run under CPU emulation (QEMU TCG in `cargo xtask test-kernels`):
+/// there the kernel's tick and the clocks drift apart by milliseconds.
+pub fn emulated() -> bool {
+    std::env::var_os("TCPLENS_TEST_EMULATED").is_some_and(|v| v == "1")
+}
+
+/// A timing tolerance: `base` on real hardware, three times it under emulation.
+pub fn slack(base: Duration) -> Duration {
+    if emulated() { base * 3 } else { base }
+}
+
 pub fn near(got_ns: u64, want: Duration, tol: Duration) -> bool {
     (i128::from(got_ns) - want.as_nanos() as i128).unsigned_abs() <= tol.as_nanos()
 }
