@@ -129,49 +129,30 @@ fn nested(tp: u32, key: [u64; 2], f: impl FnOnce()) {
     f();
 }
 
-const TCP_SYN_RECV: u64 = 3;
-const TCP_LISTEN: u64 = 10;
-
-/// A transition's cookie (0: not known yet), and its key: the cookie (unique to the
-/// socket's life, unlike its address; the address when there is no cookie yet) and the
-/// states.
+/// A transition's key: the socket's cookie (unique to its life, unlike its address) and
+/// its states.
 #[inline(always)]
-fn set_state_key(ctx: &BtfTracePointContext) -> (u64, [u64; 2]) {
+fn set_state_key(ctx: &BtfTracePointContext) -> [u64; 2] {
     let sk: *const c_void = ctx.arg(0);
     let old: u64 = ctx.arg(1);
     let new: u64 = ctx.arg(2);
-    let cookie = if old == TCP_LISTEN && new == TCP_SYN_RECV {
-        // A child being created from its request. Before Linux 6.x the kernel sets this
-        // state before it gives the child its request's cookie (and its peer's address):
-        // the helper would create a cookie the kernel then overwrites. Read what is there.
-        Direct(sk as *const u8).u64_at(get!(CONFIG.sock.cookie))
-    } else {
-        // SAFETY: `sk` is the tracepoint's own `struct sock *` argument, untouched, as
-        // the helper requires (it creates the cookie when nobody has asked for it yet).
-        unsafe { generated::bpf_get_socket_cookie(sk as *mut c_void) }
-    };
-    let id = if cookie != 0 {
-        cookie
-    } else {
-        // The socket's address, as a number the key may hold (the verifier allows no
-        // arithmetic on the trusted pointer itself): the context's first argument, read.
-        // SAFETY: the context holds the tracepoint's arguments; the read faults safely.
-        unsafe { bpf_probe_read_kernel(ctx.as_ptr() as *const u64) }.unwrap_or(0)
-    };
-    (cookie, [id, ((old & 0xff) << 8) | (new & 0xff)])
+    // SAFETY: `sk` is the tracepoint's own `struct sock *` argument, untouched, as the
+    // helper requires (it creates the cookie when nobody has asked for it yet).
+    let cookie = unsafe { generated::bpf_get_socket_cookie(sk as *mut c_void) };
+    [cookie, ((old & 0xff) << 8) | (new & 0xff)]
 }
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
-    let (cookie, key) = set_state_key(&ctx);
-    primary(tracepoint::SET_STATE, key, || on_set_state(&ctx, cookie));
+    let key = set_state_key(&ctx);
+    primary(tracepoint::SET_STATE, key, || on_set_state(&ctx, key[0]));
     0
 }
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_nested(ctx: BtfTracePointContext) -> i32 {
-    let (cookie, key) = set_state_key(&ctx);
-    nested(tracepoint::SET_STATE, key, || on_set_state(&ctx, cookie));
+    let key = set_state_key(&ctx);
+    nested(tracepoint::SET_STATE, key, || on_set_state(&ctx, key[0]));
     0
 }
 

@@ -516,16 +516,19 @@ impl Tracker {
         }
     }
 
-    /// A passive child seen only at its creation (LISTEN -> SYN_RECV) without a cookie: on
-    /// kernels that set that state before giving the child its request's cookie and peer
-    /// address (Linux 6.1), its next event is the first to carry them. The record `prev`
-    /// moves to the cookie `id`; returns whether it did.
+    /// A passive child seen only at its creation (LISTEN -> SYN_RECV), at the same address,
+    /// whose next event brings another cookie: on kernels that set that state before giving
+    /// the child its request's cookie and peer address (Linux 6.1), its first event had
+    /// none of its own (none, its listener's, or one the kernel then overwrote). Its socket
+    /// cannot have been freed and reused meanwhile without a CLOSE, which would have ended
+    /// the record. The record `prev` moves to the cookie `id`; returns whether it did.
     fn adopt_cookie(&mut self, prev: u64, id: u64, t: &Transition) -> bool {
         let newborn = self.lives.peek(&prev).is_some_and(|p| {
             let l = &p.life;
-            l.cookie == 0
+            l.sk == t.sk
                 && l.role == Role::Passive
                 && l.netns == t.netns
+                && l.sport == t.sport
                 && matches!(l.spans.as_slice(), [s] if s.state == TcpState::SynRecv)
         });
         if !newborn || t.cookie == 0 || t.old != TcpState::SynRecv || self.lives.contains(&id) {

@@ -274,14 +274,24 @@ fn a_child_born_without_cookie_or_peer_takes_them_from_its_next_event() {
     assert_eq!(t.socket(5).map(SocketLife::state), Some(Some(Listen)));
     assert_eq!(t.socket(77).map(|l| l.role), Some(Role::Passive));
     assert_eq!(t.live(), 2);
-    // A socket with a cookie of its own at birth is never re-keyed: a new cookie on the
-    // same address after it is another socket.
+    // Or one the kernel overwrote after the event (the listener had none to copy).
     let mut t = Tracker::default();
-    let mut other = tr(sk, 2_000, SynRecv, Established, 1);
-    other.cookie = 78;
     let mut born = tr(sk, 1_000, Listen, SynRecv, 1);
     born.cookie = 76;
-    let (_, ended) = feed(&mut t, &[born, other]);
+    let (obs, ended) = feed(&mut t, &[born, est]);
+    assert!(ended.is_empty(), "{ended:?}");
+    assert_eq!(obs[1].old_ns, Some(500));
+    assert!(t.socket(76).is_none());
+    assert_eq!(t.socket(77).map(|l| l.cookie), Some(77));
+    // Past its birth, a new cookie at the same address is another socket.
+    let mut t = Tracker::default();
+    let mut born = tr(sk, 1_000, Listen, SynRecv, 1);
+    born.cookie = 76;
+    let mut first = tr(sk, 1_500, SynRecv, Established, 1);
+    first.cookie = 76;
+    let mut other = tr(sk, 2_000, Established, CloseWait, 1);
+    other.cookie = 78;
+    let (_, ended) = feed(&mut t, &[born, first, other]);
     assert_eq!(ended.len(), 1);
     assert_eq!(t.stats().unseen_reused, 1);
 }
@@ -939,6 +949,69 @@ fn a_timewait_socket_whose_arm_was_lost_is_adopted_from_the_listing() {
 
 fn any_state() -> impl Strategy<Value = TcpState> {
     (1u8..=12).prop_map(|n| TcpState::from_kernel(n).unwrap())
+}
+
+/// Walks a socket really takes through the states the kernel reports (TIME_WAIT belongs
+/// to the timewait socket and is not among them).
+const WALKS: &[&[TcpState]] = &[
+    &[Close, SynSent, Established, FinWait1, FinWait2, Close],
+    &[Close, SynSent, Established, CloseWait, LastAck, Close],
+    &[Listen, SynRecv, Established, CloseWait, LastAck, Close],
+    &[Listen, SynRecv, Established, FinWait1, FinWait2, Close],
+    &[Close, SynSent, Established, FinWait1, Closing, Close],
+    &[Close, SynSent, Close],
+    &[Listen, SynRecv, Established, Close],
+    &[Close, Listen, Close],
+];
+
+proptest! {
+    /// Up to 8 sockets, each on a valid walk with random times in each state, their events
+    /// interleaved by time: every life ends `closed` or `reset` with exactly the
+    /// durations it was given, and they add up to its lifetime.
+    #[test]
+    fn valid_walks_keep_their_durations(
+        sockets in proptest::collection::vec(
+            (0..WALKS.len(), 0u64..5_000, proptest::collection::vec(1u64..1_000_000_000, 5)),
+            1..8,
+        ),
+    ) {
+        let mut events = Vec::new();
+        for (i, (walk, start, durations)) in sockets.iter().enumerate() {
+            let walk = WALKS[*walk];
+            let sk = i as u64 + 1;
+            let mut ts = *start;
+            for (n, pair) in walk.windows(2).enumerate() {
+                if n > 0 {
+                    ts += durations[n - 1];
+                }
+                events.push((ts, n, tr(sk, ts, pair[0], pair[1], 1)));
+            }
+        }
+        // By time; a socket's own events keep their order.
+        events.sort_by_key(|&(ts, n, e)| (ts, e.sk, n));
+        let mut t = Tracker::default();
+        let mut ended = Vec::new();
+        for (_, _, e) in &events {
+            t.observe(e, &mut ended);
+            prop_assert_eq!(t.state_counts(), t.recount());
+        }
+        prop_assert_eq!(t.live(), 0);
+        prop_assert_eq!(ended.len(), sockets.len());
+        for life in &ended {
+            let (walk, _, durations) = &sockets[(life.cookie - 1) as usize];
+            let walk = WALKS[*walk];
+            let names: Vec<TcpState> = life.spans.iter().map(|s| s.state).collect();
+            prop_assert_eq!(&names[..], &walk[1..], "{:?}", life);
+            let got: Vec<Option<u64>> = life.spans.iter().map(|s| s.ns).collect();
+            let mut want: Vec<Option<u64>> =
+                durations[..walk.len() - 2].iter().copied().map(Some).collect();
+            want.push(None); // CLOSE: the end
+            prop_assert_eq!(&got, &want, "{:?}", life);
+            let sum: u64 = durations[..walk.len() - 2].iter().sum();
+            prop_assert_eq!(life.lifetime_ns, Some(sum));
+            prop_assert!(!life.first_seen_mid_life);
+        }
+    }
 }
 
 proptest! {
