@@ -15,22 +15,19 @@ use crate::cli::{
 };
 use crate::clock::{TimeFormatter, WallClock, monotonic_now_ns};
 use crate::decode::decode;
-use crate::model::TcpState;
-use crate::model::{KernelEvent, Transition};
+use crate::pipeline::{Pipeline, Totals};
+use crate::sink::Sink;
 use crate::sink::leaks::{LeakQuery, LeaksSink};
 use crate::sink::metrics::{Metrics, MetricsSink};
 use crate::sink::record::RecordSink;
 use crate::sink::stats::StatsSink;
 use crate::sink::timeline::TimelineSink;
 use crate::sink::watch::{WatchPrinter, WatchSink};
-use crate::sink::{HolderWant, Sink, View};
-use crate::source::host::{self, Answer, Ask, Holders, HostWorker};
-use crate::source::kernel::{
-    DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelSource, LossSource, Lost, SourceError,
-};
+use crate::source::host::{self, Answer, Ask, HostWorker};
+use crate::source::kernel::{DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelSource, Lost};
 use crate::source::record::{Item, RecordReader, RecordWriter};
 use crate::source::sockdiag;
-use crate::tracker::{Owner, Seed, SocketLife, Tracker};
+use crate::tracker::{Seed, Tracker};
 use std::sync::Arc;
 
 /// One line on stderr, `tcplens: ` first. A closed stderr (`2>&1 | head -1`) is no error:
@@ -47,227 +44,6 @@ const FLIP_CHECK: Duration = Duration::from_secs(1);
 const RESYNC: Duration = Duration::from_secs(10);
 /// How often the holders of [`HolderWant::Periodically`] sinks are listed.
 const HOLDERS_EVERY: Duration = Duration::from_secs(5);
-
-/// What a run saw.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Totals {
-    /// Events read (from the ring buffer or the file).
-    pub events: u64,
-    /// Of the events, timewait timer events (the rest are state transitions).
-    pub timewait: u64,
-    /// Events the kernel lost, by reason.
-    pub lost: Lost,
-    /// Ring buffer records that did not decode (a bug if ever non-zero: the ABI is shared).
-    pub bad: u64,
-}
-
-impl Totals {
-    /// What the kernel lost so far: ring buffer drops and every program's recursion misses.
-    pub fn read_lost(&mut self, source: &impl LossSource) -> Result<(), SourceError> {
-        self.lost = source.lost()?;
-        Ok(())
-    }
-}
-
-/// The tracker and the sinks that read from it.
-pub struct Pipeline<'a> {
-    pub tracker: Tracker,
-    sinks: Vec<&'a mut dyn Sink>,
-    ended: Vec<SocketLife>,
-    /// Applied in userspace on replay (the kernel applies it live).
-    filter: Option<KernelFilter>,
-    /// `-p PID`: only sockets this process owns.
-    pub owner_pid: Option<u32>,
-    /// Follow timewait sockets (off: `--no-timewait`, which also skips them on replay).
-    pub timewait: bool,
-    /// Reconcile the tracker with sock_diag while live (off for `record`, whose file is
-    /// replayed later: the replay has no host to ask).
-    pub host: bool,
-    pub totals: Totals,
-}
-
-impl<'a> Pipeline<'a> {
-    pub fn new(tracker: Tracker, sinks: Vec<&'a mut dyn Sink>) -> Self {
-        Pipeline {
-            tracker,
-            sinks,
-            ended: Vec::new(),
-            filter: None,
-            owner_pid: None,
-            timewait: true,
-            host: true,
-            totals: Totals::default(),
-        }
-    }
-
-    fn each(&mut self, mut f: impl FnMut(&mut dyn Sink) -> io::Result<()>) -> io::Result<()> {
-        self.sinks.iter_mut().try_for_each(|s| f(&mut **s))
-    }
-
-    /// Tracing started: live at kernel monotonic `start_ns`, on replay at the first event.
-    pub fn started(&mut self, start_ns: Option<u64>) -> io::Result<()> {
-        self.each(|s| s.started(start_ns))
-    }
-
-    /// The states whose holders the sinks report: at every interval (and exit), or only
-    /// those wanted between intervals too (`periodic`).
-    pub fn holder_states(&self, periodic: bool) -> Vec<TcpState> {
-        let mut states: Vec<TcpState> = self
-            .sinks
-            .iter()
-            .filter_map(|s| match s.holder_want() {
-                HolderWant::None => None,
-                HolderWant::AtIntervals(state) => (!periodic).then_some(state),
-                HolderWant::Periodically(state) => Some(state),
-            })
-            .collect();
-        states.sort();
-        states.dedup();
-        states
-    }
-
-    /// Runs `f` on every sink with the view of the run as it stands.
-    fn each_viewed(
-        &mut self,
-        holders: Option<&Holders>,
-        mut f: impl FnMut(&mut dyn Sink, &View<'_>) -> io::Result<()>,
-    ) -> io::Result<()> {
-        let view = View {
-            totals: &self.totals,
-            tracker: &self.tracker,
-            holders,
-        };
-        self.sinks.iter_mut().try_for_each(|s| f(&mut **s, &view))
-    }
-
-    /// One decoded event: to the recorder as it is, then through the tracker to the
-    /// sinks, followed by what it derived and the lives it ended.
-    pub fn event(&mut self, ev: &KernelEvent) -> io::Result<()> {
-        for s in self.sinks.iter_mut() {
-            s.event(ev)?;
-        }
-        match ev {
-            KernelEvent::Transition(t) => self.transition(t)?,
-            KernelEvent::Timewait(tw) => {
-                self.totals.timewait += 1;
-                let kept = self
-                    .filter
-                    .as_ref()
-                    .is_none_or(|f| f.keeps(tw.family, tw.sport, tw.dport, tw.netns));
-                if self.timewait && kept {
-                    self.tracker.timewait(tw, &mut self.ended);
-                }
-            }
-        }
-        self.tracker.settle(ev.ts_ns(), &mut self.ended);
-        self.flush_derived()?;
-        self.flush_ended()
-    }
-
-    fn transition(&mut self, t: &Transition) -> io::Result<()> {
-        if let Some(f) = &self.filter
-            && !f.keeps(t.family, t.sport, t.dport, t.netns)
-        {
-            return Ok(());
-        }
-        // The sinks see the cookie the tracker keys the socket by.
-        let mut t = *t;
-        self.tracker.vet(&mut t);
-        let o = self.tracker.observe(&t, &mut self.ended);
-        if !o.hidden && owned(self.owner_pid, o.owner.as_ref()) {
-            for s in self.sinks.iter_mut() {
-                s.transition(&t, &o)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Resolves timewait timer cancels that nothing followed by `now_ns` (killed sockets);
-    /// returns whether anything was handed to the sinks.
-    pub fn settle(&mut self, now_ns: u64) -> io::Result<bool> {
-        self.tracker.settle(now_ns, &mut self.ended);
-        let any = self.tracker.has_derived() || !self.ended.is_empty();
-        self.flush_derived()?;
-        self.flush_ended()?;
-        Ok(any)
-    }
-
-    fn flush_derived(&mut self) -> io::Result<()> {
-        if !self.tracker.has_derived() {
-            return Ok(());
-        }
-        for (t, o) in self.tracker.take_derived() {
-            if owned(self.owner_pid, o.owner.as_ref()) {
-                for s in self.sinks.iter_mut() {
-                    s.transition(&t, &o)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn flush_ended(&mut self) -> io::Result<()> {
-        // drain() keeps the buffer's capacity: no allocation per closed socket.
-        for life in self.ended.drain(..) {
-            if !owned(self.owner_pid, life.owner.as_ref()) {
-                continue;
-            }
-            for s in self.sinks.iter_mut() {
-                s.life_ended(&life)?;
-            }
-        }
-        Ok(())
-    }
-
-    pub fn batch_done(&mut self) -> io::Result<()> {
-        self.each_viewed(None, |s, v| s.batch_done(v))
-    }
-
-    /// What the host said (see `source/host.rs`), once every event before it is in.
-    pub fn host_answer(&mut self, answer: Answer) -> io::Result<()> {
-        match answer {
-            Answer::Listing(listing) => {
-                self.tracker.reconcile(&listing, &mut self.ended);
-            }
-            Answer::Flips { from_ns, turned } => {
-                for (cookie, at) in turned {
-                    self.tracker.flipped(cookie, at, from_ns);
-                }
-            }
-            // Holders go to the sinks with a report ([`Pipeline::interval`]) or alone
-            // ([`Pipeline::holders`]).
-            Answer::Holders(_) => {}
-            Answer::Failed(e) => log::debug!("sock_diag: {e}"),
-        }
-        self.flush_derived()?;
-        self.flush_ended()
-    }
-
-    /// An interval report at `now_ns`, with the holders the sinks want when listed.
-    pub fn interval(&mut self, now_ns: u64, holders: Option<&Holders>) -> io::Result<()> {
-        self.each_viewed(holders, |s, v| s.interval(now_ns, v))
-    }
-
-    /// Holders listed between intervals (for [`HolderWant::Periodically`] sinks).
-    pub fn holders(&mut self, now_ns: u64, holders: &Holders) -> io::Result<()> {
-        self.each_viewed(Some(holders), |s, v| s.holders(now_ns, v))
-    }
-
-    /// Tracing stopped at `now_ns`: sinks finish against the tracker as it stands, then
-    /// the sockets still open end as `still_open` (callers flush with `batch_done`).
-    pub fn finish(&mut self, now_ns: u64, holders: Option<&Holders>) -> io::Result<()> {
-        // Every event is in: a cancel nothing followed was a kill.
-        self.settle(u64::MAX)?;
-        self.each_viewed(holders, |s, v| s.finish(now_ns, v))?;
-        self.ended = self.tracker.close_all(now_ns);
-        self.flush_ended()
-    }
-}
-
-/// `-p PID`: whether a socket with this owner is shown.
-fn owned(pid: Option<u32>, owner: Option<&Owner>) -> bool {
-    pid.is_none_or(|pid| owner.is_some_and(|o| o.pid == pid))
-}
 
 /// Where events come from: the live kernel, or a record file (no root needed).
 pub enum Input {
@@ -915,6 +691,7 @@ fn create(path: &Path) -> Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::kernel::{LossSource, SourceError};
     use crate::tracker::TrackerStats;
 
     /// A stand-in for the kernel's counters: ring drops and recursion misses.

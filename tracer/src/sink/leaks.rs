@@ -340,9 +340,9 @@ impl<W: Write> Sink for LeaksSink<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::app::Totals;
     use crate::clock::WallClock;
     use crate::model::{Family, TcpState::*};
+    use crate::pipeline::Totals;
     use crate::source::host::Holders;
     use crate::tracker::tests::tr;
     use jiff::tz::TimeZone;

@@ -22,8 +22,8 @@ use prometheus_client::registry::Registry;
 
 use super::leaks::leaks;
 use super::{HolderWant, Sink, View};
-use crate::app::Totals;
 use crate::model::{TcpState, Transition};
+use crate::pipeline::Totals;
 use crate::source::host::Holders;
 use crate::source::kernel::{KernelFilter, Lost};
 use crate::tracker::{End, Observed, Role, SocketLife, Tracker};

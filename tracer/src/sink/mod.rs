@@ -11,8 +11,8 @@ pub mod watch;
 
 use std::io;
 
-use crate::app::Totals;
 use crate::model::{KernelEvent, TcpState, Transition};
+use crate::pipeline::Totals;
 use crate::source::host::Holders;
 use crate::tracker::{Observed, SocketLife, Tracker};
 

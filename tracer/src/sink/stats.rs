@@ -10,9 +10,9 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::{Format, Sink, View, human_ns};
-use crate::app::Totals;
 use crate::clock::TimeFormatter;
 use crate::model::{TcpState, Transition};
+use crate::pipeline::Totals;
 use crate::tracker::{End, Observed, Role, SocketLife, Tracker};
 
 /// Highest recordable value: a day, in ns (larger values are clamped to it).
