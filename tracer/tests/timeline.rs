@@ -104,11 +104,7 @@ fn close_wait_and_established_durations_owner_and_replay() {
     );
     let cw = state_ns(passive, "CLOSE_WAIT");
     assert!(
-        near(cw, Duration::from_millis(1500), Duration::from_millis(20)),
-        "CLOSE_WAIT {cw} ns"
-    );
-    assert!(
-        near(cw, server_held, Duration::from_millis(20)),
+        near(cw, server_held, slack(Duration::from_millis(20))),
         "CLOSE_WAIT {cw} ns, server measured {server_held:?}"
     );
     // The owner is the server process, named by it, not the client task whose FIN put
@@ -121,11 +117,7 @@ fn close_wait_and_established_durations_owner_and_replay() {
 
     let est = state_ns(active, "ESTABLISHED");
     assert!(
-        near(est, Duration::from_millis(300), Duration::from_millis(20)),
-        "ESTABLISHED {est} ns"
-    );
-    assert!(
-        near(est, client_held, Duration::from_millis(20)),
+        near(est, client_held, slack(Duration::from_millis(20))),
         "ESTABLISHED {est} ns, client measured {client_held:?}"
     );
     assert_eq!(active["owner_pid"], me);
@@ -198,7 +190,8 @@ fn close_wait_and_established_durations_owner_and_replay() {
 }
 
 /// Equal JSON, but for durations (`*ns` keys) and times, which may differ by the gap
-/// between two programs' timestamps of one event: 50 us, or 0.1 % for long ones (HDR).
+/// between two programs' timestamps of one event: 50 us (more under emulation), or 0.1 %
+/// for long ones (HDR).
 fn same_figures(key: &str, a: &Value, b: &Value) {
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
@@ -219,13 +212,16 @@ fn same_figures(key: &str, a: &Value, b: &Value) {
         }
         (Value::Number(x), Value::Number(y)) if key.ends_with("ns") => {
             let (x, y) = (x.as_u64().unwrap(), y.as_u64().unwrap());
-            assert!(x.abs_diff(y) <= (x / 1000).max(50_000), "{key}: {x} vs {y}");
+            let gap = slack(Duration::from_micros(50)).as_nanos() as u64;
+            assert!(x.abs_diff(y) <= (x / 1000).max(gap), "{key}: {x} vs {y}");
         }
         (Value::String(x), Value::String(y)) if key == "time" => {
             let x: jiff::Timestamp = x.parse().unwrap();
             let y: jiff::Timestamp = y.parse().unwrap();
+            // Each instance maps monotonic to wall time by its own reading of both clocks.
+            let gap = slack(Duration::from_millis(1)).as_nanos() as i128;
             assert!(
-                (x.as_nanosecond() - y.as_nanosecond()).abs() <= 1_000_000,
+                (x.as_nanosecond() - y.as_nanosecond()).abs() <= gap,
                 "{key}: {x} vs {y}"
             );
         }
