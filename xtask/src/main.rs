@@ -3,6 +3,8 @@
 //!
 //! - `cargo xtask run -- <tcplens args>`: prerequisites, release build, run tcplens.
 //! - `cargo xtask test`: prerequisites, fmt and clippy (userspace and eBPF), every test.
+//! - `cargo xtask test-kernels`: the real-kernel scenario tests on Debian's 6.1 and 6.12
+//!   kernels, each booted in QEMU (see `vm.rs`).
 //! - `cargo xtask prereqs`: only the prerequisites.
 //!
 //! Prerequisites (see shared/notes/toolchain.md): the nightly toolchain with rust-src
@@ -18,6 +20,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod churn;
+mod vm;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";
@@ -77,6 +80,12 @@ enum Cmd {
     /// Holds N loopback connections open until stdin closes (used by `bench`).
     #[command(hide = true)]
     Hold { connections: usize },
+    /// The real-kernel scenario tests on Debian's 6.1 and 6.12 kernels, in QEMU.
+    TestKernels {
+        /// Only these kernels (labels: 6.1, 6.12).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
     /// Every check and test: fmt, clippy (userspace and eBPF), unit and real-kernel tests.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -117,6 +126,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Test { args } => test(&args),
+        Cmd::TestKernels { only } => test_kernels(&root, &only),
         Cmd::Churn {
             seconds,
             threads,
@@ -229,7 +239,7 @@ fn step(what: &str) {
     eprintln!("xtask: {what}");
 }
 
-fn sh(cmd: &mut Command) -> Result<()> {
+pub(crate) fn sh(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd.status().with_context(|| format!("starting {shown}"))?;
     if !status.success() {
@@ -414,6 +424,64 @@ fn test(extra: &[String]) -> Result<()> {
     }
     if passed == 0 {
         bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// The scenario suites on each kernel of [`vm::KERNELS`], one VM per kernel.
+fn test_kernels(root: &Path, only: &[String]) -> Result<()> {
+    prereqs()?;
+    if !nix_is_root() {
+        bail!("the VM tests unpack kernels and load eBPF programs inside them: run as root");
+    }
+    apt_tools(&[
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("busybox", "busybox-static"),
+    ])?;
+    let started = Instant::now();
+    cargo(&["build", "--release", "--bin", "tcplens"])?;
+    let suites = vm::build_suites()?;
+    let tcplens = root.join("target/release/tcplens");
+    let out_dir = root.join("target/kernels");
+    let cache = vm::cache_dir();
+    let mut lines = Vec::new();
+    let mut all_ok = true;
+    for (label, package) in vm::KERNELS {
+        if !only.is_empty() && !only.iter().any(|o| o == label) {
+            continue;
+        }
+        step(&format!("Linux {label} ({package}) in QEMU"));
+        let o = vm::run_kernel(label, package, &cache, root, &tcplens, &suites, &out_dir)?;
+        let line = format!(
+            "kernel {} ({}): {} passed, {} failed in {:.0}s",
+            o.label,
+            o.release,
+            o.passed,
+            o.failed.len(),
+            o.took.as_secs_f64()
+        );
+        vm::say(&line);
+        for f in &o.failed {
+            vm::say(&format!("  failed: {f}"));
+        }
+        if !o.failed.is_empty() || o.passed == 0 {
+            all_ok = false;
+            vm::say(&format!("  log: {}", o.log.display()));
+        }
+        lines.push(line);
+    }
+    step(&format!(
+        "kernel tests took {:.0}s",
+        started.elapsed().as_secs_f64()
+    ));
+    for l in &lines {
+        println!("{l}");
+    }
+    if lines.is_empty() {
+        bail!("no kernel matched --only");
+    }
+    if !all_ok {
+        bail!("kernel tests failed");
     }
     Ok(())
 }
