@@ -130,7 +130,16 @@ fn under_churn_the_time_waits_are_the_kernels() {
     let kernel_opens = ns.nstat("TcpActiveOpens");
     ns.delete();
     std::thread::sleep(Duration::from_millis(500));
-    let lives = finish(timeline);
+    let f = timeline.stop();
+    assert!(f.status.success(), "tcplens failed: {}", f.stderr);
+    let lives = json_lines(&f.stdout);
+    // A life that ended unseen, first: it says more than the count.
+    if let Some(unseen) = lives.iter().find(|l| l["end"] == "unseen") {
+        let sk = &unseen["sk"];
+        let same_sk: Vec<&Value> = lives.iter().filter(|l| &l["sk"] == sk).collect();
+        panic!("ended unseen: {unseen}\nlives at that address: {same_sk:#?}");
+    }
+    assert_nothing_lost(&f.stderr);
 
     assert!(connections > 1_000, "churn made {connections} connections");
     eprintln!(
@@ -201,6 +210,10 @@ fn churn(port: u16, time: Duration, threads: usize) -> u64 {
                 let mut buf = [0u8; 1];
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) {
+                        // A handshake the server side never completed (its final ACK
+                        // dropped at a full accept queue, with SYN cookies: nothing
+                        // retries) would leave this read waiting forever.
+                        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
                         let _ = c.read(&mut buf);
                         done.fetch_add(1, Ordering::Relaxed);
                     }
@@ -217,6 +230,7 @@ fn churn(port: u16, time: Duration, threads: usize) -> u64 {
     for _ in 0..threads {
         // Wake each acceptor (these connections count too: they are real ones).
         if let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let _ = c.read(&mut [0u8; 1]);
         }
     }
