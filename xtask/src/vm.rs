@@ -261,8 +261,9 @@ export TCPLENS_TEST_EMULATED=@EMULATED@
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
-mount -t tmpfs run /run
+# Fresh tmpfs for /tmp and /run, unless the binaries were packed there (a workspace
+# under /tmp): the initramfs itself is writable.
+for d in /tmp /run; do [ -z "$(ls -A $d)" ] && mount -t tmpfs tmpfs $d; done
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 mount -t bpf bpf /sys/fs/bpf
