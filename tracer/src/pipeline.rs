@@ -133,13 +133,14 @@ impl<'a> Pipeline<'a> {
         {
             return Ok(());
         }
-        // The sinks see the cookie the tracker keys the socket by.
-        let mut t = *t;
-        self.tracker.vet(&mut t);
-        let o = self.tracker.observe(&t, &mut self.ended);
+        // The sinks see the cookie the tracker keys the socket by (observe finds nothing
+        // more to clear in a vetted one).
+        let vetted = self.tracker.vetted(t);
+        let t = vetted.as_ref().unwrap_or(t);
+        let o = self.tracker.observe(t, &mut self.ended);
         if !o.hidden && owned(self.owner_pid, o.owner.as_ref()) {
             for s in self.sinks.iter_mut() {
-                s.transition(&t, &o)?;
+                s.transition(t, &o)?;
             }
         }
         Ok(())

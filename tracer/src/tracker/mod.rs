@@ -453,9 +453,8 @@ impl Tracker {
     /// Feeds one transition. Lives that end (the socket closed, another socket took its
     /// address, or one was evicted to make room) are pushed onto `ended`.
     pub fn observe(&mut self, t: &Transition, ended: &mut Vec<SocketLife>) -> Observed {
-        let mut vetted = *t;
-        self.vet(&mut vetted);
-        let t = &vetted;
+        let vetted = self.vetted(t);
+        let t = vetted.as_ref().unwrap_or(t);
         let id = t.id();
         self.clock.learn(t.ts_ns, t.jiffies);
         self.resolve_cancel_on(t.cpu, id, None, ended);
@@ -489,7 +488,8 @@ impl Tracker {
         }
         let before = tracked.state();
         let (observed, entered, mismatched) = step(&mut tracked.life, t);
-        self.changed(id, before);
+        let after = tracked.state();
+        self.moved(before, after);
         if mismatched {
             self.stats.mismatched += 1;
         }
@@ -500,19 +500,23 @@ impl Tracker {
         observed
     }
 
-    /// Clears the cookie of a child's LISTEN -> SYN_RECV that carries its listener's:
-    /// kernels that set that state before giving the child its request's cookie (Linux
-    /// 6.1) report the one copied from the listener. The child has no cookie of its own
-    /// yet; its next event brings it ([`Tracker::adopt_cookie`]).
-    pub fn vet(&self, t: &mut Transition) {
-        if (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv)
+    /// `t` without its cookie when it is a child's LISTEN -> SYN_RECV carrying its
+    /// listener's: kernels that set that state before giving the child its request's
+    /// cookie (Linux 6.1) report the one copied from the listener. The child has no cookie
+    /// of its own yet; its next event brings it ([`Tracker::adopt_cookie`]). `None` (and
+    /// no copy) for every other event.
+    pub fn vetted(&self, t: &Transition) -> Option<Transition> {
+        let listeners = (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv)
             && t.cookie != 0
             && self
                 .lives
                 .peek(&t.cookie)
-                .is_some_and(|l| l.life.sk != t.sk && l.state() == Some(TcpState::Listen))
-        {
-            t.cookie = 0;
+                .is_some_and(|l| l.life.sk != t.sk && l.state() == Some(TcpState::Listen));
+        // Copied only when it changes (then_some would copy every event).
+        if listeners {
+            Some(Transition { cookie: 0, ..*t })
+        } else {
+            None
         }
     }
 
@@ -565,8 +569,9 @@ impl Tracker {
                     let existed = fresh.life.first_seen_mid_life;
                     *seeded = fresh;
                     seeded.life.existed_at_start = existed;
+                    let after = seeded.state();
                     self.fin_wait2.remove(&id);
-                    self.changed(id, before);
+                    self.moved(before, after);
                 }
                 None => self.insert(id, fresh, ended),
             }
@@ -604,9 +609,8 @@ impl Tracker {
         Some(t)
     }
 
-    /// The record of `id` changed in place: it was in state `before`.
-    fn changed(&mut self, id: u64, before: Option<TcpState>) {
-        let after = self.lives.peek(&id).and_then(Tracked::state);
+    /// A record changed in place, from state `before` to `after`.
+    fn moved(&mut self, before: Option<TcpState>, after: Option<TcpState>) {
         if after != before {
             self.count(before, -1);
             self.count(after, 1);
@@ -695,7 +699,8 @@ impl Tracker {
                         if now == TcpState::FinWait2 && t.tw.is_some() {
                             self.fin_wait2.insert(id);
                         }
-                        self.changed(id, Some(state));
+                        let after = t.state();
+                        self.moved(Some(state), after);
                     }
                 }
             }

@@ -265,10 +265,9 @@ fn a_child_born_without_cookie_or_peer_takes_them_from_its_next_event() {
     born.cookie = 5;
     born.daddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
     born.dport = 0;
-    let mut vetted = born;
     t.observe(&listen, &mut Vec::new());
-    t.vet(&mut vetted);
-    assert_eq!(vetted.cookie, 0);
+    assert_eq!(t.vetted(&born).map(|v| v.cookie), Some(0));
+    assert_eq!(t.vetted(&listen), None);
     let (_, ended) = feed(&mut t, &[born, est]);
     assert!(ended.is_empty(), "{ended:?}");
     assert_eq!(t.socket(5).map(SocketLife::state), Some(Some(Listen)));

@@ -145,12 +145,13 @@ impl Tracker {
                 &mut self.derived,
             );
         }
+        let after = t.state();
         if ev.substate == TcpState::FinWait2 {
             self.fin_wait2.insert(id);
         } else {
             self.fin_wait2.remove(&id);
         }
-        self.changed(id, before);
+        self.moved(before, after);
     }
 
     /// The record of the timewait socket `ev` is about; a new one for a socket that was
@@ -265,7 +266,8 @@ impl Tracker {
             }
             None => tw.flipped = true,
         }
-        self.changed(id, before);
+        let after = t.state();
+        self.moved(before, after);
     }
 }
 
