@@ -85,6 +85,12 @@ enum Cmd {
         /// Only these kernels (labels: 6.1, 6.12).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Only the tests whose names contain this.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Run the selected tests this many times in each VM (to chase a flaky test).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+        repeat: u32,
     },
     /// Every check and test: fmt, clippy (userspace and eBPF), unit and real-kernel tests.
     Test {
@@ -126,7 +132,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Test { args } => test(&args),
-        Cmd::TestKernels { only } => test_kernels(&root, &only),
+        Cmd::TestKernels {
+            only,
+            filter,
+            repeat,
+        } => test_kernels(&root, &only, &vm::Selection { filter, repeat }),
         Cmd::Churn {
             seconds,
             threads,
@@ -429,7 +439,7 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// The scenario suites on each kernel of [`vm::KERNELS`], one VM per kernel.
-fn test_kernels(root: &Path, only: &[String]) -> Result<()> {
+fn test_kernels(root: &Path, only: &[String], run: &vm::Selection) -> Result<()> {
     prereqs()?;
     if !nix_is_root() {
         bail!("the VM tests unpack kernels and load eBPF programs inside them: run as root");
@@ -443,7 +453,6 @@ fn test_kernels(root: &Path, only: &[String]) -> Result<()> {
     let suites = vm::build_suites()?;
     let tcplens = root.join("target/release/tcplens");
     let out_dir = root.join("target/kernels");
-    let cache = vm::cache_dir();
     let mut lines = Vec::new();
     let mut all_ok = true;
     for (label, package) in vm::KERNELS {
@@ -451,7 +460,7 @@ fn test_kernels(root: &Path, only: &[String]) -> Result<()> {
             continue;
         }
         step(&format!("Linux {label} ({package}) in QEMU"));
-        let o = vm::run_kernel(label, package, &cache, root, &tcplens, &suites, &out_dir)?;
+        let o = vm::run_kernel(label, package, root, &tcplens, &suites, run, &out_dir)?;
         let line = format!(
             "kernel {} ({}): {} passed, {} failed in {:.0}s",
             o.label,
@@ -466,6 +475,7 @@ fn test_kernels(root: &Path, only: &[String]) -> Result<()> {
         }
         if !o.failed.is_empty() || o.passed == 0 {
             all_ok = false;
+            print!("{}", o.failures);
             vm::say(&format!("  log: {}", o.log.display()));
         }
         lines.push(line);

@@ -33,8 +33,21 @@ const TOOLS: [&str; 4] = [
     "/usr/bin/setpriv",
 ];
 
-/// A kernel's run may take this long (TCG: about 3 minutes).
+/// A kernel's run of every suite may take this long (TCG: about 3.5 minutes).
 const RUN_LIMIT: Duration = Duration::from_secs(20 * 60);
+
+/// Which tests run in the VM, and how often.
+pub struct Selection {
+    /// libtest's name filter (a substring of the test names), or every test.
+    pub filter: Option<String>,
+    /// Every selected suite runs this many times (to chase a flaky test).
+    pub repeat: u32,
+}
+
+/// A word the VM's shell takes literally.
+fn shell_word(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
 
 /// What one kernel's run gave.
 pub struct Outcome {
@@ -42,6 +55,8 @@ pub struct Outcome {
     pub release: String,
     pub passed: usize,
     pub failed: Vec<String>,
+    /// The failed tests' output (see [`failures`]).
+    pub failures: String,
     pub took: Duration,
     pub log: PathBuf,
 }
@@ -274,11 +289,15 @@ ip link set lo up
 out=/dev/ttyS1
 echo "KERNEL $(uname -r)" > $out
 cd /tmp
-for t in /suites/*; do
-  name=$(basename "$t")
-  echo "SUITE $name" > $out
-  "$(cat "$t")" --test-threads 1 > $out 2>&1
-  echo "SUITE-END $name rc=$?" > $out
+i=0
+while [ $i -lt @REPEAT@ ]; do
+  i=$((i + 1))
+  for t in /suites/*; do
+    name=$(basename "$t")
+    echo "SUITE $name" > $out
+    "$(cat "$t")" --test-threads 1 @FILTER@ > $out 2>&1
+    echo "SUITE-END $name rc=$?" > $out
+  done
 done
 echo "ALL-DONE" > $out
 sync
@@ -297,6 +316,7 @@ fn initramfs(
     modules: &Path,
     tcplens: &Path,
     suites: &[PathBuf],
+    run: &Selection,
     scratch: &Path,
 ) -> Result<Vec<u8>> {
     let mut c = Cpio::new();
@@ -309,7 +329,13 @@ fn initramfs(
     c.file(
         Path::new("/init"),
         0o755,
-        INIT.replace("@EMULATED@", emulated).as_bytes(),
+        INIT.replace("@EMULATED@", emulated)
+            .replace("@REPEAT@", &run.repeat.to_string())
+            .replace(
+                "@FILTER@",
+                &run.filter.as_deref().map(shell_word).unwrap_or_default(),
+            )
+            .as_bytes(),
     );
     c.file(Path::new("/bin/busybox"), 0o755, &fs::read("/bin/busybox")?);
     c.file(
@@ -395,17 +421,20 @@ fn kvm_usable() -> bool {
 pub fn run_kernel(
     label: &str,
     package: &str,
-    cache: &Path,
     root: &Path,
     tcplens: &Path,
     suites: &[PathBuf],
+    run: &Selection,
     out_dir: &Path,
 ) -> Result<Outcome> {
-    let (vmlinuz, modules, release) = unpack(cache, package)?;
+    let (vmlinuz, modules, release) = unpack(&cache_dir(), package)?;
     let work = out_dir.join(label);
     fs::create_dir_all(&work)?;
     let initrd = work.join("initramfs.cpio");
-    fs::write(&initrd, initramfs(root, &modules, tcplens, suites, &work)?)?;
+    fs::write(
+        &initrd,
+        initramfs(root, &modules, tcplens, suites, run, &work)?,
+    )?;
     let console = work.join("console.log");
     let results = work.join("results.log");
     let _ = fs::remove_file(&results);
@@ -438,7 +467,7 @@ pub fn run_kernel(
         if let Some(s) = child.try_wait()? {
             break Some(s);
         }
-        if started.elapsed() > RUN_LIMIT {
+        if started.elapsed() > RUN_LIMIT * run.repeat {
             let _ = child.kill();
             let _ = child.wait();
             break None;
@@ -450,7 +479,7 @@ pub fn run_kernel(
     let (passed, mut failed) = tally(&text);
     if !text.contains("ALL-DONE") {
         failed.push(match status {
-            None => format!("(the run did not end within {RUN_LIMIT:?})"),
+            None => format!("(the run did not end within {:?})", RUN_LIMIT * run.repeat),
             Some(_) => "(the VM stopped before the suites ended: see the console log)".into(),
         });
     }
@@ -458,10 +487,49 @@ pub fn run_kernel(
         label: label.to_string(),
         release,
         passed,
+        failures: failures(&text),
         failed,
         took,
         log: results,
     })
+}
+
+/// What libtest printed for the failed tests (their `---- name stdout ----` sections),
+/// each cut to its last lines: enough to tell why in a CI log.
+pub fn failures(text: &str) -> String {
+    const LINES: usize = 40;
+    let mut out = String::new();
+    let mut section: Vec<&str> = Vec::new();
+    let flush = |section: &mut Vec<&str>, out: &mut String| {
+        if let Some((head, body)) = section.split_first() {
+            out.push_str(head);
+            out.push('\n');
+            if body.len() > LINES {
+                out.push_str(&format!("  [{} lines cut]\n", body.len() - LINES));
+            }
+            for l in &body[body.len().saturating_sub(LINES)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        section.clear();
+    };
+    let mut inside = false;
+    for line in text.lines() {
+        let line = line.trim_end_matches('\r');
+        if line.starts_with("---- ") && line.ends_with(" ----") {
+            flush(&mut section, &mut out);
+            inside = true;
+            section.push(line);
+        } else if inside && (line == "failures:" || line.starts_with("SUITE")) {
+            flush(&mut section, &mut out);
+            inside = false;
+        } else if inside {
+            section.push(line);
+        }
+    }
+    flush(&mut section, &mut out);
+    out
 }
 
 /// Passed tests, and the names of the failed ones, from libtest's output.
@@ -490,7 +558,7 @@ pub fn tally(text: &str) -> (usize, Vec<String>) {
 }
 
 /// The cache of downloaded kernels: outside the clone, so that a fresh clone reuses it.
-pub fn cache_dir() -> PathBuf {
+fn cache_dir() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
@@ -517,6 +585,26 @@ mod tests {
         assert_eq!(
             failed,
             ["0-kernel: b", "2-timewait: exited with 2-timewait rc=139"]
+        );
+    }
+
+    #[test]
+    fn failed_tests_output_is_kept_with_its_tail() {
+        let mut log = String::from("test a ... FAILED\n\nfailures:\n\n---- a stdout ----\n");
+        for i in 0..50 {
+            log.push_str(&format!("line {i}\n"));
+        }
+        log.push_str(
+            "---- b stdout ----\npanicked at b\n\nfailures:\n    a\n    b\nSUITE-END x rc=101\n",
+        );
+        let f = failures(&log);
+        assert!(
+            f.starts_with("---- a stdout ----\n  [10 lines cut]\nline 10\n"),
+            "{f}"
+        );
+        assert!(
+            f.ends_with("line 49\n---- b stdout ----\npanicked at b\n\n"),
+            "{f}"
         );
     }
 }
