@@ -118,8 +118,17 @@ fn a_reused_four_tuple_gives_each_connection_its_time_wait() {
 }
 
 /// Loopback churn for 5 s in a namespace, then the namespace is deleted: every TIME_WAIT
-/// the kernel made (TcpExtTW) is one life's TIME_WAIT, no two connections share a life,
+/// the kernel made (TcpExtTW) is one socket's TIME_WAIT, no two connections share a life,
 /// and every life ends as the kernel ended it.
+///
+/// On this project's 6.18 host, about one run in ten has one server socket (of some 100k)
+/// whose transitions after FIN_WAIT1 no tracepoint reported: its `FIN_WAIT1 -> FIN_WAIT2`,
+/// its timewait timer's arm and its `FIN_WAIT2 -> CLOSE` are missing together, with no
+/// program skipped or ring record dropped, and a bpftrace witness on `timer:timer_start`
+/// counted exactly the arms tcplens got. tcplens ends such a life `unseen` when its
+/// address is reused (and says so); the test holds each of them to that shape and counts
+/// them against the kernel's TIME_WAITs, so that a tracker that loses or joins a socket
+/// still fails.
 #[test]
 fn under_churn_the_time_waits_are_the_kernels() {
     const PORT: u16 = 21602;
@@ -132,40 +141,70 @@ fn under_churn_the_time_waits_are_the_kernels() {
     std::thread::sleep(Duration::from_millis(500));
     let f = timeline.stop();
     assert!(f.status.success(), "tcplens failed: {}", f.stderr);
-    let lives = json_lines(&f.stdout);
-    // A life that ended unseen, first: it says more than the count.
-    if let Some(unseen) = lives.iter().find(|l| l["end"] == "unseen") {
-        let sk = &unseen["sk"];
-        let same_sk: Vec<&Value> = lives.iter().filter(|l| &l["sk"] == sk).collect();
-        panic!("ended unseen: {unseen}\nlives at that address: {same_sk:#?}");
-    }
+    let all = json_lines(&f.stdout);
     assert_nothing_lost(&f.stderr);
-
     assert!(connections > 1_000, "churn made {connections} connections");
     eprintln!(
         "churn: {connections} connections; TcpExtTW {kernel_tw}, TcpActiveOpens {kernel_opens}"
     );
     let ours = |l: &&Value| l["sport"] == PORT || l["dport"] == PORT;
-    let lives: Vec<&Value> = lives.iter().filter(ours).collect();
-    let with_tw = lives
-        .iter()
-        .filter(|l| span_ns(l, "TIME_WAIT").is_some())
-        .count();
-    assert_eq!(
-        with_tw as u64, kernel_tw,
-        "lives with a TIME_WAIT vs TcpExtTW"
+    let lives: Vec<&Value> = all.iter().filter(ours).collect();
+    let mut by_cookie: HashMap<u64, Vec<&Value>> = HashMap::new();
+    for l in &lives {
+        by_cookie
+            .entry(l["cookie"].as_u64().unwrap())
+            .or_default()
+            .push(l);
+    }
+    // Sockets the kernel stopped showing after FIN_WAIT1 (see above): a server's life that
+    // ends there, unseen or still open, and no TIME_WAIT under its cookie.
+    let mut unshown = 0u64;
+    for (cookie, socket) in &by_cookie {
+        let first = socket[0];
+        let states = names(first);
+        let cut_short = first["role"] == "passive"
+            && states.last() == Some(&"FIN_WAIT1")
+            && ["unseen", "still_open"].contains(&first["end"].as_str().unwrap());
+        if first["end"] == "unseen" {
+            assert!(
+                cut_short,
+                "ended unseen: {first}\nthe lives of its 4-tuple: {:#?}",
+                same_four_tuple(&all, first)
+            );
+        }
+        // One life per socket, but for a cut-short one whose timewait socket's timer
+        // showed up later: that is a life of its own (first seen mid-life, in TIME_WAIT).
+        match socket.as_slice() {
+            [_] => {}
+            [_, rest] if cut_short && rest["first_seen_mid_life"] == true => {}
+            _ => panic!("{} lives of socket {cookie}: {socket:#?}", socket.len()),
+        }
+        let timewait = socket.iter().any(|l| names(l).contains(&"TIME_WAIT"));
+        if cut_short && !timewait {
+            unshown += 1;
+        }
+    }
+    let unseen = lives.iter().filter(|l| l["end"] == "unseen").count() as u64;
+    eprintln!("churn: {unseen} lives cut short by the kernel ({unshown} with no TIME_WAIT seen)");
+    assert!(
+        unseen.max(unshown) * 10_000 <= connections,
+        "{unseen} lives ended unseen, {unshown} without their TIME_WAIT, in {connections} connections"
     );
-    let clients: Vec<&&Value> = lives.iter().filter(|l| l["role"] == "active").collect();
+    let with_tw = by_cookie
+        .values()
+        .filter(|socket| socket.iter().any(|l| names(l).contains(&"TIME_WAIT")))
+        .count() as u64;
     assert_eq!(
-        clients.len() as u64,
-        kernel_opens,
-        "client lives vs TcpActiveOpens"
+        with_tw + unshown,
+        kernel_tw,
+        "sockets with a TIME_WAIT (+ {unshown} the kernel did not show) vs TcpExtTW"
     );
+    let clients = lives.iter().filter(|l| l["role"] == "active").count() as u64;
+    assert_eq!(clients, kernel_opens, "client lives vs TcpActiveOpens");
     for life in &lives {
         let states = names(life);
         let syn_sent = states.iter().filter(|s| **s == "SYN_SENT").count();
         assert!(syn_sent <= 1, "two connections in one life: {life}");
-        assert_ne!(life["end"], "unseen", "{life}");
         if let Some(ns) = span_ns(life, "TIME_WAIT") {
             assert!(ns <= TIME_WAIT_MAX.as_nanos() as u64, "{life}");
             assert!(
@@ -174,11 +213,17 @@ fn under_churn_the_time_waits_are_the_kernels() {
             );
         }
     }
-    let cookies: HashSet<u64> = lives
-        .iter()
-        .map(|l| l["cookie"].as_u64().unwrap())
-        .collect();
-    assert_eq!(cookies.len(), lives.len(), "one life per socket");
+}
+
+/// The lives with the addresses and ports of `life` (either way round), in the order they
+/// ended.
+fn same_four_tuple<'a>(lives: &'a [Value], life: &Value) -> Vec<&'a Value> {
+    let ends = |l: &Value| {
+        let a = format!("{}:{}", l["saddr"], l["sport"]);
+        let b = format!("{}:{}", l["daddr"], l["dport"]);
+        if a <= b { (a, b) } else { (b, a) }
+    };
+    lives.iter().filter(|l| ends(l) == ends(life)).collect()
 }
 
 /// `threads` clients connect to 127.0.0.1:`port` as fast as they can for `time`, each
@@ -591,14 +636,10 @@ fn sockets_whose_end_was_lost_go_within_one_resync() {
         "--netns",
         &ns.path(),
     ]);
-    // Its resync clock starts as it says it is tracing (under emulation, seconds after
-    // it was started).
+    // Its resync clock starts as it says it is tracing: its listings begin at most
+    // 10 s, 20 s, ... after this.
     let started = SystemTime::now();
-    let first_listing = started + Duration::from_secs(10);
-    // The listing may take a while on a slow machine: reports from this long after it on
-    // count.
-    let settled = first_listing + slack(Duration::from_millis(1_500));
-    ns.run(move || {
+    let burst_ended = ns.run(move || {
         let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
         let server = std::thread::spawn(move || {
             for _ in 0..BURST {
@@ -611,11 +652,18 @@ fn sockets_whose_end_was_lost_go_within_one_resync() {
             drop(TcpStream::connect(("127.0.0.1", PORT)).unwrap());
         }
         let listener = server.join().unwrap();
-        // Until well past the first listing, with the listener still open.
-        let until = settled + Duration::from_millis(2_500);
+        let ended = SystemTime::now();
+        // The first listing that begins after the burst (a slow machine may not end it
+        // within 10 s), and the reports until well past it, with the listener still open.
+        let listing = first_listing_after(started, ended);
+        let until = listing + slack(Duration::from_millis(1_500)) + Duration::from_millis(2_500);
         std::thread::sleep(until.duration_since(SystemTime::now()).unwrap_or_default());
         drop(listener);
+        ended
     });
+    // The listing that judged the burst's phantoms, and when it had surely answered.
+    let listing = first_listing_after(started, burst_ended);
+    let settled = listing + slack(Duration::from_millis(1_500));
     let f = stats.stop();
     ns.delete();
     assert!(f.status.success(), "{}", f.stderr);
@@ -641,7 +689,7 @@ fn sockets_whose_end_was_lost_go_within_one_resync() {
     };
     let before: Vec<u64> = reports
         .iter()
-        .filter(|r| at(r) < first_listing)
+        .filter(|r| at(r) < listing)
         .map(phantoms)
         .collect();
     assert!(
@@ -657,4 +705,11 @@ fn sockets_whose_end_was_lost_go_within_one_resync() {
         assert_eq!(phantoms(r), 0, "{r}");
         assert!(r["ended_unseen"]["gone"].as_u64().unwrap() > 0, "{r}");
     }
+}
+
+/// The first of tcplens's resync listings (every 10 s from `started`, at most) to begin
+/// after `t`, with half a second to spare.
+fn first_listing_after(started: SystemTime, t: SystemTime) -> SystemTime {
+    let since = t.duration_since(started).unwrap_or_default() + Duration::from_millis(500);
+    started + Duration::from_secs(10 * (since.as_secs() / 10 + 1))
 }
