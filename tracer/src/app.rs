@@ -101,7 +101,10 @@ impl Input {
 
 /// Every TCP state sock_diag lists that a tracked socket can be in.
 const LISTED_STATES: [crate::model::TcpState; 11] = {
-    use crate::model::TcpState::*;
+    use crate::model::TcpState::{
+        Close, CloseWait, Closing, Established, FinWait1, FinWait2, LastAck, Listen, SynRecv,
+        SynSent, TimeWait,
+    };
     [
         Established,
         SynSent,
@@ -307,7 +310,7 @@ async fn run_live(
                     }
                 }
             }
-            _ = tick(&mut ticks) => {
+            () = tick(&mut ticks) => {
                 p.totals.read_lost(lost)?;
                 if let Err(e) = report.due(monotonic_now_ns(), p, &mut host) {
                     failed = Some(e);
@@ -315,7 +318,7 @@ async fn run_live(
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            _ = sleep_until(deadline) => break,
+            () = sleep_until(deadline) => break,
         }
     }
     if failed.is_none() {
@@ -579,7 +582,7 @@ fn sinks<'a>(own: &'a mut dyn Sink, metrics: &'a mut Option<MetricsSink>) -> Vec
 pub async fn serve(args: &ServeArgs) -> Result<()> {
     let mut metrics = metrics(Some(args.listen), args.trace.filter())?;
     let input = Input::Kernel(Box::new(open_kernel(&args.trace)?));
-    let tracker = input.tracker(args.max_sockets, &args.trace.filter());
+    let tracker = input.tracker(args.cap.max_sockets, &args.trace.filter());
     let mut none = NoOutput;
     let mut p = Pipeline::new(tracker, sinks(&mut none, &mut metrics));
     run(input, &args.trace, Some(Duration::from_secs(1)), &mut p).await?;
@@ -597,12 +600,12 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
     let input = Input::open(&args.common)?;
     let (out, tty) = stdout();
     let mut sink = WatchSink {
-        printer: WatchPrinter::new(out, args.format, formatter(input.clock())),
+        printer: WatchPrinter::new(out, args.output.format, formatter(input.clock())),
         line_flush: tty,
     };
-    let tracker = input.tracker(args.common.max_sockets, &args.common.trace.filter());
+    let tracker = input.tracker(args.common.cap.max_sockets, &args.common.trace.filter());
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
-    p.owner_pid = args.common.pid;
+    p.owner_pid = args.common.owner.pid;
     run(input, &args.common.trace, None, &mut p).await?;
     report(&p);
     Ok(())
@@ -611,10 +614,10 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
 pub async fn timeline(args: &TimelineArgs) -> Result<()> {
     let input = Input::open(&args.common)?;
     let (out, _) = stdout();
-    let mut sink = TimelineSink::new(out, args.format, formatter(input.clock()));
-    let tracker = input.tracker(args.common.max_sockets, &args.common.trace.filter());
+    let mut sink = TimelineSink::new(out, args.output.format, formatter(input.clock()));
+    let tracker = input.tracker(args.common.cap.max_sockets, &args.common.trace.filter());
     let mut p = Pipeline::new(tracker, vec![&mut sink]);
-    p.owner_pid = args.common.pid;
+    p.owner_pid = args.common.owner.pid;
     run(input, &args.common.trace, None, &mut p).await?;
     report(&p);
     Ok(())
@@ -624,10 +627,10 @@ pub async fn stats(args: &StatsArgs) -> Result<()> {
     let mut metrics = metrics(args.metrics.serve, args.common.trace.filter())?;
     let input = Input::open(&args.common)?;
     let (out, _) = stdout();
-    let mut sink = StatsSink::new(out, args.format, formatter(input.clock()), args.by);
-    let tracker = input.tracker(args.common.max_sockets, &args.common.trace.filter());
+    let mut sink = StatsSink::new(out, args.output.format, formatter(input.clock()), args.by);
+    let tracker = input.tracker(args.common.cap.max_sockets, &args.common.trace.filter());
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
-    p.owner_pid = args.common.pid;
+    p.owner_pid = args.common.owner.pid;
     run(input, &args.common.trace, args.interval, &mut p).await?;
     report(&p);
     Ok(())
@@ -666,18 +669,18 @@ pub async fn leaks(args: &LeaksArgs) -> Result<bool> {
     let (out, _) = stdout();
     let mut sink = LeaksSink::new(
         out,
-        args.format,
+        args.output.format,
         formatter(WallClock::now()),
         LeakQuery {
             state: args.state,
             threshold_ns: args.threshold.as_nanos() as u64,
             start_ns,
             filter: args.trace.filter(),
-            pid: args.pid,
+            pid: args.owner.pid,
         },
     );
     let input = Input::Kernel(Box::new(source));
-    let tracker = input.tracker(args.max_sockets, &args.trace.filter());
+    let tracker = input.tracker(args.cap.max_sockets, &args.trace.filter());
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
     run(input, &args.trace, Some(args.interval), &mut p).await?;
     report(&p);

@@ -52,9 +52,8 @@ pub struct ServeArgs {
     /// authentication).
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub listen: std::net::SocketAddr,
-    /// Most sockets tracked at once.
-    #[arg(long, default_value_t = DEFAULT_MAX_SOCKETS, value_parser = parse_count)]
-    pub max_sockets: usize,
+    #[command(flatten)]
+    pub cap: CapArg,
 }
 
 /// `--serve ADDR` of the commands that can export metrics alongside their own output.
@@ -71,9 +70,8 @@ pub struct LeaksArgs {
     pub metrics: MetricsArg,
     #[command(flatten)]
     pub trace: TraceArgs,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    #[command(flatten)]
+    pub output: FormatArg,
     /// Report sockets in the state for at least this long.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub threshold: Duration,
@@ -83,16 +81,14 @@ pub struct LeaksArgs {
     /// The state to watch (any TCP state: FIN_WAIT2, LAST_ACK, ESTABLISHED…).
     #[arg(long, value_parser = parse_state, default_value = "CLOSE_WAIT")]
     pub state: TcpState,
-    /// Only sockets held by this process.
-    #[arg(short = 'p', long = "pid")]
-    pub pid: Option<u32>,
+    #[command(flatten)]
+    pub owner: PidArg,
     /// Exit with code 2 at the end (--duration, SIGINT, SIGTERM) if any report listed a
     /// socket: for health checks and CI pipelines.
     #[arg(long)]
     pub fail_on_leak: bool,
-    /// Most sockets tracked at once (for exact ages).
-    #[arg(long, default_value_t = DEFAULT_MAX_SOCKETS, value_parser = parse_count)]
-    pub max_sockets: usize,
+    #[command(flatten)]
+    pub cap: CapArg,
 }
 
 fn parse_state(s: &str) -> Result<TcpState, String> {
@@ -106,18 +102,16 @@ pub struct WatchArgs {
     pub metrics: MetricsArg,
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    #[command(flatten)]
+    pub output: FormatArg,
 }
 
 #[derive(Debug, Args)]
 pub struct TimelineArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    #[command(flatten)]
+    pub output: FormatArg,
 }
 
 #[derive(Debug, Args)]
@@ -126,9 +120,8 @@ pub struct StatsArgs {
     pub metrics: MetricsArg,
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    #[command(flatten)]
+    pub output: FormatArg,
     /// Print (and reset) the histograms this often, as well as at exit.
     #[arg(long, value_parser = parse_duration)]
     pub interval: Option<Duration>,
@@ -154,12 +147,36 @@ pub struct CommonArgs {
     /// Replay a file written by `tcplens record` instead of tracing (no root needed).
     #[arg(long, value_name = "FILE")]
     pub from: Option<PathBuf>,
-    /// Only sockets owned by this process. The owner is learned from connect(), listen(),
-    /// and the application's close() or shutdown(), so an accepted socket's transitions
-    /// count only from its process's first close() or shutdown() on.
+    #[command(flatten)]
+    pub owner: PidArg,
+    #[command(flatten)]
+    pub cap: CapArg,
+}
+
+/// `--format`, of the commands that print.
+#[derive(Debug, Args)]
+pub struct FormatArg {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+/// `-p PID`.
+#[derive(Debug, Args)]
+pub struct PidArg {
+    /// Only sockets of this process: for `leaks`, the ones it holds a descriptor of;
+    /// otherwise the ones it owns, learned from connect(), listen() and its close() or
+    /// shutdown() (an accepted socket counts from its process's first close() or shutdown()
+    /// on).
     #[arg(short = 'p', long = "pid")]
     pub pid: Option<u32>,
-    /// Most sockets tracked at once; past it the least recently active is evicted.
+}
+
+/// `--max-sockets`.
+#[derive(Debug, Args)]
+pub struct CapArg {
+    /// Most sockets tracked at once; past it the least recently active is evicted (and
+    /// counted).
     #[arg(long, default_value_t = DEFAULT_MAX_SOCKETS, value_parser = parse_count)]
     pub max_sockets: usize,
 }
@@ -214,6 +231,8 @@ impl TraceArgs {
 /// A network namespace: its inode number, or a path to it (checked to be one).
 fn parse_netns(s: &str) -> Result<u32, String> {
     use std::os::unix::fs::MetadataExt as _;
+    // NS_GET_NSTYPE (linux/nsfs.h): what kind of namespace a file refers to.
+    const NS_GET_NSTYPE: nix::libc::c_ulong = 0xb7 << 8 | 0x3;
     if let Ok(n) = s.trim().parse::<u32>() {
         return if n == 0 {
             Err("`0` is not a namespace inode".into())
@@ -222,8 +241,6 @@ fn parse_netns(s: &str) -> Result<u32, String> {
         };
     }
     let file = std::fs::File::open(s).map_err(|e| format!("`{s}`: {e}"))?;
-    // NS_GET_NSTYPE (linux/nsfs.h): what kind of namespace a file refers to.
-    const NS_GET_NSTYPE: nix::libc::c_ulong = 0xb7 << 8 | 0x3;
     // SAFETY: an argument-less ioctl on an open file.
     let kind = unsafe { nix::libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), NS_GET_NSTYPE) };
     if kind != nix::libc::CLONE_NEWNET {
@@ -252,7 +269,7 @@ fn parse_port(s: &str) -> Result<u16, String> {
 }
 
 /// The longest duration any option takes (a timer further out than that is a typo).
-const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+const MAX_DURATION: Duration = Duration::from_hours(366 * 24);
 
 /// `500ms`, `30s`, `5m`, `1h30m`: humantime's syntax, more than zero, at most a year.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -323,7 +340,7 @@ mod tests {
         let Command::Watch(w) = cli.command else {
             panic!("not watch")
         };
-        assert_eq!(w.format, Format::Json);
+        assert_eq!(w.output.format, Format::Json);
         let w = w.common;
         assert_eq!(w.trace.duration, Some(Duration::from_millis(1500)));
         assert_eq!(
@@ -336,6 +353,35 @@ mod tests {
             }
         );
         assert_eq!(w.trace.ring_size, 8 << 20);
+    }
+
+    #[test]
+    fn shared_options_are_one_definition() {
+        let shared = ["-p", "7", "--max-sockets", "5", "--format", "json"];
+        for command in ["watch", "timeline", "stats", "leaks"] {
+            let cli = parse(&[&[command][..], &shared].concat()).unwrap();
+            let (output, owner, cap) = match &cli.command {
+                Command::Watch(a) => (&a.output, &a.common.owner, &a.common.cap),
+                Command::Timeline(a) => (&a.output, &a.common.owner, &a.common.cap),
+                Command::Stats(a) => (&a.output, &a.common.owner, &a.common.cap),
+                Command::Leaks(a) => (&a.output, &a.owner, &a.cap),
+                _ => unreachable!(),
+            };
+            assert_eq!(output.format, Format::Json, "{command}");
+            assert_eq!(owner.pid, Some(7), "{command}");
+            assert_eq!(cap.max_sockets, 5, "{command}");
+        }
+        let Command::Serve(s) = parse(&["serve", "--max-sockets", "5"]).unwrap().command else {
+            panic!("not serve")
+        };
+        assert_eq!(s.cap.max_sockets, 5);
+        // record and serve take neither -p nor --format.
+        for bad in [
+            &["record", "-o", "x", "-p", "7"][..],
+            &["serve", "--format", "json"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[test]
@@ -393,6 +439,6 @@ mod tests {
         assert!(parse_ring_size("99999999999999999999K").is_err());
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_mins(5)));
     }
 }
