@@ -7,6 +7,8 @@
 //! kernel's layout is compiled in.
 #![no_std]
 
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
 /// `AF_INET`, as in `sock_common.skc_family`.
 pub const AF_INET: u16 = 2;
 /// `AF_INET6`, as in `sock_common.skc_family`.
@@ -188,13 +190,14 @@ pub mod kind {
 }
 
 /// One record in the ring buffer. 120 bytes, 8-aligned, no implicit padding: any bit
-/// pattern is a valid `Event`, so userspace reads one straight from the ring's bytes.
+/// pattern is a valid `Event` (zerocopy's derives check both at compile time), so
+/// userspace reads one straight from the ring's bytes.
 ///
 /// For the timewait kinds, `skaddr` is the `inet_timewait_sock`, the 4-tuple and cookie are
 /// the timewait socket's (its cookie is the full socket's, copied by the kernel),
 /// `oldstate` is 0 and `newstate` is its `tw_substate` (FIN_WAIT2 or TIME_WAIT).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct Event {
     /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
     pub ts_ns: u64,
@@ -231,6 +234,8 @@ pub struct Event {
     pub newstate: u8,
     /// One of [`kind`].
     pub kind: u8,
+    /// Zero: makes the size a multiple of 8 with no implicit padding.
+    #[allow(clippy::pub_underscore_fields)]
     pub _pad: [u8; 7],
 }
 
@@ -238,25 +243,16 @@ pub struct Event {
 pub const EVENT_SIZE: usize = core::mem::size_of::<Event>();
 const _: () = assert!(EVENT_SIZE == 120);
 const _: () = assert!(core::mem::align_of::<Event>() == 8);
-// No implicit padding: the fields add up to the size (so every byte is written, and every
-// byte pattern is an `Event`).
-const _: () = assert!(8 * 6 + 16 * 3 + 4 * 2 + 2 * 3 + 3 + 7 == EVENT_SIZE);
 
 impl Event {
     /// Reads an event from exactly [`EVENT_SIZE`] bytes (of any alignment).
     pub fn from_bytes(b: &[u8]) -> Option<Event> {
-        if b.len() != EVENT_SIZE {
-            return None;
-        }
-        // SAFETY: `Event` is `repr(C)` plain data without padding, so any EVENT_SIZE bytes
-        // are a valid value; `read_unaligned` has no alignment requirement.
-        Some(unsafe { core::ptr::read_unaligned(b.as_ptr().cast::<Event>()) })
+        Event::read_from_bytes(b).ok()
     }
 
     /// The event's bytes, as the kernel writes them.
     pub fn to_bytes(&self) -> [u8; EVENT_SIZE] {
-        // SAFETY: as in `from_bytes`: no padding, so every byte is initialized.
-        unsafe { core::mem::transmute::<Event, [u8; EVENT_SIZE]>(*self) }
+        zerocopy::transmute!(*self)
     }
 }
 
