@@ -78,7 +78,7 @@ fn stream_with_timewait() -> Vec<KernelEvent> {
 }
 
 fn stream() -> Vec<Transition> {
-    use TcpState::*;
+    use TcpState::{Close, Established, FinWait1, FinWait2, SynSent};
     let steps = [
         (Close, SynSent),
         (SynSent, Established),
@@ -139,7 +139,7 @@ fn bench(c: &mut Criterion) {
             for r in &raw {
                 black_box(decode(black_box(r)).ok());
             }
-        })
+        });
     });
 
     g.bench_function("tracker", |b| {
@@ -151,7 +151,7 @@ fn bench(c: &mut Criterion) {
                 ended.clear();
             }
             t.live()
-        })
+        });
     });
 
     // The same connections with their timewait sockets: per *connection*, compare with
@@ -175,7 +175,7 @@ fn bench(c: &mut Criterion) {
                 ended.clear();
             }
             t.live()
-        })
+        });
     });
     g.throughput(Throughput::Elements(events.len() as u64));
 
@@ -194,7 +194,7 @@ fn bench(c: &mut Criterion) {
                 for (e, o) in events.iter().zip(&observed) {
                     printer.transition(e, o).ok();
                 }
-            })
+            });
         });
     }
     g.finish();

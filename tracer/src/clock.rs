@@ -19,9 +19,9 @@ pub struct WallClock {
 
 fn ns(id: ClockId) -> i128 {
     // CLOCK_MONOTONIC and CLOCK_REALTIME cannot fail on Linux.
-    clock_gettime(id)
-        .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
-        .unwrap_or(0)
+    clock_gettime(id).map_or(0, |t| {
+        i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
+    })
 }
 
 /// Now, in kernel monotonic nanoseconds (the clock of `Transition::ts_ns`).

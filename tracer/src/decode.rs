@@ -192,7 +192,7 @@ mod tests {
             ts_ns: 431_492_173_553,
             skaddr: 0xffff_8881_02cf_b780,
             cookie: 4242,
-            pid_tgid: (13212u64 << 32) | 13215,
+            pid_tgid: (13_212u64 << 32) | 0x339f, // tid 13215
             expires: if k == kind::SET_STATE {
                 0
             } else {

@@ -106,7 +106,7 @@ impl<'a> Pipeline<'a> {
     /// One decoded event: to the recorder as it is, then through the tracker to the
     /// sinks, followed by what it derived and the lives it ended.
     pub fn event(&mut self, ev: &KernelEvent) -> io::Result<()> {
-        for s in self.sinks.iter_mut() {
+        for s in &mut self.sinks {
             s.event(ev)?;
         }
         match ev {
@@ -139,7 +139,7 @@ impl<'a> Pipeline<'a> {
         let t = vetted.as_ref().unwrap_or(t);
         let o = self.tracker.observe(t, &mut self.ended);
         if !o.hidden && owned(self.owner_pid, o.owner.as_ref()) {
-            for s in self.sinks.iter_mut() {
+            for s in &mut self.sinks {
                 s.transition(t, &o)?;
             }
         }
@@ -162,7 +162,7 @@ impl<'a> Pipeline<'a> {
         }
         for (t, o) in self.tracker.take_derived() {
             if owned(self.owner_pid, o.owner.as_ref()) {
-                for s in self.sinks.iter_mut() {
+                for s in &mut self.sinks {
                     s.transition(&t, &o)?;
                 }
             }
@@ -176,7 +176,7 @@ impl<'a> Pipeline<'a> {
             if !owned(self.owner_pid, life.owner.as_ref()) {
                 continue;
             }
-            for s in self.sinks.iter_mut() {
+            for s in &mut self.sinks {
                 s.life_ended(&life)?;
             }
         }

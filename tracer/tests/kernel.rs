@@ -418,7 +418,7 @@ fn socket_addresses_are_stable_identities() {
     let lives = cap.lives_on_port(PORT, 2 + 2 * 10);
     assert_eq!(lives.len(), 5, "{lives:#?}");
     let mut sks: Vec<u64> = lives.iter().map(|l| l[0].sk).collect();
-    sks.sort();
+    sks.sort_unstable();
     sks.dedup();
     assert_eq!(sks.len(), 5, "five live sockets, five addresses");
 }

@@ -1,6 +1,9 @@
 //! End to end with a real Prometheus server: `tcplens serve` scraped every second, sockets
 //! held in known states for known times, the values read back through Prometheus's
 //! query API.
+// Prometheus returns the very values tcplens exported (counts, and seconds that are sums
+// of exact nanosecond figures): comparing floats exactly is the point.
+#![allow(clippy::float_cmp)]
 
 mod common;
 

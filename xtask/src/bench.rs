@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::churn::{self, TRANSITIONS_PER_CONNECTION};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     ChurnAlone,
     Tcpstates,
     WatchText,
@@ -25,7 +25,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 7] = [
+    pub(crate) const ALL: [Mode; 7] = [
         Mode::ChurnAlone,
         Mode::Tcpstates,
         Mode::WatchText,
@@ -71,7 +71,7 @@ impl Mode {
 
 /// One run of one mode.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Sample {
+pub(crate) struct Sample {
     pub conn_per_s: f64,
     pub transitions_expected: u64,
     pub seen: u64,
@@ -86,7 +86,7 @@ pub struct Sample {
     pub peak_rss_kib: u64,
 }
 
-pub struct Opts {
+pub(crate) struct Opts {
     pub seconds: u64,
     pub rounds: usize,
     pub threads: usize,
@@ -216,7 +216,7 @@ fn start_command(mut cmd: Command, dir: &Path, slug: &str, name: &str) -> Result
 
 /// `stats --by lport` under churn: every client's ephemeral port is a group, so the
 /// groups reach the cap (256 and `other`). Peak RSS, groups reported, events lost.
-pub fn by_groups(bins: &[(&str, &Path)], opts: &Opts) -> Result<String> {
+pub(crate) fn by_groups(bins: &[(&str, &Path)], opts: &Opts) -> Result<String> {
     let mut out = String::from(
         "`tcplens stats --by lport` under 3 s of churn (every ephemeral port a group, up to the cap):\n\n| binary | groups | peak RSS MiB | lost |\n|---|---:|---:|---:|\n",
     );
@@ -243,7 +243,7 @@ pub fn by_groups(bins: &[(&str, &Path)], opts: &Opts) -> Result<String> {
 /// A replay that reports after every event (`--interval 1us`) of a recording of 1 s of
 /// churn (its server sockets: tens of thousands in TIME_WAIT at the end): the cost of a
 /// report must not grow with the sockets tracked.
-pub fn replay_tiny_interval(bins: &[(&str, &Path)], opts: &Opts) -> Result<String> {
+pub(crate) fn replay_tiny_interval(bins: &[(&str, &Path)], opts: &Opts) -> Result<String> {
     let (_, tcplens) = bins.first().context("a binary")?;
     let file = opts.out_dir.join("churn.rec");
     let mut cmd = Command::new(tcplens);
@@ -263,7 +263,7 @@ pub fn replay_tiny_interval(bins: &[(&str, &Path)], opts: &Opts) -> Result<Strin
             .stderr(std::process::Stdio::null())
             .output()
             .with_context(|| format!("replaying with {label}"))?;
-        let reports = run.stdout.iter().filter(|&&b| b == b'\n').count();
+        let reports = run.stdout.split(|&b| b == b'\n').count() - 1;
         out.push_str(&format!(
             "| {label} | {:.1} | {reports} |\n",
             started.elapsed().as_secs_f64()
@@ -289,7 +289,7 @@ fn run_stats(progs: &[u32]) -> Result<(u64, u64, u64, u64)> {
 }
 
 /// Runs one mode once (`tag` names the binary in file names: "" or "-baseline").
-pub fn sample(mode: Mode, tcplens: &Path, opts: &Opts, tag: &str) -> Result<Sample> {
+pub(crate) fn sample(mode: Mode, tcplens: &Path, opts: &Opts, tag: &str) -> Result<Sample> {
     let tracer = start(mode, tcplens, &opts.out_dir, tag)?;
     let (k0, pid, cpu0) = match &tracer {
         Some(t) => (
@@ -387,17 +387,17 @@ fn dash_or(v: f64, decimals: usize) -> String {
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
+    v.sort_by(f64::total_cmp);
     match v.len() {
         0 => 0.0,
         n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        n => f64::midpoint(v[n / 2 - 1], v[n / 2]),
     }
 }
 
 /// Runs every mode `rounds` times, alternating (with the baseline binary's tcplens modes
 /// after this one's, when there is one), and returns the table (markdown).
-pub fn side_by_side(tcplens: &Path, opts: &Opts) -> Result<String> {
+pub(crate) fn side_by_side(tcplens: &Path, opts: &Opts) -> Result<String> {
     // (mode, binary, label suffix, samples)
     let mut all: Vec<(Mode, PathBuf, &str, Vec<Sample>)> = Mode::ALL
         .iter()
@@ -412,7 +412,7 @@ pub fn side_by_side(tcplens: &Path, opts: &Opts) -> Result<String> {
         );
     }
     for round in 1..=opts.rounds {
-        for (mode, bin, label, samples) in all.iter_mut() {
+        for (mode, bin, label, samples) in &mut all {
             let tag = if label.is_empty() { "" } else { "-baseline" };
             let s = sample(*mode, bin, opts, tag)?;
             eprintln!(
@@ -463,7 +463,7 @@ pub fn side_by_side(tcplens: &Path, opts: &Opts) -> Result<String> {
 
 /// Memory and per-event CPU of `tcplens stats` as events accumulate: sampled once past
 /// 1 M transitions and again past `total`.
-pub fn scale_events(tcplens: &Path, opts: &Opts, total: u64) -> Result<String> {
+pub(crate) fn scale_events(tcplens: &Path, opts: &Opts, total: u64) -> Result<String> {
     let tracer =
         start(Mode::Stats, tcplens, &opts.out_dir, "")?.context("stats mode runs tcplens")?;
     let pid = tracer.child.id();
@@ -477,7 +477,7 @@ pub fn scale_events(tcplens: &Path, opts: &Opts, total: u64) -> Result<String> {
             std::thread::sleep(Duration::from_millis(300));
             marks.push((expected, cpu_ns(pid)? - cpu0, status_kib(pid, "VmRSS:")?));
         }
-        if started.elapsed() > Duration::from_secs(600) {
+        if started.elapsed() > Duration::from_mins(10) {
             bail!("10 M transitions took over 10 minutes");
         }
     }
@@ -509,7 +509,7 @@ fn finish_tracer(mut t: Tracer) -> Result<(String, PathBuf)> {
 /// Memory of `tcplens timeline` with `connections` connections (twice as many sockets)
 /// held open at once. The fd limit here is 20 000 per process (no CAP_SYS_RESOURCE), so
 /// the sockets are held by several `xtask hold` processes, each in a namespace of its own.
-pub fn scale_sockets(tcplens: &Path, opts: &Opts, connections: usize) -> Result<String> {
+pub(crate) fn scale_sockets(tcplens: &Path, opts: &Opts, connections: usize) -> Result<String> {
     use std::io::Read as _;
     const PER_HOLDER: usize = 9_000;
     let tracer =
@@ -562,7 +562,7 @@ pub fn scale_sockets(tcplens: &Path, opts: &Opts, connections: usize) -> Result<
 
 /// `xtask hold N`: in a new network namespace, opens N loopback connections (2N sockets),
 /// prints `held 2N`, closes stdout, and keeps them until stdin reaches EOF.
-pub fn hold(connections: usize) -> Result<()> {
+pub(crate) fn hold(connections: usize) -> Result<()> {
     use std::io::{Read as _, Write as _};
     use std::net::{TcpListener, TcpStream};
     churn::enter_new_netns()?;
@@ -599,7 +599,7 @@ pub fn hold(connections: usize) -> Result<()> {
 /// Start-up: launched while a client connects every millisecond, how long until tcplens
 /// reports a connection's handshake (SYN_SENT -> ESTABLISHED), and until it prints that
 /// it is tracing. Medians over `runs`.
-pub fn startup(tcplens: &Path, runs: usize) -> Result<(Duration, Duration)> {
+pub(crate) fn startup(tcplens: &Path, runs: usize) -> Result<(Duration, Duration)> {
     use std::io::BufRead as _;
     use std::net::{TcpListener, TcpStream};
     use std::sync::atomic::{AtomicBool, Ordering};

@@ -16,23 +16,23 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 /// Transitions one churn connection makes.
-pub const TRANSITIONS_PER_CONNECTION: u64 = 10;
+pub(crate) const TRANSITIONS_PER_CONNECTION: u64 = 10;
 
 #[derive(Clone, Copy, Debug)]
-pub struct ChurnResult {
+pub(crate) struct ChurnResult {
     pub connections: u64,
     pub elapsed: Duration,
 }
 
 impl ChurnResult {
-    pub fn per_second(&self) -> f64 {
+    pub(crate) fn per_second(&self) -> f64 {
         self.connections as f64 / self.elapsed.as_secs_f64()
     }
 }
 
 /// Moves the calling thread into a new network namespace with loopback up. Threads it
 /// spawns afterwards are in it too.
-pub fn enter_new_netns() -> Result<()> {
+pub(crate) fn enter_new_netns() -> Result<()> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
         .context("unshare(CLONE_NEWNET) (needs root)")?;
     let status = Command::new("ip")
@@ -56,7 +56,7 @@ pub fn enter_new_netns() -> Result<()> {
 /// Runs the churn for `duration` with `clients` connecting threads (and as many
 /// accepting ones) against 127.0.0.1:`port`, in a new network namespace entered by a
 /// thread of its own.
-pub fn run(duration: Duration, clients: usize, port: u16) -> Result<ChurnResult> {
+pub(crate) fn run(duration: Duration, clients: usize, port: u16) -> Result<ChurnResult> {
     std::thread::Builder::new()
         .name("churn".into())
         .spawn(move || -> Result<ChurnResult> {

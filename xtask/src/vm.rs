@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 /// The kernels: Debian 12's stock 6.1 and its backported 6.12.
-pub const KERNELS: [(&str, &str); 2] = [
+pub(crate) const KERNELS: [(&str, &str); 2] = [
     ("6.1", "linux-image-6.1.0-56-amd64"),
     ("6.12", "linux-image-6.12.117+deb12-amd64"),
 ];
 
 /// The scenario suites (tracer/tests/*.rs) that run in the VMs.
-pub const SUITES: [&str; 5] = ["kernel", "timeline", "timewait", "leaks", "identity"];
+pub(crate) const SUITES: [&str; 5] = ["kernel", "timeline", "timewait", "leaks", "identity"];
 
 /// Host programs the tests call.
 const TOOLS: [&str; 4] = [
@@ -34,10 +34,10 @@ const TOOLS: [&str; 4] = [
 ];
 
 /// A kernel's run of every suite may take this long (TCG: about 3.5 minutes).
-const RUN_LIMIT: Duration = Duration::from_secs(20 * 60);
+const RUN_LIMIT: Duration = Duration::from_mins(20);
 
 /// Which tests run in the VM, and how often.
-pub struct Selection {
+pub(crate) struct Selection {
     /// libtest's name filter (a substring of the test names), or every test.
     pub filter: Option<String>,
     /// Every selected suite runs this many times (to chase a flaky test).
@@ -50,7 +50,7 @@ fn shell_word(s: &str) -> String {
 }
 
 /// What one kernel's run gave.
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub label: String,
     pub release: String,
     pub passed: usize,
@@ -62,7 +62,7 @@ pub struct Outcome {
 }
 
 /// The test binaries, built (release, as `cargo xtask test` builds them).
-pub fn build_suites() -> Result<Vec<PathBuf>> {
+pub(crate) fn build_suites() -> Result<Vec<PathBuf>> {
     let mut args = vec![
         "test",
         "--release",
@@ -211,7 +211,7 @@ impl Cpio {
             p = d.parent();
         }
         for d in todo.into_iter().rev() {
-            self.entry(&d.to_string_lossy(), 0o040755, &[]);
+            self.entry(&d.to_string_lossy(), 0o040_755, &[]);
             self.dirs.insert(d);
         }
     }
@@ -223,12 +223,12 @@ impl Cpio {
 
     fn file(&mut self, path: &Path, mode: u32, data: &[u8]) {
         self.parents(path);
-        self.entry(&path.to_string_lossy(), 0o100000 | mode, data);
+        self.entry(&path.to_string_lossy(), 0o100_000 | mode, data);
     }
 
     fn symlink(&mut self, path: &str, target: &str) {
         self.parents(Path::new(path));
-        self.entry(path, 0o120777, target.as_bytes());
+        self.entry(path, 0o120_777, target.as_bytes());
     }
 
     fn finish(mut self) -> Vec<u8> {
@@ -378,7 +378,8 @@ fn initramfs(
         );
     }
     // sock_diag for TCP: modules on Debian's 6.1 (built in elsewhere).
-    for m in ["inet_diag", "tcp_diag"] {
+    // Numbered so that the shell's glob loads inet_diag first.
+    for (n, m) in ["inet_diag", "tcp_diag"].into_iter().enumerate() {
         let dir = modules.join("kernel/net/ipv4");
         for ext in ["ko", "ko.xz"] {
             let p = dir.join(format!("{m}.{ext}"));
@@ -394,8 +395,6 @@ fn initramfs(
             } else {
                 fs::read(&p)?
             };
-            // Numbered so that the shell's glob loads inet_diag first.
-            let n = if m == "inet_diag" { 0 } else { 1 };
             c.file(Path::new(&format!("/modules/{n}-{m}.ko")), 0o644, &data);
         }
     }
@@ -418,7 +417,7 @@ fn kvm_usable() -> bool {
 }
 
 /// Boots one kernel and runs the suites in it.
-pub fn run_kernel(
+pub(crate) fn run_kernel(
     label: &str,
     package: &str,
     root: &Path,
@@ -496,7 +495,7 @@ pub fn run_kernel(
 
 /// What libtest printed for the failed tests (their `---- name stdout ----` sections),
 /// each cut to its last lines: enough to tell why in a CI log.
-pub fn failures(text: &str) -> String {
+pub(crate) fn failures(text: &str) -> String {
     const LINES: usize = 40;
     let mut out = String::new();
     let mut section: Vec<&str> = Vec::new();
@@ -533,7 +532,7 @@ pub fn failures(text: &str) -> String {
 }
 
 /// Passed tests, and the names of the failed ones, from libtest's output.
-pub fn tally(text: &str) -> (usize, Vec<String>) {
+pub(crate) fn tally(text: &str) -> (usize, Vec<String>) {
     let mut passed = 0;
     let mut failed = Vec::new();
     let mut suite = String::new();
@@ -567,7 +566,7 @@ fn cache_dir() -> PathBuf {
 }
 
 /// Writes a line to stdout at once.
-pub fn say(line: &str) {
+pub(crate) fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();

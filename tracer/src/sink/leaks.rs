@@ -17,7 +17,7 @@ use crate::model::TcpState;
 use crate::source::kernel::KernelFilter;
 use crate::source::procs::Holder;
 use crate::source::sockdiag::DiagSocket;
-use crate::tracker::Tracker;
+use crate::tracker::{SocketLife, Tracker};
 
 /// One socket in the report.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,7 +56,7 @@ pub fn leaks(
             let entered = tracker
                 .socket(socket.cookie)
                 .filter(|life| life.state() == Some(state))
-                .and_then(|life| life.entered_ns());
+                .and_then(SocketLife::entered_ns);
             let (age_ns, age_at_least) = match entered {
                 Some(at) => (now_ns.saturating_sub(at), false),
                 None => (now_ns.saturating_sub(start_ns), true),
@@ -214,7 +214,7 @@ impl<W: Write> LeaksSink<W> {
         match self.format {
             Format::Json => {
                 let lost = v.totals.lost.total();
-                self.json(now_ns, holders.took_ns, lost, &list, &procs)?
+                self.json(now_ns, holders.took_ns, lost, &list, &procs)?;
             }
             Format::Text => self.text(now_ns, &list, &procs)?,
         }
@@ -364,6 +364,7 @@ mod tests {
         }
     }
 
+    #[allow(clippy::unnecessary_wraps)] // the shape of a listing's entry
     fn holder(pid: u32, fd: u32) -> Option<Holder> {
         Some(Holder {
             pid,

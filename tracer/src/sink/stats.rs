@@ -506,8 +506,8 @@ mod tests {
 
     /// Drives a tracker and the sink through `n` connections whose CLOSE_WAIT lasts
     /// `i` ms for connection i.
-    fn drive(s: &mut StatsSink<Vec<u8>>, n: u64) -> u64 {
-        let mut t = Tracker::default();
+    fn drive(sink: &mut StatsSink<Vec<u8>>, n: u64) -> u64 {
+        let mut tracker = Tracker::default();
         let mut ended = Vec::new();
         let mut ts = 1_000_000_000;
         for i in 1..=n {
@@ -520,10 +520,10 @@ mod tests {
             ] {
                 ts += dt;
                 let e = tr(100 + i, ts, old, new, 1);
-                let o = t.observe(&e, &mut ended);
-                s.transition(&e, &o).unwrap();
+                let o = tracker.observe(&e, &mut ended);
+                sink.transition(&e, &o).unwrap();
                 for life in ended.drain(..) {
-                    s.life_ended(&life).unwrap();
+                    sink.life_ended(&life).unwrap();
                 }
             }
         }
@@ -556,7 +556,10 @@ mod tests {
         t.observe(&tr(9, 0, Close, Listen, 1), &mut ended);
         t.observe(&tr(9, 5_000, Listen, Close, 1), &mut ended);
         s.life_ended(&ended[0]).unwrap();
-        let lifetimes = s.groups()[""].lifetime.as_ref().map(|h| h.len());
+        let lifetimes = s.groups()[""]
+            .lifetime
+            .as_ref()
+            .map(hdrhistogram::Histogram::len);
         assert_eq!(lifetimes, Some(100));
         let totals = Totals {
             lost: crate::source::kernel::Lost {

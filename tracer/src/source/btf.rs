@@ -71,7 +71,7 @@ impl KernelBtf {
                 return Ok(bits / 8);
             }
             cur = match strip(btf, member_ty) {
-                Some(Type::Struct(s)) | Some(Type::Union(s)) => s,
+                Some(Type::Struct(s) | Type::Union(s)) => s,
                 _ => return Err(err(format!("{} is not a struct", shown()))),
             };
         }
@@ -146,6 +146,7 @@ fn find_member(btf: &Btf, s: &btf_rs::Struct, field: &str) -> Option<(u32, Type)
 }
 
 /// A type without its typedefs and qualifiers.
+#[allow(clippy::match_same_arms)] // one arm per variant: each holds a different type
 fn strip(btf: &Btf, mut ty: Type) -> Option<Type> {
     for _ in 0..16 {
         ty = match &ty {

@@ -597,12 +597,12 @@ mod tests {
             family: Some(Family::Ipv4),
             lports: vec![80],
             rports: vec![],
-            netns: Some(4026531840),
+            netns: Some(4_026_531_840),
         };
-        assert!(f.keeps(Family::Ipv4, 80, 5555, 4026531840));
-        assert!(!f.keeps(Family::Ipv6, 80, 5555, 4026531840));
-        assert!(!f.keeps(Family::Ipv4, 81, 5555, 4026531840));
-        assert!(!f.keeps(Family::Ipv4, 80, 5555, 4026532000));
+        assert!(f.keeps(Family::Ipv4, 80, 5555, 4_026_531_840));
+        assert!(!f.keeps(Family::Ipv6, 80, 5555, 4_026_531_840));
+        assert!(!f.keeps(Family::Ipv4, 81, 5555, 4_026_531_840));
+        assert!(!f.keeps(Family::Ipv4, 80, 5555, 4_026_532_000));
         assert!(KernelFilter::default().keeps(Family::Ipv6, 1, 2, 3));
     }
 }

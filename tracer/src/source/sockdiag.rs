@@ -231,7 +231,7 @@ fn receive(socket: &mut Socket, netns: u32, out: &mut Vec<DiagSocket>) -> Result
                             inode: u64::from(h.inode),
                             uid: h.uid,
                             netns,
-                            cookie: cookie_of(&h.socket_id.cookie),
+                            cookie: cookie_of(h.socket_id.cookie),
                             tw_expires_ms: timewait_expires(raw),
                         });
                     }
@@ -254,7 +254,7 @@ fn single_answer(h: &NetlinkHeader) -> bool {
     h.flags & netlink_packet_core::NLM_F_MULTIPART == 0
 }
 
-fn cookie_of(raw: &[u8; 8]) -> u64 {
+fn cookie_of(raw: [u8; 8]) -> u64 {
     let lo = u32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]);
     let hi = u32::from_ne_bytes([raw[4], raw[5], raw[6], raw[7]]);
     (u64::from(hi) << 32) | u64::from(lo)
@@ -324,11 +324,10 @@ fn has_namespace_caps() -> bool {
     *HAS.get_or_init(|| {
         procfs::process::Process::myself()
             .and_then(|p| p.status())
-            .map(|s| {
+            .is_ok_and(|s| {
                 let want = (1 << CAP_SYS_PTRACE) | (1 << CAP_SYS_ADMIN);
                 s.capeff & want == want
             })
-            .unwrap_or(false)
     })
 }
 
@@ -430,7 +429,7 @@ mod tests {
         let mut raw = [0u8; 8];
         raw[..4].copy_from_slice(&7u32.to_ne_bytes());
         raw[4..].copy_from_slice(&1u32.to_ne_bytes());
-        assert_eq!(cookie_of(&raw), (1 << 32) | 7);
+        assert_eq!(cookie_of(raw), (1 << 32) | 7);
     }
 
     #[test]

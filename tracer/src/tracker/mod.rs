@@ -59,10 +59,10 @@ pub struct Owner {
 /// of a listener. Everything else may run in softirq on top of an unrelated task (see
 /// shared/notes/kernel.md), so it says nothing about the owner.
 pub fn task_is_owner(old: TcpState, new: TcpState) -> bool {
-    use TcpState::*;
+    use TcpState::{Close, CloseWait, FinWait1, LastAck, Listen, SynSent};
     matches!(
         (old, new),
-        (Close, SynSent) | (Close, Listen) | (Listen, Close) | (_, FinWait1) | (CloseWait, LastAck)
+        (Close, SynSent | Listen) | (Listen, Close) | (_, FinWait1) | (CloseWait, LastAck)
     )
 }
 
@@ -121,7 +121,7 @@ impl End {
 
     /// How a transition into CLOSE from `old` ended the socket.
     fn from_close(old: TcpState) -> End {
-        use TcpState::*;
+        use TcpState::{Close, Closing, FinWait2, LastAck, Listen, TimeWait};
         match old {
             // FIN_WAIT2/CLOSING -> CLOSE without a timewait socket (none was made).
             LastAck | FinWait2 | Closing | TimeWait | Listen | Close => End::Closed,
@@ -413,7 +413,7 @@ impl Tracker {
     #[cfg(test)]
     pub(crate) fn recount(&self) -> [u64; 13] {
         let mut counts = [0u64; 13];
-        for (_, t) in self.lives.iter() {
+        for (_, t) in &self.lives {
             if let Some(state) = t.state() {
                 counts[state as usize] += 1;
             }
@@ -874,7 +874,7 @@ fn unreachable_entry(id: u64) -> ! {
 
 /// A new record for the first transition seen of a socket.
 fn start(t: &Transition) -> SocketLife {
-    use TcpState::*;
+    use TcpState::{Close, Listen, SynRecv, SynSent};
     let (role, fresh) = match (t.old, t.new) {
         (Close, SynSent) => (Role::Active, true),
         (Close, Listen) => (Role::Listener, true),

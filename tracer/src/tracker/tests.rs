@@ -872,7 +872,7 @@ fn reconcile_ends_what_sock_diag_no_longer_lists() {
         (5, End::Unseen, None)
     );
     assert_eq!(t.socket(2).and_then(SocketLife::state), Some(LastAck));
-    assert_eq!(t.socket(2).map(|l| l.entered_ns()), Some(None));
+    assert_eq!(t.socket(2).map(super::SocketLife::entered_ns), Some(None));
     for id in [1, 3, 4] {
         assert!(t.socket(id).is_some(), "{id}");
     }

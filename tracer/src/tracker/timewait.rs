@@ -17,7 +17,10 @@
 //! live); failing that, the turn is placed at the end from the timer's expiry, which was set
 //! to `TCP_TIMEWAIT_LEN` from that moment.
 
-use super::*;
+use super::{
+    End, NO_TASK, Role, SocketId, SocketLife, Span, TcpState, Timewait, TimewaitEvent, Tracked,
+    Tracker, lifetime, move_to, unreachable_entry,
+};
 use crate::model::TimerOp;
 
 /// How long after a timer cancel its expiry or re-arm may still show up when no later
@@ -171,9 +174,8 @@ impl Tracker {
             };
             self.insert(id, tracked, ended);
         }
-        let t = match self.lives.get_mut(&id) {
-            Some(t) => t,
-            None => unreachable_entry(id),
+        let Some(t) = self.lives.get_mut(&id) else {
+            unreachable_entry(id)
         };
         touch(t, ev.ts_ns);
         t.tw.get_or_insert(Timewait {

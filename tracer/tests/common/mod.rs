@@ -15,12 +15,12 @@ use tracer::source::kernel::{
 };
 
 /// The built binary, run as a user would.
-pub const TCPLENS: &str = env!("CARGO_BIN_EXE_tcplens");
+pub(crate) const TCPLENS: &str = env!("CARGO_BIN_EXE_tcplens");
 
 /// A running `tcplens`, attached (its "tracing" line was read from stderr). Its stdout
 /// is read from the start on a thread of its own (a full pipe would stall tcplens), each
 /// line kept with when it arrived.
-pub struct Running {
+pub(crate) struct Running {
     child: std::process::Child,
     err: std::io::BufReader<std::process::ChildStderr>,
     out: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
@@ -41,21 +41,21 @@ impl Drop for Running {
 }
 
 /// What a `tcplens` run printed, and how it exited.
-pub struct Finished {
+pub(crate) struct Finished {
     pub stdout: String,
     pub stderr: String,
     pub status: std::process::ExitStatus,
 }
 
 /// Starts tcplens and waits until its programs are attached.
-pub fn start_tcplens(args: &[&str]) -> Running {
+pub(crate) fn start_tcplens(args: &[&str]) -> Running {
     let mut cmd = std::process::Command::new(TCPLENS);
     cmd.args(args);
     start_command(cmd)
 }
 
 /// As [`start_tcplens`], for a command that runs tcplens (e.g. under `setpriv`).
-pub fn start_command(mut cmd: std::process::Command) -> Running {
+pub(crate) fn start_command(mut cmd: std::process::Command) -> Running {
     use std::io::BufRead as _;
     require_root();
     let mut child = cmd
@@ -105,12 +105,12 @@ pub fn start_command(mut cmd: std::process::Command) -> Running {
 }
 
 impl Running {
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// The address printed by `serve`/`--serve` ("tcplens: metrics on http://ADDR/metrics").
-    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+    pub(crate) fn metrics_addr(&self) -> std::net::SocketAddr {
         let line = self.preamble.first().expect("a metrics line");
         let addr = line
             .trim_start_matches("tcplens: metrics on http://")
@@ -119,13 +119,13 @@ impl Running {
     }
 
     /// The stdout lines so far, with when each arrived.
-    pub fn lines_so_far(&self) -> Vec<(Instant, String)> {
+    pub(crate) fn lines_so_far(&self) -> Vec<(Instant, String)> {
         self.out.lock().expect("stdout lines").clone()
     }
 
     /// Waits until a stdout line satisfies `want` (or `timeout` passes): the line and when
     /// it arrived.
-    pub fn wait_for_line(
+    pub(crate) fn wait_for_line(
         &self,
         timeout: Duration,
         want: impl Fn(&str) -> bool,
@@ -143,7 +143,7 @@ impl Running {
     }
 
     /// Asks tcplens to stop (SIGTERM), as a service manager would.
-    pub fn stop(self) -> Finished {
+    pub(crate) fn stop(self) -> Finished {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pid() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -153,9 +153,9 @@ impl Running {
     }
 
     /// Waits for tcplens to exit (by `--duration` or a signal).
-    pub fn wait(mut self) -> Finished {
-        self.waited = true;
+    pub(crate) fn wait(mut self) -> Finished {
         use std::io::Read as _;
+        self.waited = true;
         let mut stderr = String::new();
         self.err.read_to_string(&mut stderr).expect("stderr");
         let status = self.child.wait().expect("waiting for tcplens");
@@ -178,13 +178,13 @@ impl Running {
 
 /// A named network namespace (`ip netns add`), at /run/netns/NAME, with loopback up; it is
 /// deleted when dropped (unless [`NamedNetns::delete`] did it first).
-pub struct NamedNetns {
+pub(crate) struct NamedNetns {
     pub name: String,
     deleted: bool,
 }
 
 impl NamedNetns {
-    pub fn new(name: &str) -> NamedNetns {
+    pub(crate) fn new(name: &str) -> NamedNetns {
         require_root();
         // A leftover from an interrupted run.
         let _ = std::process::Command::new("ip")
@@ -207,18 +207,18 @@ impl NamedNetns {
         }
     }
 
-    pub fn path(&self) -> String {
+    pub(crate) fn path(&self) -> String {
         format!("/run/netns/{}", self.name)
     }
 
     /// The namespace's inode number.
-    pub fn inode(&self) -> u64 {
+    pub(crate) fn inode(&self) -> u64 {
         use std::os::unix::fs::MetadataExt as _;
         std::fs::metadata(self.path()).expect("namespace").ino()
     }
 
     /// Runs `f` on a new thread named [`THREAD_NAME`] inside the namespace.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+    pub(crate) fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = self.path();
         std::thread::Builder::new()
             .name(THREAD_NAME.into())
@@ -233,7 +233,7 @@ impl NamedNetns {
     }
 
     /// A TcpExt counter of the namespace, as `nstat` reads it.
-    pub fn nstat(&self, counter: &str) -> u64 {
+    pub(crate) fn nstat(&self, counter: &str) -> u64 {
         let out = std::process::Command::new("ip")
             .args(["netns", "exec", &self.name, "nstat", "-asz", counter])
             .output()
@@ -249,7 +249,7 @@ impl NamedNetns {
     }
 
     /// Deletes the namespace: its sockets go, its timewait sockets are killed.
-    pub fn delete(&mut self) {
+    pub(crate) fn delete(&mut self) {
         if !self.deleted {
             self.deleted = true;
             let ok = std::process::Command::new("ip")
@@ -274,7 +274,7 @@ impl Drop for NamedNetns {
 
 /// A client connected to 127.0.0.1:`port` from the fixed local port `local_port`
 /// (SO_REUSEADDR, so the port can be bound again while a timewait socket holds it).
-pub fn connect_from(local_port: u16, port: u16) -> TcpStream {
+pub(crate) fn connect_from(local_port: u16, port: u16) -> TcpStream {
     use nix::sys::socket::{
         AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket,
         sockopt::ReuseAddr,
@@ -301,13 +301,17 @@ pub fn connect_from(local_port: u16, port: u16) -> TcpStream {
 }
 
 /// A plain HTTP/1.0 GET on loopback: (status, body).
-pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+pub(crate) fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let (status, _, body) = http_request(addr, "GET", path);
     (status, body)
 }
 
 /// A plain HTTP/1.0 request on loopback: (status, head, body).
-pub fn http_request(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String, String) {
+pub(crate) fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+) -> (u16, String, String) {
     use std::io::{Read as _, Write as _};
     let mut s = TcpStream::connect(addr).expect("connecting");
     s.set_read_timeout(Some(Duration::from_secs(10)))
@@ -326,7 +330,7 @@ pub fn http_request(addr: std::net::SocketAddr, method: &str, path: &str) -> (u1
 
 /// tcplens's closing line says nothing was lost in the kernel (ring buffer drops and
 /// recursion misses both 0) and no socket ended unseen.
-pub fn assert_nothing_lost(stderr: &str) {
+pub(crate) fn assert_nothing_lost(stderr: &str) {
     let last = stderr
         .lines()
         .rfind(|l| l.contains(" events read ("))
@@ -337,14 +341,14 @@ pub fn assert_nothing_lost(stderr: &str) {
 }
 
 /// One JSON object per line.
-pub fn json_lines(out: &str) -> Vec<serde_json::Value> {
+pub(crate) fn json_lines(out: &str) -> Vec<serde_json::Value> {
     out.lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect()
 }
 
 /// The duration (`ns`) of the one span of `state` in a timeline life.
-pub fn state_ns(life: &serde_json::Value, state: &str) -> u64 {
+pub(crate) fn state_ns(life: &serde_json::Value, state: &str) -> u64 {
     let spans: Vec<&serde_json::Value> = life["states"]
         .as_array()
         .unwrap()
@@ -360,16 +364,16 @@ pub fn state_ns(life: &serde_json::Value, state: &str) -> u64 {
 /// Whether `got_ns` is within `tol` of `want`.
 /// Whether the tests run under CPU emulation (QEMU TCG in `cargo xtask test-kernels`):
 /// there the kernel's tick and the clocks drift apart by milliseconds.
-pub fn emulated() -> bool {
+pub(crate) fn emulated() -> bool {
     std::env::var_os("TCPLENS_TEST_EMULATED").is_some_and(|v| v == "1")
 }
 
 /// A timing tolerance: `base` on real hardware, three times it under emulation.
-pub fn slack(base: Duration) -> Duration {
+pub(crate) fn slack(base: Duration) -> Duration {
     if emulated() { base * 3 } else { base }
 }
 
-pub fn near(got_ns: u64, want: Duration, tol: Duration) -> bool {
+pub(crate) fn near(got_ns: u64, want: Duration, tol: Duration) -> bool {
     (i128::from(got_ns) - want.as_nanos() as i128).unsigned_abs() <= tol.as_nanos()
 }
 
@@ -390,7 +394,7 @@ fn loopback_v4(port: u16) -> libc::sockaddr_in {
 /// still unacknowledged in FIN_WAIT1 when the server's FIN arrives (FIN_WAIT1 -> CLOSING).
 /// Returns the client's port, and the bytes sent and received, which must match (all data
 /// arrives before the FIN). Both sockets are closed on return.
-pub fn crossing_fins(port: u16) -> (u16, usize, usize) {
+pub(crate) fn crossing_fins(port: u16) -> (u16, usize, usize) {
     use std::io::{ErrorKind, Read as _, Write as _};
     use std::net::Shutdown;
     let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
@@ -399,7 +403,7 @@ pub fn crossing_fins(port: u16) -> (u16, usize, usize) {
     let client_port = client.local_addr().unwrap().port();
     let (mut server, _) = listener.accept().unwrap();
     client.set_nonblocking(true).unwrap();
-    let chunk = [7u8; 65536];
+    let chunk = vec![7u8; 65_536];
     let mut sent = 0usize;
     loop {
         match client.write(&chunk) {
@@ -427,9 +431,9 @@ pub fn crossing_fins(port: u16) -> (u16, usize, usize) {
 }
 
 /// Name given to scenario threads: the `comm` the kernel reports for them.
-pub const THREAD_NAME: &str = "tcplens-test";
+pub(crate) const THREAD_NAME: &str = "tcplens-test";
 
-pub fn require_root() {
+pub(crate) fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
         "the real-kernel tests load eBPF programs and create network namespaces: run them as root (cargo xtask test)"
@@ -438,7 +442,7 @@ pub fn require_root() {
 
 /// Runs `f` on a new thread named [`THREAD_NAME`] inside a new network namespace whose
 /// loopback is up. The namespace ends with the thread (and its sockets).
-pub fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::Builder::new()
         .name(THREAD_NAME.into())
         .spawn(move || {
@@ -453,7 +457,7 @@ pub fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T 
 }
 
 /// A listener on `host`:`port`, a client connected to it, and the accepted server side.
-pub struct Pair {
+pub(crate) struct Pair {
     pub listener: TcpListener,
     pub client: TcpStream,
     pub server: TcpStream,
@@ -461,7 +465,7 @@ pub struct Pair {
     pub client_port: u16,
 }
 
-pub fn connect_pair(host: &str, port: u16) -> Pair {
+pub(crate) fn connect_pair(host: &str, port: u16) -> Pair {
     let listener = TcpListener::bind((host, port)).expect("bind");
     let client = TcpStream::connect((host, port)).expect("connect");
     let client_port = client.local_addr().expect("local address").port();
@@ -475,7 +479,7 @@ pub fn connect_pair(host: &str, port: u16) -> Pair {
 }
 
 /// Sets a network interface of the current thread's namespace up or down.
-pub fn set_link(name: &str, up: bool) {
+pub(crate) fn set_link(name: &str, up: bool) {
     // SAFETY: plain ioctls on a socket we own, with a zeroed, NUL-terminated ifreq.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
@@ -503,16 +507,16 @@ pub fn set_link(name: &str, up: bool) {
 
 /// Writes a sysctl of the current thread's network namespace, e.g.
 /// `sysctl("net/ipv4/tcp_fin_timeout", "2")`.
-pub fn sysctl(key: &str, value: &str) {
+pub(crate) fn sysctl(key: &str, value: &str) {
     std::fs::write(format!("/proc/sys/{key}"), value)
         .unwrap_or_else(|e| panic!("sysctl {key}: {e}"));
 }
 
-pub fn gettid() -> u32 {
+pub(crate) fn gettid() -> u32 {
     nix::unistd::gettid().as_raw() as u32
 }
 
-pub fn set_linger_zero(s: &TcpStream) {
+pub(crate) fn set_linger_zero(s: &TcpStream) {
     let l = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -523,21 +527,21 @@ pub fn set_linger_zero(s: &TcpStream) {
             s.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
+            (&raw const l).cast(),
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         )
     };
     assert_eq!(r, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
 }
 
-pub fn set_rcvbuf(l: &TcpListener, bytes: i32) {
+pub(crate) fn set_rcvbuf(l: &TcpListener, bytes: i32) {
     // SAFETY: setsockopt on an open socket with a correctly sized value.
     let r = unsafe {
         libc::setsockopt(
             l.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVBUF,
-            (&bytes as *const i32).cast(),
+            (&raw const bytes).cast(),
             std::mem::size_of::<i32>() as libc::socklen_t,
         )
     };
@@ -552,7 +556,7 @@ fn push_event(events: &mut Vec<Transition>, timewait: &mut Vec<TimewaitEvent>, b
 }
 
 /// The real eBPF program, loaded and attached in this process, and what it reported.
-pub struct Capture {
+pub(crate) struct Capture {
     rt: tokio::runtime::Runtime,
     source: Option<KernelSource>,
     pub events: Vec<Transition>,
@@ -561,7 +565,7 @@ pub struct Capture {
 }
 
 impl Capture {
-    pub fn start(filter: KernelFilter) -> Capture {
+    pub(crate) fn start(filter: KernelFilter) -> Capture {
         require_root();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -588,14 +592,18 @@ impl Capture {
         }
     }
 
-    pub fn everything() -> Capture {
+    pub(crate) fn everything() -> Capture {
         Capture::start(KernelFilter::default())
     }
 
     /// Reads events until `done` holds for what was read, or `timeout` passes. Like the
     /// tracer itself, it drains on wakeups and on a short timer (the kernel batches
     /// wakeups).
-    pub fn wait_for(&mut self, timeout: Duration, mut done: impl FnMut(&[Transition]) -> bool) {
+    pub(crate) fn wait_for(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&[Transition]) -> bool,
+    ) {
         let deadline = Instant::now() + timeout;
         let Capture {
             rt,
@@ -620,7 +628,7 @@ impl Capture {
     }
 
     /// Events of sockets on `port` (local or remote).
-    pub fn on_port(&self, port: u16) -> Vec<Transition> {
+    pub(crate) fn on_port(&self, port: u16) -> Vec<Transition> {
         self.events
             .iter()
             .filter(|t| t.sport == port || t.dport == port)
@@ -630,7 +638,7 @@ impl Capture {
 
     /// Waits until the sockets on `port` have done `n` transitions in all, then returns
     /// their lives (see [`lives`]).
-    pub fn lives_on_port(&mut self, port: u16, n: usize) -> Vec<Vec<Transition>> {
+    pub(crate) fn lives_on_port(&mut self, port: u16, n: usize) -> Vec<Vec<Transition>> {
         self.wait_for(Duration::from_secs(5), |evs| {
             evs.iter()
                 .filter(|t| t.sport == port || t.dport == port)
@@ -643,7 +651,7 @@ impl Capture {
     }
 
     /// Events the kernel lost (ring buffer full, recursion misses).
-    pub fn lost(&self) -> u64 {
+    pub(crate) fn lost(&self) -> u64 {
         use tracer::source::kernel::LossSource as _;
         self.source
             .as_ref()
@@ -661,9 +669,9 @@ impl Drop for Capture {
 
 /// Splits events into socket lives: grouped by `struct sock` address in order of first
 /// appearance, a transition to CLOSE ending a life (the address may be reused after).
-pub fn lives(events: &[Transition]) -> Vec<Vec<Transition>> {
+pub(crate) fn lives(events: &[Transition]) -> Vec<Vec<Transition>> {
     let mut out: Vec<Vec<Transition>> = Vec::new();
-    let mut open: std::collections::HashMap<u64, usize> = Default::default();
+    let mut open = std::collections::HashMap::<u64, usize>::new();
     for t in events {
         let idx = *open.entry(t.sk).or_insert_with(|| {
             out.push(Vec::new());
@@ -677,12 +685,15 @@ pub fn lives(events: &[Transition]) -> Vec<Vec<Transition>> {
     out
 }
 
-pub fn states(life: &[Transition]) -> Vec<(TcpState, TcpState)> {
+pub(crate) fn states(life: &[Transition]) -> Vec<(TcpState, TcpState)> {
     life.iter().map(|t| (t.old, t.new)).collect()
 }
 
 /// The life whose first transition is `first`.
-pub fn life_starting(lives: &[Vec<Transition>], first: (TcpState, TcpState)) -> Vec<Transition> {
+pub(crate) fn life_starting(
+    lives: &[Vec<Transition>],
+    first: (TcpState, TcpState),
+) -> Vec<Transition> {
     let found: Vec<_> = lives
         .iter()
         .filter(|l| l.first().map(|t| (t.old, t.new)) == Some(first))
@@ -711,13 +722,13 @@ fn close_all_but(keep: &[i32]) {
 /// CLOSE_WAIT for `hold`, then closes it. Must be called in the namespace thread.
 ///
 /// The child uses raw syscalls only (it is forked from a multi-threaded process).
-pub struct ForkedServer {
+pub(crate) struct ForkedServer {
     pub pid: u32,
     pipe: std::fs::File,
 }
 
 impl ForkedServer {
-    pub fn start(port: u16, comm: &'static std::ffi::CStr, hold: Duration) -> ForkedServer {
+    pub(crate) fn start(port: u16, comm: &'static std::ffi::CStr, hold: Duration) -> ForkedServer {
         use std::os::fd::FromRawFd;
         let mut fds = [0i32; 2];
         // SAFETY: pipe(2) into a 2-element array.
@@ -740,10 +751,10 @@ impl ForkedServer {
                     l,
                     libc::SOL_SOCKET,
                     libc::SO_REUSEADDR,
-                    (&one as *const libc::c_int).cast(),
+                    (&raw const one).cast(),
                     4,
                 );
-                let sa = (&addr as *const libc::sockaddr_in).cast::<libc::sockaddr>();
+                let sa = (&raw const addr).cast::<libc::sockaddr>();
                 if libc::bind(l, sa, std::mem::size_of::<libc::sockaddr_in>() as u32) != 0
                     || libc::listen(l, 8) != 0
                 {
@@ -756,10 +767,10 @@ impl ForkedServer {
                 // EOF: the peer's FIN arrived, the socket is in CLOSE_WAIT.
                 let mut t0: libc::timespec = std::mem::zeroed();
                 let mut t1: libc::timespec = std::mem::zeroed();
-                libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t0);
-                libc::nanosleep(&hold_ts, std::ptr::null_mut());
+                libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut t0);
+                libc::nanosleep(&raw const hold_ts, std::ptr::null_mut());
                 libc::close(c);
-                libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t1);
+                libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut t1);
                 let held = ((t1.tv_sec - t0.tv_sec) as i64 * 1_000_000_000
                     + (t1.tv_nsec - t0.tv_nsec) as i64) as u64;
                 libc::write(w, held.to_ne_bytes().as_ptr().cast(), 8);
@@ -782,12 +793,12 @@ impl ForkedServer {
 
     /// Waits for the child; returns how long it measured the socket held in CLOSE_WAIT
     /// (from the EOF it read to its close), by its own clock.
-    pub fn finish(mut self) -> Duration {
+    pub(crate) fn finish(mut self) -> Duration {
         let mut held = [0u8; 8];
         std::io::Read::read_exact(&mut self.pipe, &mut held).expect("server report");
         let mut status = 0;
         // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(self.pid as i32, &mut status, 0) };
+        unsafe { libc::waitpid(self.pid as i32, &raw mut status, 0) };
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "server status {status}"
@@ -799,7 +810,7 @@ impl ForkedServer {
 /// A server in a child process of its own (named `comm`) that accepts `count` connections
 /// on 127.0.0.1:`port` and never closes them: when the clients close, each sits in
 /// CLOSE_WAIT. It closes them and exits when told ([`LeakyServer::stop`]).
-pub struct LeakyServer {
+pub(crate) struct LeakyServer {
     pub pid: u32,
     /// The fd of each accepted socket in the child, in accept order.
     pub fds: Vec<u32>,
@@ -809,7 +820,7 @@ pub struct LeakyServer {
 
 impl LeakyServer {
     /// Must be called in the namespace thread; connect `count` clients afterwards.
-    pub fn start(port: u16, comm: &'static std::ffi::CStr, count: usize) -> LeakyServer {
+    pub(crate) fn start(port: u16, comm: &'static std::ffi::CStr, count: usize) -> LeakyServer {
         use std::os::fd::FromRawFd;
         let (mut up, mut down) = ([0i32; 2], [0i32; 2]);
         // SAFETY: pipe2(2) into 2-element arrays.
@@ -827,14 +838,14 @@ impl LeakyServer {
                 close_all_but(&[up[1], down[0]]);
                 libc::prctl(libc::PR_SET_NAME, comm.as_ptr());
                 let l = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-                let sa = (&addr as *const libc::sockaddr_in).cast::<libc::sockaddr>();
+                let sa = (&raw const addr).cast::<libc::sockaddr>();
                 if libc::bind(l, sa, std::mem::size_of::<libc::sockaddr_in>() as u32) != 0
                     || libc::listen(l, 4096) != 0
                 {
                     libc::_exit(2);
                 }
                 libc::write(up[1], b"r".as_ptr().cast(), 1);
-                for slot in fds.iter_mut() {
+                for slot in &mut fds {
                     let c = libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut());
                     if c < 0 {
                         libc::_exit(3);
@@ -864,7 +875,7 @@ impl LeakyServer {
     }
 
     /// Waits until the child accepted every connection and reads back its fds.
-    pub fn accepted(&mut self, count: usize) {
+    pub(crate) fn accepted(&mut self, count: usize) {
         let mut raw = vec![0u8; count * 4];
         std::io::Read::read_exact(&mut self.report, &mut raw).expect("leaky server fds");
         self.fds = raw
@@ -874,8 +885,8 @@ impl LeakyServer {
     }
 
     /// Tells the child to exit (closing its sockets) and waits for it.
-    pub fn stop(self) {
-        // Drop does it.
+    pub(crate) fn stop(self) {
+        drop(self);
     }
 }
 
@@ -884,7 +895,7 @@ impl Drop for LeakyServer {
         if self.stop.take().is_some() {
             let mut status = 0;
             // SAFETY: waiting for our own child, told to exit by closing its pipe.
-            unsafe { libc::waitpid(self.pid as i32, &mut status, 0) };
+            unsafe { libc::waitpid(self.pid as i32, &raw mut status, 0) };
         }
     }
 }

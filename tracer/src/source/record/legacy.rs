@@ -22,7 +22,7 @@ const V1_SIZE: usize = 88;
 /// A re-arm follows its cancel within the same locked section of the timer code.
 const REARM_NS: u64 = 1_000_000;
 
-pub struct Legacy {
+pub(super) struct Legacy {
     event_size: usize,
     next_cookie: u64,
     /// Full sockets: address -> cookie, until their CLOSE.
@@ -34,7 +34,7 @@ pub struct Legacy {
 }
 
 impl Legacy {
-    pub fn new(version: u16) -> Self {
+    pub(super) fn new(version: u16) -> Self {
         Legacy {
             event_size: if version == 1 { V1_SIZE } else { V2_SIZE },
             next_cookie: 0,
@@ -44,7 +44,7 @@ impl Legacy {
         }
     }
 
-    pub fn event_size(&self) -> usize {
+    pub(super) fn event_size(&self) -> usize {
         self.event_size
     }
 
@@ -54,7 +54,7 @@ impl Legacy {
     }
 
     /// Decodes one old event and gives it its identity.
-    pub fn decode(&mut self, b: &[u8]) -> Result<KernelEvent, DecodeError> {
+    pub(super) fn decode(&mut self, b: &[u8]) -> Result<KernelEvent, DecodeError> {
         if b.len() != self.event_size {
             return Err(DecodeError::Length { got: b.len() });
         }
@@ -83,13 +83,12 @@ impl Legacy {
         let op = match ev_kind {
             kind::SET_STATE => {
                 let old = TcpState::from_kernel(oldstate).ok_or(DecodeError::State(oldstate))?;
-                let cookie = match self.by_sk.get(&sk) {
-                    Some(&c) => c,
-                    None => {
-                        let c = self.cookie();
-                        self.by_sk.insert(sk, c);
-                        c
-                    }
+                let cookie = if let Some(&c) = self.by_sk.get(&sk) {
+                    c
+                } else {
+                    let c = self.cookie();
+                    self.by_sk.insert(sk, c);
+                    c
                 };
                 match new {
                     TcpState::FinWait1 | TcpState::FinWait2 | TcpState::Closing => {
@@ -181,7 +180,7 @@ mod tests {
         let mut b = vec![0u8; V2_SIZE];
         b[0..8].copy_from_slice(&ts.to_ne_bytes());
         b[8..16].copy_from_slice(&sk.to_ne_bytes());
-        b[16..24].copy_from_slice(&((42u64 << 32) | 42).to_ne_bytes());
+        b[16..24].copy_from_slice(&((42u64 << 32) | 0x2a).to_ne_bytes());
         b[24..28].copy_from_slice(&[127, 0, 0, 1]);
         b[40..44].copy_from_slice(&[127, 0, 0, 1]);
         b[56..60].copy_from_slice(b"srv\0");
