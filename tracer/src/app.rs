@@ -644,6 +644,7 @@ pub async fn record(args: &RecordArgs) -> Result<()> {
     let mut sink = RecordSink { writer, events: 0 };
     let mut p = Pipeline::new(Tracker::default(), vec![&mut sink]);
     p.host = false;
+    p.track = false;
     run(
         Input::Kernel(Box::new(source)),
         &args.trace,

@@ -46,6 +46,9 @@ pub struct Pipeline<'a> {
     /// Reconcile the tracker with sock_diag while live (off for `record`, whose file is
     /// replayed later: the replay has no host to ask).
     pub host: bool,
+    /// Follow each socket (off for `record`: its one sink takes the raw events, and the
+    /// replay tracks them).
+    pub track: bool,
     pub totals: Totals,
 }
 
@@ -59,6 +62,7 @@ impl<'a> Pipeline<'a> {
             owner_pid: None,
             timewait: true,
             host: true,
+            track: true,
             totals: Totals::default(),
         }
     }
@@ -108,6 +112,12 @@ impl<'a> Pipeline<'a> {
     pub fn event(&mut self, ev: &KernelEvent) -> io::Result<()> {
         for s in &mut self.sinks {
             s.event(ev)?;
+        }
+        if !self.track {
+            if let KernelEvent::Timewait(_) = ev {
+                self.totals.timewait += 1;
+            }
+            return Ok(());
         }
         match ev {
             KernelEvent::Transition(t) => self.transition(t)?,
