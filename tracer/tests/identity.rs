@@ -671,10 +671,16 @@ fn sockets_whose_end_was_lost_go_within_one_resync() {
     };
     // The first report since the burst with no phantom left: a listing has judged them.
     let deadline = Instant::now() + slack(Duration::from_secs(40));
+    let clear = |l: &str| phantoms(&serde_json::from_str(l).unwrap()) == 0;
+    let first_clear = || {
+        let lines = stats.lines_so_far();
+        lines
+            .into_iter()
+            .find(|(at, l)| *at > burst_ended && clear(l))
+            .map(|(at, _)| at)
+    };
     let cleared = loop {
-        if let Some((at, _)) = stats.lines_so_far().into_iter().find(|(at, l)| {
-            *at > burst_ended && phantoms(&serde_json::from_str(l).unwrap()) == 0
-        }) {
+        if let Some(at) = first_clear() {
             break at;
         }
         assert!(
@@ -690,7 +696,10 @@ fn sockets_whose_end_was_lost_go_within_one_resync() {
         if settled.len() >= 3 {
             break settled;
         }
-        assert!(Instant::now() < deadline + Duration::from_secs(5), "reports stopped");
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(5),
+            "reports stopped"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     drop(listener);
