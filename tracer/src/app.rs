@@ -293,7 +293,7 @@ async fn run_live(
                     log::warn!("{} so far{advice}", p.totals.lost);
                     reported_lost = p.totals.lost.total();
                 }
-                if p.host && !host.is_pending() {
+                if p.track && !host.is_pending() {
                     if last_resync.elapsed() >= RESYNC {
                         last_resync = tokio::time::Instant::now();
                         host.ask(Ask::Listing(resync_states(&p.totals.lost)));
@@ -325,7 +325,7 @@ async fn run_live(
         events.drain_now(|b| feed(p, &mut failed, b));
     }
     let mut holders = None;
-    if failed.is_none() && p.host {
+    if failed.is_none() && p.track {
         // At exit every socket shows in the state the kernel has it in: one last listing,
         // TIME_WAIT included.
         if host.is_pending() {
@@ -430,7 +430,7 @@ impl Report {
         let Some(at) = self.due else {
             return Ok(());
         };
-        if !p.host {
+        if !p.track {
             self.due = None;
             return p.interval(at, None);
         }
@@ -643,7 +643,6 @@ pub async fn record(args: &RecordArgs) -> Result<()> {
         .with_context(|| format!("writing {}", args.output.display()))?;
     let mut sink = RecordSink { writer, events: 0 };
     let mut p = Pipeline::new(Tracker::default(), vec![&mut sink]);
-    p.host = false;
     p.track = false;
     run(
         Input::Kernel(Box::new(source)),

@@ -43,11 +43,8 @@ pub struct Pipeline<'a> {
     pub owner_pid: Option<u32>,
     /// Follow timewait sockets (off: `--no-timewait`, which also skips them on replay).
     pub timewait: bool,
-    /// Reconcile the tracker with sock_diag while live (off for `record`, whose file is
-    /// replayed later: the replay has no host to ask).
-    pub host: bool,
-    /// Follow each socket (off for `record`: its one sink takes the raw events, and the
-    /// replay tracks them).
+    /// Follow each socket, and reconcile the tracker with sock_diag while live (off for
+    /// `record`: its one sink takes the raw events, and their replay tracks them).
     pub track: bool,
     pub totals: Totals,
 }
@@ -61,7 +58,6 @@ impl<'a> Pipeline<'a> {
             filter: None,
             owner_pid: None,
             timewait: true,
-            host: true,
             track: true,
             totals: Totals::default(),
         }
@@ -113,16 +109,15 @@ impl<'a> Pipeline<'a> {
         for s in &mut self.sinks {
             s.event(ev)?;
         }
+        if let KernelEvent::Timewait(_) = ev {
+            self.totals.timewait += 1;
+        }
         if !self.track {
-            if let KernelEvent::Timewait(_) = ev {
-                self.totals.timewait += 1;
-            }
             return Ok(());
         }
         match ev {
             KernelEvent::Transition(t) => self.transition(t)?,
             KernelEvent::Timewait(tw) => {
-                self.totals.timewait += 1;
                 let kept = self
                     .filter
                     .as_ref()
@@ -143,11 +138,10 @@ impl<'a> Pipeline<'a> {
         {
             return Ok(());
         }
-        // The sinks see the cookie the tracker keys the socket by (observe finds nothing
-        // more to clear in a vetted one).
+        // The sinks see the cookie the tracker keys the socket by.
         let vetted = self.tracker.vetted(t);
         let t = vetted.as_ref().unwrap_or(t);
-        let o = self.tracker.observe(t, &mut self.ended);
+        let o = self.tracker.observe_vetted(t, &mut self.ended);
         if !o.hidden && owned(self.owner_pid, o.owner.as_ref()) {
             for s in &mut self.sinks {
                 s.transition(t, &o)?;

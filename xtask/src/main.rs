@@ -270,11 +270,15 @@ fn cargo(args: &[&str]) -> Result<()> {
 }
 
 fn cargo_home_bin() -> PathBuf {
-    std::env::var_os("CARGO_HOME")
+    dir_from_env("CARGO_HOME", ".cargo", "/root/.cargo").join("bin")
+}
+
+/// The directory `var` names, else `under_home` in $HOME, else `fallback`.
+pub(crate) fn dir_from_env(var: &str, under_home: &str, fallback: &str) -> PathBuf {
+    std::env::var_os(var)
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
-        .join("bin")
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(under_home)))
+        .unwrap_or_else(|| PathBuf::from(fallback))
 }
 
 fn prereqs() -> Result<()> {
@@ -475,7 +479,9 @@ fn test_kernels(root: &Path, only: &[String], run: &vm::Selection) -> Result<()>
         }
         if !o.failed.is_empty() || o.passed == 0 {
             all_ok = false;
-            print!("{}", o.failures);
+            if !o.failures.is_empty() {
+                vm::say(o.failures.trim_end());
+            }
             vm::say(&format!("  log: {}", o.log.display()));
         }
         lines.push(line);

@@ -558,11 +558,7 @@ pub(crate) fn tally(text: &str) -> (usize, Vec<String>) {
 
 /// The cache of downloaded kernels: outside the clone, so that a fresh clone reuses it.
 fn cache_dir() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/var/cache"))
-        .join("tcplens/kernels")
+    crate::dir_from_env("XDG_CACHE_HOME", ".cache", "/var/cache").join("tcplens/kernels")
 }
 
 /// Writes a line to stdout at once.

@@ -453,8 +453,19 @@ impl Tracker {
     /// Feeds one transition. Lives that end (the socket closed, another socket took its
     /// address, or one was evicted to make room) are pushed onto `ended`.
     pub fn observe(&mut self, t: &Transition, ended: &mut Vec<SocketLife>) -> Observed {
-        let vetted = self.vetted(t);
-        let t = vetted.as_ref().unwrap_or(t);
+        match self.vetted(t) {
+            Some(v) => self.observe_vetted(&v, ended),
+            None => self.observe_vetted(t, ended),
+        }
+    }
+
+    /// [`Tracker::observe`] for a transition already through [`Tracker::vetted`] (the
+    /// pipeline vets once, and hands the sinks the same transition).
+    pub(crate) fn observe_vetted(
+        &mut self,
+        t: &Transition,
+        ended: &mut Vec<SocketLife>,
+    ) -> Observed {
         let id = t.id();
         self.clock.learn(t.ts_ns, t.jiffies);
         self.resolve_cancel_on(t.cpu, id, None, ended);
