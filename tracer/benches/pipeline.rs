@@ -15,7 +15,7 @@ use jiff::tz::TimeZone;
 use tracer::clock::{TimeFormatter, WallClock};
 use tracer::decode::{decode, encode};
 use tracer::model::{
-    Comm, Family, KernelEvent, Task, TcpState, TimerOp, TimewaitEvent, Transition, Via,
+    Comm, Family, KernelEvent, SocketId, Task, TcpState, TimerOp, TimewaitEvent, Transition, Via,
 };
 use tracer::sink::Format;
 use tracer::sink::watch::WatchPrinter;
@@ -44,13 +44,15 @@ fn stream_with_timewait() -> Vec<KernelEvent> {
                 ts_ns: t.ts_ns - 1,
                 op: TimerOp::Arm,
                 tw: t.sk + 1024,
-                cookie: t.cookie,
-                netns: t.netns,
-                family: t.family,
-                saddr: t.saddr,
-                sport: t.sport,
-                daddr: t.daddr,
-                dport: t.dport,
+                id: SocketId {
+                    cookie: t.id.cookie,
+                    netns: t.id.netns,
+                    family: t.id.family,
+                    saddr: t.id.saddr,
+                    sport: t.id.sport,
+                    daddr: t.id.daddr,
+                    dport: t.id.dport,
+                },
                 substate: TcpState::TimeWait,
                 expires: 15_000,
                 jiffies: 0,
@@ -100,17 +102,19 @@ fn stream() -> Vec<Transition> {
                     // Addresses are reused from one window to the next, as the slab does;
                     // cookies never are.
                     sk: 0xffff_8881_0000_0000 + i * 2048,
-                    cookie: n + 1,
-                    netns: 4_026_531_840,
-                    family: Family::Ipv4,
-                    saddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
-                    sport: if old == Close {
-                        0
-                    } else {
-                        32768 + (n % 28000) as u16
+                    id: SocketId {
+                        cookie: n + 1,
+                        netns: 4_026_531_840,
+                        family: Family::Ipv4,
+                        saddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                        sport: if old == Close {
+                            0
+                        } else {
+                            32768 + (n % 28000) as u16
+                        },
+                        daddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                        dport: 8080,
                     },
-                    daddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
-                    dport: 8080,
                     old,
                     new,
                     task: task(),

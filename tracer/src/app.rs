@@ -27,7 +27,7 @@ use crate::source::host::{self, Answer, Ask, HostWorker};
 use crate::source::kernel::{DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelSource, Lost};
 use crate::source::record::{Item, RecordReader, RecordWriter};
 use crate::source::sockdiag;
-use crate::tracker::{Seed, Tracker};
+use crate::tracker::Tracker;
 use std::sync::Arc;
 
 /// One line on stderr, `tcplens: ` first. A closed stderr (`2>&1 | head -1`) is no error:
@@ -72,20 +72,14 @@ impl Input {
         }
     }
 
-    /// A tracker for this input: on the live kernel, seeded with the sockets that existed
-    /// when tracing began (the start-up snapshot).
-    pub fn tracker(&self, max_sockets: usize, filter: &KernelFilter) -> Tracker {
+    /// A tracker for this input (on the live kernel, [`run`] seeds it with the start-up
+    /// snapshot once the programs are attached).
+    pub fn tracker(&self, max_sockets: usize) -> Tracker {
         let mut tracker = Tracker::new(max_sockets);
-        match self {
-            Input::Kernel(_) => {
-                let (seeds, taken_ns) = startup_snapshot(filter);
-                tracker.seed(seeds, taken_ns);
-            }
-            Input::File { reader, .. } => {
-                if let Some(hz) = reader.hz {
-                    tracker.set_hz(hz);
-                }
-            }
+        if let Input::File { reader, .. } = self
+            && let Some(hz) = reader.hz
+        {
+            tracker.set_hz(hz);
         }
         tracker
     }
@@ -99,57 +93,10 @@ impl Input {
     }
 }
 
-/// Every TCP state sock_diag lists that a tracked socket can be in.
-const LISTED_STATES: [crate::model::TcpState; 11] = {
-    use crate::model::TcpState::{
-        Close, CloseWait, Closing, Established, FinWait1, FinWait2, LastAck, Listen, SynRecv,
-        SynSent, TimeWait,
-    };
-    [
-        Established,
-        SynSent,
-        SynRecv,
-        FinWait1,
-        FinWait2,
-        TimeWait,
-        CloseWait,
-        LastAck,
-        Listen,
-        Closing,
-        Close,
-    ]
-};
-
-/// Every TCP socket on the host now (sock_diag, every network namespace), taken right after
-/// the programs are attached so that no socket falls between the two; with the time the
-/// dump ended. Without it tcplens still runs: such sockets are then only "first seen
-/// mid-life".
-fn startup_snapshot(filter: &KernelFilter) -> (Vec<Seed>, u64) {
-    match sockdiag::dump(&LISTED_STATES, None) {
-        Ok(found) => (
-            found
-                .sockets
-                .into_iter()
-                .filter(|s| filter.keeps(s.family, s.sport, s.dport, s.netns))
-                .map(|s| Seed {
-                    id: s.id(),
-                    state: s.state,
-                    timewait: s.is_timewait(),
-                })
-                .collect(),
-            monotonic_now_ns(),
-        ),
-        Err(e) => {
-            log::warn!("start-up socket snapshot unavailable: {e}");
-            (Vec::new(), monotonic_now_ns())
-        }
-    }
-}
-
 /// What a periodic resync lists: every state but TIME_WAIT, whose sockets end on their
 /// timer, unless events were lost (a timer event among them).
 fn resync_states(lost: &Lost) -> Vec<crate::model::TcpState> {
-    LISTED_STATES
+    host::LISTED_STATES
         .into_iter()
         .filter(|&s| s != crate::model::TcpState::TimeWait || lost.total() > 0)
         .collect()
@@ -211,6 +158,17 @@ async fn run_live(
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks = interval.map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
     let mut host = HostWorker::start().context("starting the sock_diag thread")?;
+    if p.track {
+        // Every socket that existed when the programs were attached, so that none falls
+        // between the two. Without it tcplens still runs: such sockets are then only
+        // "first seen mid-life".
+        host.ask(Ask::Snapshot);
+        match host.answer().await {
+            Answer::Snapshot(snapshot) => p.seed(snapshot, &trace.filter()),
+            Answer::Failed(e) => log::warn!("start-up socket snapshot unavailable: {e}"),
+            _ => {}
+        }
+    }
     let mut last_resync = tokio::time::Instant::now();
     let periodic_holders = p.holder_states(true);
     let mut last_holders: Option<tokio::time::Instant> = None;
@@ -333,7 +291,7 @@ async fn run_live(
             events.drain_now(|b| feed(p, &mut failed, b));
             p.host_answer(answer)?;
         }
-        let last = host::listing(&LISTED_STATES);
+        let last = host::listing(&host::LISTED_STATES);
         events.drain_now(|b| feed(p, &mut failed, b));
         match last {
             Ok(listing) => p.host_answer(Answer::Listing(listing))?,
@@ -582,7 +540,7 @@ fn sinks<'a>(own: &'a mut dyn Sink, metrics: &'a mut Option<MetricsSink>) -> Vec
 pub async fn serve(args: &ServeArgs) -> Result<()> {
     let mut metrics = metrics(Some(args.listen), args.trace.filter())?;
     let input = Input::Kernel(Box::new(open_kernel(&args.trace)?));
-    let tracker = input.tracker(args.cap.max_sockets, &args.trace.filter());
+    let tracker = input.tracker(args.cap.max_sockets);
     let mut none = NoOutput;
     let mut p = Pipeline::new(tracker, sinks(&mut none, &mut metrics));
     run(input, &args.trace, Some(Duration::from_secs(1)), &mut p).await?;
@@ -603,7 +561,7 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
         printer: WatchPrinter::new(out, args.output.format, formatter(input.clock())),
         line_flush: tty,
     };
-    let tracker = input.tracker(args.common.cap.max_sockets, &args.common.trace.filter());
+    let tracker = input.tracker(args.common.cap.max_sockets);
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
     p.owner_pid = args.common.owner.pid;
     run(input, &args.common.trace, None, &mut p).await?;
@@ -615,7 +573,7 @@ pub async fn timeline(args: &TimelineArgs) -> Result<()> {
     let input = Input::open(&args.common)?;
     let (out, _) = stdout();
     let mut sink = TimelineSink::new(out, args.output.format, formatter(input.clock()));
-    let tracker = input.tracker(args.common.cap.max_sockets, &args.common.trace.filter());
+    let tracker = input.tracker(args.common.cap.max_sockets);
     let mut p = Pipeline::new(tracker, vec![&mut sink]);
     p.owner_pid = args.common.owner.pid;
     run(input, &args.common.trace, None, &mut p).await?;
@@ -624,14 +582,19 @@ pub async fn timeline(args: &TimelineArgs) -> Result<()> {
 }
 
 pub async fn stats(args: &StatsArgs) -> Result<()> {
-    let mut metrics = metrics(args.metrics.serve, args.common.trace.filter())?;
-    let input = Input::open(&args.common)?;
+    let mut metrics = metrics(args.base.metrics.serve, args.base.common.trace.filter())?;
+    let input = Input::open(&args.base.common)?;
     let (out, _) = stdout();
-    let mut sink = StatsSink::new(out, args.output.format, formatter(input.clock()), args.by);
-    let tracker = input.tracker(args.common.cap.max_sockets, &args.common.trace.filter());
+    let mut sink = StatsSink::new(
+        out,
+        args.base.output.format,
+        formatter(input.clock()),
+        args.by,
+    );
+    let tracker = input.tracker(args.base.common.cap.max_sockets);
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
-    p.owner_pid = args.common.owner.pid;
-    run(input, &args.common.trace, args.interval, &mut p).await?;
+    p.owner_pid = args.base.common.owner.pid;
+    run(input, &args.base.common.trace, args.interval, &mut p).await?;
     report(&p);
     Ok(())
 }
@@ -680,7 +643,7 @@ pub async fn leaks(args: &LeaksArgs) -> Result<bool> {
         },
     );
     let input = Input::Kernel(Box::new(source));
-    let tracker = input.tracker(args.cap.max_sockets, &args.trace.filter());
+    let tracker = input.tracker(args.cap.max_sockets);
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
     run(input, &args.trace, Some(args.interval), &mut p).await?;
     report(&p);

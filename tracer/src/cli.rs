@@ -116,12 +116,9 @@ pub struct TimelineArgs {
 
 #[derive(Debug, Args)]
 pub struct StatsArgs {
+    /// As `watch`'s.
     #[command(flatten)]
-    pub metrics: MetricsArg,
-    #[command(flatten)]
-    pub common: CommonArgs,
-    #[command(flatten)]
-    pub output: FormatArg,
+    pub base: WatchArgs,
     /// Print (and reset) the histograms this often, as well as at exit.
     #[arg(long, value_parser = parse_duration)]
     pub interval: Option<Duration>,
@@ -363,7 +360,7 @@ mod tests {
             let (output, owner, cap) = match &cli.command {
                 Command::Watch(a) => (&a.output, &a.common.owner, &a.common.cap),
                 Command::Timeline(a) => (&a.output, &a.common.owner, &a.common.cap),
-                Command::Stats(a) => (&a.output, &a.common.owner, &a.common.cap),
+                Command::Stats(a) => (&a.base.output, &a.base.common.owner, &a.base.common.cap),
                 Command::Leaks(a) => (&a.output, &a.owner, &a.cap),
                 _ => unreachable!(),
             };

@@ -9,7 +9,7 @@ use thiserror::Error;
 use tracer_common::{AF_INET, AF_INET6, EVENT_SIZE, Event, kind};
 
 use crate::model::{
-    Comm, Family, KernelEvent, Task, TcpState, TimerOp, TimewaitEvent, Transition, Via,
+    Comm, Family, KernelEvent, SocketId, Task, TcpState, TimerOp, TimewaitEvent, Transition, Via,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -40,6 +40,15 @@ pub fn decode_event(e: &Event) -> Result<KernelEvent, DecodeError> {
         other => return Err(DecodeError::Kind(other)),
     };
     let (family, saddr, daddr) = addresses(e.family, &e.saddr, &e.daddr)?;
+    let id = SocketId {
+        cookie: e.cookie,
+        netns: e.netns,
+        family,
+        saddr,
+        sport: e.sport,
+        daddr,
+        dport: e.dport,
+    };
     let new = TcpState::from_kernel(e.newstate).ok_or(DecodeError::State(e.newstate))?;
     let task = task(e.pid_tgid, e.comm);
     if let Some(op) = op {
@@ -47,13 +56,7 @@ pub fn decode_event(e: &Event) -> Result<KernelEvent, DecodeError> {
             ts_ns: e.ts_ns,
             op,
             tw: e.skaddr,
-            cookie: e.cookie,
-            netns: e.netns,
-            family,
-            saddr,
-            sport: e.sport,
-            daddr,
-            dport: e.dport,
+            id,
             substate: new,
             expires: e.expires,
             jiffies: e.jiffies,
@@ -65,13 +68,7 @@ pub fn decode_event(e: &Event) -> Result<KernelEvent, DecodeError> {
     Ok(KernelEvent::Transition(Transition {
         ts_ns: e.ts_ns,
         sk: e.skaddr,
-        cookie: e.cookie,
-        netns: e.netns,
-        family,
-        saddr,
-        sport: e.sport,
-        daddr,
-        dport: e.dport,
+        id,
         old,
         new,
         task,
@@ -124,12 +121,32 @@ pub fn encode(ev: &KernelEvent) -> [u8; EVENT_SIZE] {
     let (ts_ns, skaddr, cookie, netns, task, family, saddr, daddr, sport, dport, cpu, jiffies) =
         match ev {
             KernelEvent::Transition(t) => (
-                t.ts_ns, t.sk, t.cookie, t.netns, t.task, t.family, t.saddr, t.daddr, t.sport,
-                t.dport, t.cpu, t.jiffies,
+                t.ts_ns,
+                t.sk,
+                t.id.cookie,
+                t.id.netns,
+                t.task,
+                t.id.family,
+                t.id.saddr,
+                t.id.daddr,
+                t.id.sport,
+                t.id.dport,
+                t.cpu,
+                t.jiffies,
             ),
             KernelEvent::Timewait(tw) => (
-                tw.ts_ns, tw.tw, tw.cookie, tw.netns, tw.task, tw.family, tw.saddr, tw.daddr,
-                tw.sport, tw.dport, tw.cpu, tw.jiffies,
+                tw.ts_ns,
+                tw.tw,
+                tw.id.cookie,
+                tw.id.netns,
+                tw.task,
+                tw.id.family,
+                tw.id.saddr,
+                tw.id.daddr,
+                tw.id.sport,
+                tw.id.dport,
+                tw.cpu,
+                tw.jiffies,
             ),
         };
     let (oldstate, newstate, kind, expires) = match ev {
@@ -233,13 +250,16 @@ mod tests {
         let t = transition(&raw_event(AF_INET, addr, 2, 1));
         assert_eq!(t.ts_ns, 431_492_173_553);
         assert_eq!(t.sk, 0xffff_8881_02cf_b780);
-        assert_eq!((t.cookie, t.netns, t.cpu), (4242, 4_026_531_840, Some(1)));
-        assert_eq!(t.id(), 4242);
+        assert_eq!(
+            (t.id.cookie, t.id.netns, t.cpu),
+            (4242, 4_026_531_840, Some(1))
+        );
+        assert_eq!(t.key(), 4242);
         assert_eq!(t.jiffies, 4_296_875_675);
-        assert_eq!(t.family, Family::Ipv4);
-        assert_eq!(t.saddr, "127.0.0.1".parse::<IpAddr>().unwrap());
-        assert_eq!(t.daddr, "127.0.0.1".parse::<IpAddr>().unwrap());
-        assert_eq!((t.sport, t.dport), (59682, 7794));
+        assert_eq!(t.id.family, Family::Ipv4);
+        assert_eq!(t.id.saddr, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(t.id.daddr, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!((t.id.sport, t.id.dport), (59682, 7794));
         assert_eq!((t.old, t.new), (TcpState::SynSent, TcpState::Established));
         assert_eq!((t.task.pid, t.task.tid), (13212, 13215));
         assert_eq!(t.task.comm.to_str_lossy(), "python3");
@@ -260,10 +280,10 @@ mod tests {
             };
             assert_eq!(tw.op, op);
             assert_eq!(tw.tw, 0xffff_8881_02cf_b780);
-            assert_eq!((tw.cookie, tw.id(), tw.cpu), (4242, 4242, Some(1)));
+            assert_eq!((tw.id.cookie, tw.key(), tw.cpu), (4242, 4242, Some(1)));
             assert_eq!(tw.substate, TcpState::TimeWait);
-            assert_eq!(tw.saddr, "10.0.0.2".parse::<IpAddr>().unwrap());
-            assert_eq!((tw.sport, tw.dport), (59682, 7794));
+            assert_eq!(tw.id.saddr, "10.0.0.2".parse::<IpAddr>().unwrap());
+            assert_eq!((tw.id.sport, tw.id.dport), (59682, 7794));
             assert_eq!((tw.expires, tw.jiffies), (4_296_890_675, 4_296_875_675));
         }
         // The substate must be a state.
@@ -277,8 +297,8 @@ mod tests {
     fn decodes_an_ipv6_event() {
         let addr: Ipv6Addr = "2001:db8::42".parse().unwrap();
         let t = transition(&raw_event(AF_INET6, addr.octets(), 10, 7));
-        assert_eq!(t.family, Family::Ipv6);
-        assert_eq!(t.saddr, IpAddr::V6(addr));
+        assert_eq!(t.id.family, Family::Ipv6);
+        assert_eq!(t.id.saddr, IpAddr::V6(addr));
         assert_eq!((t.old, t.new), (TcpState::Listen, TcpState::Close));
     }
 

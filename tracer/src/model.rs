@@ -163,16 +163,7 @@ pub struct Transition {
     pub ts_ns: u64,
     /// Address of the kernel `struct sock`.
     pub sk: u64,
-    /// The socket cookie: the socket's identity for its whole life (0: unknown, in
-    /// recordings made before tcplens read it).
-    pub cookie: u64,
-    /// Inode number of the socket's network namespace (0: unknown, as `cookie`).
-    pub netns: u32,
-    pub family: Family,
-    pub saddr: IpAddr,
-    pub sport: u16,
-    pub daddr: IpAddr,
-    pub dport: u16,
+    pub id: SocketId,
     pub old: TcpState,
     pub new: TcpState,
     /// The task on the CPU (in softirq, often unrelated to the socket).
@@ -186,15 +177,31 @@ pub struct Transition {
 }
 
 impl Transition {
-    /// The socket's identity: its cookie, or (unknown cookie) its address.
-    pub fn id(&self) -> u64 {
-        identity(self.cookie, self.sk)
+    /// The socket's key in the tracker (see [`key`]).
+    pub fn key(&self) -> u64 {
+        key(self.id.cookie, self.sk)
     }
 }
 
-/// A socket's identity in the tracker: its cookie, or its kernel address when the cookie
-/// is unknown (cookies are small counters, addresses kernel pointers: they never meet).
-pub fn identity(cookie: u64, addr: u64) -> u64 {
+/// Which socket: its cookie, network namespace, family and 4-tuple. Every event, life and
+/// sock_diag listing carries one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketId {
+    /// The socket cookie: the socket's identity for its whole life, kept by the timewait
+    /// socket it may become (0: unknown, in recordings made before tcplens read it).
+    pub cookie: u64,
+    /// Inode number of the socket's network namespace (0: unknown, as `cookie`).
+    pub netns: u32,
+    pub family: Family,
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+}
+
+/// A socket's key in the tracker: its cookie, or its kernel address when the cookie is
+/// unknown (cookies are small counters, addresses kernel pointers: they never meet).
+pub fn key(cookie: u64, addr: u64) -> u64 {
     if cookie != 0 { cookie } else { addr }
 }
 
@@ -236,16 +243,8 @@ pub struct TimewaitEvent {
     pub op: TimerOp,
     /// Address of the kernel `struct inet_timewait_sock`.
     pub tw: u64,
-    /// The cookie of the full socket that became this timewait socket (the kernel copies
-    /// it); 0 when unknown.
-    pub cookie: u64,
-    /// Inode number of the socket's network namespace (0: unknown).
-    pub netns: u32,
-    pub family: Family,
-    pub saddr: IpAddr,
-    pub sport: u16,
-    pub daddr: IpAddr,
-    pub dport: u16,
+    /// The cookie in it is the full socket's (the kernel copies it).
+    pub id: SocketId,
     /// `tw_substate`: TIME_WAIT, or FIN_WAIT2 for an orphan waiting out `tcp_fin_timeout`.
     pub substate: TcpState,
     /// The timer's expiry, in jiffies.
@@ -258,9 +257,9 @@ pub struct TimewaitEvent {
 }
 
 impl TimewaitEvent {
-    /// The socket's identity (see [`identity`]).
-    pub fn id(&self) -> u64 {
-        identity(self.cookie, self.tw)
+    /// The socket's key in the tracker (see [`key`]).
+    pub fn key(&self) -> u64 {
+        key(self.id.cookie, self.tw)
     }
 }
 

@@ -7,9 +7,9 @@ use std::io;
 
 use crate::model::{KernelEvent, TcpState, Transition};
 use crate::sink::{HolderWant, Sink, View};
-use crate::source::host::{Answer, Holders};
+use crate::source::host::{Answer, Holders, Snapshot};
 use crate::source::kernel::{KernelFilter, LossSource, Lost, SourceError};
-use crate::tracker::{Owner, SocketLife, Tracker};
+use crate::tracker::{Owner, Seed, SocketLife, Tracker};
 
 /// What a run saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,6 +67,20 @@ impl<'a> Pipeline<'a> {
         self.sinks.iter_mut().try_for_each(|s| f(&mut **s))
     }
 
+    /// Seeds the tracker with the start-up snapshot's sockets that `filter` keeps.
+    pub fn seed(&mut self, snapshot: Snapshot, filter: &KernelFilter) {
+        let seeds = snapshot
+            .sockets
+            .into_iter()
+            .filter(|s| filter.keeps(s.id.family, s.id.sport, s.id.dport, s.id.netns))
+            .map(|s| Seed {
+                id: s.id,
+                state: s.state,
+                timewait: s.is_timewait(),
+            });
+        self.tracker.seed(seeds, snapshot.taken_ns);
+    }
+
     /// Tracing started: live at kernel monotonic `start_ns`, on replay at the first event.
     pub fn started(&mut self, start_ns: Option<u64>) -> io::Result<()> {
         self.each(|s| s.started(start_ns))
@@ -121,7 +135,7 @@ impl<'a> Pipeline<'a> {
                 let kept = self
                     .filter
                     .as_ref()
-                    .is_none_or(|f| f.keeps(tw.family, tw.sport, tw.dport, tw.netns));
+                    .is_none_or(|f| f.keeps(tw.id.family, tw.id.sport, tw.id.dport, tw.id.netns));
                 if self.timewait && kept {
                     self.tracker.timewait(tw, &mut self.ended);
                 }
@@ -134,7 +148,7 @@ impl<'a> Pipeline<'a> {
 
     fn transition(&mut self, t: &Transition) -> io::Result<()> {
         if let Some(f) = &self.filter
-            && !f.keeps(t.family, t.sport, t.dport, t.netns)
+            && !f.keeps(t.id.family, t.id.sport, t.id.dport, t.id.netns)
         {
             return Ok(());
         }
@@ -203,8 +217,9 @@ impl<'a> Pipeline<'a> {
                 }
             }
             // Holders go to the sinks with a report ([`Pipeline::interval`]) or alone
-            // ([`Pipeline::holders`]).
-            Answer::Holders(_) => {}
+            // ([`Pipeline::holders`]); the snapshot is asked for once, before the first
+            // event ([`Pipeline::seed`]).
+            Answer::Holders(_) | Answer::Snapshot(_) => {}
             Answer::Failed(e) => log::debug!("sock_diag: {e}"),
         }
         self.flush_derived()?;

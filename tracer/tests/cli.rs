@@ -241,7 +241,7 @@ fn without_privileges_says_so() {
 /// A recording written by the library's writer: two socket lives on port 8080.
 fn recording() -> Vec<u8> {
     use tracer::clock::WallClock;
-    use tracer::model::{Comm, Family, KernelEvent, Task, TcpState::*, Transition, Via};
+    use tracer::model::{Comm, Family, KernelEvent, SocketId, Task, TcpState::*, Transition, Via};
     use tracer::source::record::RecordWriter;
     let mut w = RecordWriter::new(
         Vec::new(),
@@ -261,13 +261,15 @@ fn recording() -> Vec<u8> {
             w.event(&KernelEvent::Transition(Transition {
                 ts_ns: base + at,
                 sk,
-                cookie: sk,
-                netns: 4_026_531_840,
-                family: Family::Ipv4,
-                saddr: "10.0.0.1".parse().unwrap(),
-                sport: 8080,
-                daddr: "10.0.0.2".parse().unwrap(),
-                dport: 50000 + sk as u16,
+                id: SocketId {
+                    cookie: sk,
+                    netns: 4_026_531_840,
+                    family: Family::Ipv4,
+                    saddr: "10.0.0.1".parse().unwrap(),
+                    sport: 8080,
+                    daddr: "10.0.0.2".parse().unwrap(),
+                    dport: 50000 + sk as u16,
+                },
                 old,
                 new,
                 task: Task {

@@ -26,11 +26,11 @@ struct Ran {
 
 fn assert_endpoints(life: &[Transition], local: (IpAddr, u16), remote: (IpAddr, u16)) {
     for t in life {
-        assert_eq!((t.saddr, t.sport), local, "local end of {t:?}");
+        assert_eq!((t.id.saddr, t.id.sport), local, "local end of {t:?}");
         if born_bare(t) {
             continue;
         }
-        assert_eq!((t.daddr, t.dport), remote, "remote end of {t:?}");
+        assert_eq!((t.id.daddr, t.id.dport), remote, "remote end of {t:?}");
     }
 }
 
@@ -38,7 +38,7 @@ fn assert_endpoints(life: &[Transition], local: (IpAddr, u16), remote: (IpAddr, 
 /// peer's address and its request's cookie (Linux 6.1; the tracker joins it with the
 /// child's next event): no peer then, and only then.
 fn born_bare(t: &Transition) -> bool {
-    (t.old, t.new) == (Listen, SynRecv) && t.daddr.is_unspecified() && t.dport == 0
+    (t.old, t.new) == (Listen, SynRecv) && t.id.daddr.is_unspecified() && t.id.dport == 0
 }
 
 fn assert_task_is_us(t: &Transition, tid: u32) {
@@ -92,7 +92,7 @@ fn active_and_passive_open_and_close() {
         ]
     );
     // At connect() the local port is not chosen yet; it is from the next event on.
-    assert_eq!((client[0].sport, client[0].dport), (0, PORT));
+    assert_eq!((client[0].id.sport, client[0].id.dport), (0, PORT));
     assert_endpoints(
         &client[1..],
         (localhost(), ran.client_port),
@@ -100,7 +100,7 @@ fn active_and_passive_open_and_close() {
     );
     assert_task_is_us(&client[0], ran.tid); // connect runs in the caller
     assert_task_is_us(&client[2], ran.tid); // so does its close()
-    assert!(client.iter().all(|t| t.family == Family::Ipv4));
+    assert!(client.iter().all(|t| t.id.family == Family::Ipv4));
 
     // 2. The passive side: the accepted child, then the listener itself.
     let child = life_starting(&lives, (Listen, SynRecv));
@@ -118,7 +118,7 @@ fn active_and_passive_open_and_close() {
     assert_task_is_us(&child[3], ran.tid); // the server's close()
     let listener = life_starting(&lives, (Close, Listen));
     assert_eq!(states(&listener), [(Close, Listen), (Listen, Close)]);
-    assert_eq!((listener[0].sport, listener[0].dport), (PORT, 0));
+    assert_eq!((listener[0].id.sport, listener[0].id.dport), (PORT, 0));
     assert_task_is_us(&listener[0], ran.tid);
     assert_task_is_us(&listener[1], ran.tid);
 
@@ -145,7 +145,7 @@ fn connection_refused() {
     assert_eq!(lives.len(), 1, "{lives:#?}");
     assert_eq!(states(&lives[0]), [(Close, SynSent), (SynSent, Close)]);
     assert_task_is_us(&lives[0][0], tid);
-    assert_eq!(lives[0][1].dport, PORT);
+    assert_eq!(lives[0][1].id.dport, PORT);
 }
 
 #[test]
@@ -318,14 +318,14 @@ fn ipv6_loopback_addresses() {
         [(Close, SynSent), (SynSent, Established)]
     );
     assert_endpoints(&client[1..], (lo6, ran.client_port), (lo6, PORT));
-    assert_eq!(client[0].daddr, lo6);
+    assert_eq!(client[0].id.daddr, lo6);
     assert_task_is_us(&client[0], ran.tid);
     let child = life_starting(&lives, (Listen, SynRecv));
     assert_endpoints(&child, (lo6, PORT), (lo6, ran.client_port));
     let listener = life_starting(&lives, (Close, Listen));
-    assert_eq!(listener[0].saddr, lo6);
+    assert_eq!(listener[0].id.saddr, lo6);
     assert!(
-        lives.iter().flatten().all(|t| t.family == Family::Ipv6),
+        lives.iter().flatten().all(|t| t.id.family == Family::Ipv6),
         "{lives:#?}"
     );
 }
@@ -371,7 +371,7 @@ fn kernel_filters_drop_and_keep() {
     // -L: only the listener's and the accepted child's events (local port = KEPT_L) of
     // the whole host, all 7 of them.
     assert!(
-        by_lport.events.iter().all(|t| t.sport == KEPT_L),
+        by_lport.events.iter().all(|t| t.id.sport == KEPT_L),
         "{:#?}",
         by_lport.events
     );
@@ -384,17 +384,17 @@ fn kernel_filters_drop_and_keep() {
 
     // -D: only the client of KEPT_D, all 5 of its transitions.
     assert!(
-        by_rport.events.iter().all(|t| t.dport == KEPT_D),
+        by_rport.events.iter().all(|t| t.id.dport == KEPT_D),
         "{:#?}",
         by_rport.events
     );
     let kept = lives(&by_rport.events);
     assert_eq!(kept.len(), 1, "{kept:#?}");
     assert_eq!(states(&kept[0]).len(), 5);
-    assert_eq!(kept[0][0].dport, KEPT_D);
+    assert_eq!(kept[0][0].id.dport, KEPT_D);
 
     // -6: no IPv4 event at all; the IPv6 connection in full.
-    assert!(v6_only.events.iter().all(|t| t.family == Family::Ipv6));
+    assert!(v6_only.events.iter().all(|t| t.id.family == Family::Ipv6));
     assert_eq!(v6_only.on_port(V6).len(), 12);
     assert!(v6_only.on_port(KEPT_L).is_empty());
     for cap in [&by_lport, &by_rport, &v6_only, &everything] {

@@ -54,7 +54,7 @@ pub fn leaks(
         .map(|(socket, holder)| {
             // When the tracker saw the socket (by its cookie) enter `state`.
             let entered = tracker
-                .socket(socket.cookie)
+                .socket(socket.id.cookie)
                 .filter(|life| life.state() == Some(state))
                 .and_then(SocketLife::entered_ns);
             let (age_ns, age_at_least) = match entered {
@@ -73,7 +73,7 @@ pub fn leaks(
     out.sort_by(|a, b| {
         b.age_ns
             .cmp(&a.age_ns)
-            .then(a.socket.sport.cmp(&b.socket.sport))
+            .then(a.socket.id.sport.cmp(&b.socket.id.sport))
     });
     out
 }
@@ -194,7 +194,8 @@ impl<W: Write> LeaksSink<W> {
             .iter()
             .filter(|(s, h)| {
                 s.state == q.state
-                    && q.filter.keeps(s.family, s.sport, s.dport, s.netns)
+                    && q.filter
+                        .keeps(s.id.family, s.id.sport, s.id.dport, s.id.netns)
                     && q.pid
                         .is_none_or(|pid| h.as_ref().is_some_and(|h| h.pid == pid))
             })
@@ -240,13 +241,13 @@ impl<W: Write> LeaksSink<W> {
             sockets: list
                 .iter()
                 .map(|l| JsonSocket {
-                    cookie: l.socket.cookie,
-                    netns: l.socket.netns,
-                    family: l.socket.family.name(),
-                    saddr: l.socket.saddr,
-                    sport: l.socket.sport,
-                    daddr: l.socket.daddr,
-                    dport: l.socket.dport,
+                    cookie: l.socket.id.cookie,
+                    netns: l.socket.id.netns,
+                    family: l.socket.id.family.name(),
+                    saddr: l.socket.id.saddr,
+                    sport: l.socket.id.sport,
+                    daddr: l.socket.id.daddr,
+                    dport: l.socket.id.dport,
                     state: l.socket.state.name(),
                     age_ns: l.age_ns,
                     age_at_least: l.age_at_least,
@@ -294,9 +295,9 @@ impl<W: Write> LeaksSink<W> {
                 s,
                 "{age:<12} {pid:<7} {comm:<16} {fd:<5} {:<10} {:<10} {:<26} {}",
                 l.socket.inode,
-                l.socket.netns,
-                SocketAddr::new(l.socket.saddr, l.socket.sport),
-                SocketAddr::new(l.socket.daddr, l.socket.dport),
+                l.socket.id.netns,
+                SocketAddr::new(l.socket.id.saddr, l.socket.id.sport),
+                SocketAddr::new(l.socket.id.daddr, l.socket.id.dport),
             );
         }
         if !procs.is_empty() {
@@ -341,7 +342,7 @@ impl<W: Write> Sink for LeaksSink<W> {
 mod tests {
     use super::*;
     use crate::clock::WallClock;
-    use crate::model::{Family, TcpState::*};
+    use crate::model::{Family, SocketId, TcpState::*};
     use crate::pipeline::Totals;
     use crate::source::host::Holders;
     use crate::tracker::tests::tr;
@@ -349,17 +350,19 @@ mod tests {
 
     fn diag(sport: u16, inode: u64) -> DiagSocket {
         DiagSocket {
-            family: Family::Ipv4,
+            id: SocketId {
+                family: Family::Ipv4,
+                saddr: "127.0.0.1".parse().unwrap(),
+                sport,
+                daddr: "127.0.0.1".parse().unwrap(),
+                dport: 8080,
+                netns: crate::tracker::tests::NETNS,
+                // The tracker's test sockets have cookies 1, 2, …: keep these apart.
+                cookie: 1_000 + u64::from(sport),
+            },
             state: CloseWait,
-            saddr: "127.0.0.1".parse().unwrap(),
-            sport,
-            daddr: "127.0.0.1".parse().unwrap(),
-            dport: 8080,
             inode,
             uid: 0,
-            netns: crate::tracker::tests::NETNS,
-            // The tracker's test sockets have cookies 1, 2, …: keep these apart.
-            cookie: 1_000 + u64::from(sport),
             tw_expires_ms: None,
         }
     }
@@ -378,7 +381,7 @@ mod tests {
     fn tracker() -> Tracker {
         let mut t = Tracker::default();
         let mut ended = Vec::new();
-        let sk = diag(40000, 0).cookie;
+        let sk = diag(40000, 0).id.cookie;
         t.observe(&tr(sk, 1_000_000_000, Listen, SynRecv, 1), &mut ended);
         t.observe(&tr(sk, 1_500_000_000, SynRecv, Established, 1), &mut ended);
         t.observe(
@@ -406,7 +409,7 @@ mod tests {
         );
         let got: Vec<_> = list
             .iter()
-            .map(|l| (l.socket.sport, l.age_ns, l.age_at_least))
+            .map(|l| (l.socket.id.sport, l.age_ns, l.age_at_least))
             .collect();
         assert_eq!(
             got,
@@ -470,7 +473,7 @@ mod tests {
             boot_offset_ns: 1_795_299_000_000_000_000,
         };
         let mut other_port = diag(40009, 99);
-        other_port.dport = 1234; // dropped by -D 8080
+        other_port.id.dport = 1234; // dropped by -D 8080
         let mut established = diag(40010, 98);
         established.state = Established; // listed for another sink
         let holders = listed(vec![

@@ -305,7 +305,9 @@ impl MetricsSink {
             .iter()
             .filter(|(s, _)| {
                 s.state == TcpState::CloseWait
-                    && self.filter.keeps(s.family, s.sport, s.dport, s.netns)
+                    && self
+                        .filter
+                        .keeps(s.id.family, s.id.sport, s.id.dport, s.id.netns)
             })
             .cloned()
             .collect();
@@ -558,6 +560,7 @@ fn respond<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::SocketId;
     use crate::source::procs::Holder;
     use crate::source::sockdiag::DiagSocket;
     use crate::tracker::tests::tr;
@@ -566,16 +569,18 @@ mod tests {
     fn cw(sport: u16, pid: u32, comm: &str) -> (DiagSocket, Option<Holder>) {
         (
             DiagSocket {
-                family: crate::model::Family::Ipv4,
+                id: SocketId {
+                    family: crate::model::Family::Ipv4,
+                    saddr: "127.0.0.1".parse().unwrap(),
+                    sport,
+                    daddr: "127.0.0.1".parse().unwrap(),
+                    dport: 9,
+                    netns: 1,
+                    cookie: u64::from(sport),
+                },
                 state: CloseWait,
-                saddr: "127.0.0.1".parse().unwrap(),
-                sport,
-                daddr: "127.0.0.1".parse().unwrap(),
-                dport: 9,
                 inode: u64::from(sport),
                 uid: 0,
-                netns: 1,
-                cookie: u64::from(sport),
                 tw_expires_ms: None,
             },
             Some(Holder {
@@ -603,7 +608,7 @@ mod tests {
         sockets.extend((0..11).map(|i| cw(100 + i, 100 + u32::from(i), &format!("p{i:02}"))));
         // -L 9 (the sockets' local port... their dport is 9): one on another port is left out.
         let mut elsewhere = cw(5, 13, "elsewhere");
-        elsewhere.0.dport = 10;
+        elsewhere.0.id.dport = 10;
         sockets.push(elsewhere);
         let holders = Holders {
             at_ns: 3_000_000_000,

@@ -11,7 +11,7 @@ pub mod watch;
 
 use std::io;
 
-use crate::model::{KernelEvent, TcpState, Transition};
+use crate::model::{KernelEvent, SocketId, TcpState, Transition};
 use crate::pipeline::Totals;
 use crate::source::host::Holders;
 use crate::tracker::{Observed, SocketLife, Tracker};
@@ -88,15 +88,31 @@ pub trait Sink {
     }
 }
 
-/// A namespace inode for JSON: `null` when unknown (recordings made before tcplens read
-/// it).
-pub fn netns(inode: u32) -> Option<u32> {
-    (inode != 0).then_some(inode)
+/// A socket's identity as every JSON record writes it (flattened into the record):
+/// `cookie` and `netns` are `null` when unknown (recordings made before tcplens read them).
+#[derive(serde::Serialize)]
+pub struct JsonId {
+    cookie: Option<u64>,
+    netns: Option<u32>,
+    family: &'static str,
+    saddr: std::net::IpAddr,
+    sport: u16,
+    daddr: std::net::IpAddr,
+    dport: u16,
 }
 
-/// A cookie for JSON: `null` when unknown.
-pub fn cookie(cookie: u64) -> Option<u64> {
-    (cookie != 0).then_some(cookie)
+impl From<&SocketId> for JsonId {
+    fn from(id: &SocketId) -> Self {
+        JsonId {
+            cookie: (id.cookie != 0).then_some(id.cookie),
+            netns: (id.netns != 0).then_some(id.netns),
+            family: id.family.name(),
+            saddr: id.saddr,
+            sport: id.sport,
+            daddr: id.daddr,
+            dport: id.dport,
+        }
+    }
 }
 
 /// A duration for people: `850ns`, `12.5us`, `1.500ms`, `2.250s`, `3m05.125s`,

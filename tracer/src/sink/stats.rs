@@ -416,7 +416,7 @@ impl<W: Write> Sink for StatsSink<W> {
             return Ok(());
         }
         if let Some(ns) = life.lifetime_ns {
-            let key = self.key(life.sport, life.dport, life.owner.as_ref());
+            let key = self.key(life.id.sport, life.id.dport, life.owner.as_ref());
             record(&mut self.group(key).lifetime, ns);
         }
         Ok(())
@@ -594,7 +594,7 @@ mod tests {
         for port in 1..=(MAX_GROUPS as u16 + 10) {
             for (old, new, ts) in [(Close, SynSent, 0), (SynSent, Established, 10)] {
                 let mut e = tr(u64::from(port), ts, old, new, 1);
-                e.dport = port;
+                e.id.dport = port;
                 let o = t.observe(&e, &mut ended);
                 s.transition(&e, &o).unwrap();
             }

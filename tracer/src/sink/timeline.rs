@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use serde::Serialize;
 
@@ -28,13 +28,8 @@ struct JsonState {
 #[derive(Serialize)]
 struct JsonLife<'a> {
     sk: String,
-    cookie: Option<u64>,
-    netns: Option<u32>,
-    family: &'static str,
-    saddr: IpAddr,
-    sport: u16,
-    daddr: IpAddr,
-    dport: u16,
+    #[serde(flatten)]
+    id: super::JsonId,
     owner_pid: Option<u32>,
     owner_comm: Option<std::borrow::Cow<'a, str>>,
     role: &'static str,
@@ -76,13 +71,7 @@ impl<W: Write> TimelineSink<W> {
             .collect();
         let rec = JsonLife {
             sk: format!("0x{:016x}", life.sk),
-            cookie: super::cookie(life.cookie),
-            netns: super::netns(life.netns),
-            family: life.family.name(),
-            saddr: life.saddr,
-            sport: life.sport,
-            daddr: life.daddr,
-            dport: life.dport,
+            id: (&life.id).into(),
             owner_pid: life.owner.map(|o| o.pid),
             owner_comm: life.owner.as_ref().map(|o| o.comm.to_str_lossy()),
             role: life.role.name(),
@@ -109,11 +98,11 @@ impl<W: Write> TimelineSink<W> {
         let _ = write!(
             line,
             " {} > {}",
-            SocketAddr::new(life.saddr, life.sport),
-            SocketAddr::new(life.daddr, life.dport),
+            SocketAddr::new(life.id.saddr, life.id.sport),
+            SocketAddr::new(life.id.daddr, life.id.dport),
         );
-        if life.netns != 0 {
-            let _ = write!(line, " netns {}", life.netns);
+        if life.id.netns != 0 {
+            let _ = write!(line, " netns {}", life.id.netns);
         }
         let _ = write!(line, " {}", life.role.name());
         match &life.owner {
@@ -217,7 +206,7 @@ mod tests {
             t.observe(&e, &mut ended);
         }
         let mut life = ended.remove(0);
-        life.cookie = 4242;
+        life.id.cookie = 4242;
         if let Some(o) = life.owner.as_mut() {
             o.comm = Comm::from_name("python3");
         }

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use serde::Serialize;
 
@@ -26,13 +26,8 @@ struct JsonLine<'a> {
     time: &'a str,
     ts_ns: u64,
     sk: &'a str,
-    cookie: Option<u64>,
-    netns: Option<u32>,
-    family: &'static str,
-    saddr: IpAddr,
-    sport: u16,
-    daddr: IpAddr,
-    dport: u16,
+    #[serde(flatten)]
+    id: super::JsonId,
     old: &'static str,
     new: &'static str,
     old_ns: Option<u64>,
@@ -89,8 +84,8 @@ impl<W: Write> WatchPrinter<W> {
         let _ = write!(
             line,
             " {:<26} {:<26} {:<12} -> {:<12} ",
-            SocketAddr::new(t.saddr, t.sport),
-            SocketAddr::new(t.daddr, t.dport),
+            SocketAddr::new(t.id.saddr, t.id.sport),
+            SocketAddr::new(t.id.daddr, t.id.dport),
             t.old,
             t.new,
         );
@@ -117,13 +112,7 @@ impl<W: Write> WatchPrinter<W> {
             time,
             ts_ns: t.ts_ns,
             sk,
-            cookie: super::cookie(t.cookie),
-            netns: super::netns(t.netns),
-            family: t.family.name(),
-            saddr: t.saddr,
-            sport: t.sport,
-            daddr: t.daddr,
-            dport: t.dport,
+            id: (&t.id).into(),
             old: t.old.name(),
             new: t.new.name(),
             old_ns: o.old_ns,
@@ -176,9 +165,10 @@ impl<W: Write> Sink for WatchSink<W> {
 mod tests {
     use super::*;
     use crate::clock::WallClock;
-    use crate::model::{Comm, Family, Task, TcpState};
+    use crate::model::{Comm, Family, SocketId, Task, TcpState};
     use crate::tracker::Owner;
     use jiff::tz::TimeZone;
+    use std::net::IpAddr;
 
     fn printer(format: Format) -> WatchPrinter<Vec<u8>> {
         // Monotonic 431.492173553 s is 2026-11-21T22:10:02.123456789Z.
@@ -196,13 +186,15 @@ mod tests {
         Transition {
             ts_ns: 431_492_173_553,
             sk: 0xffff_8881_02cf_b780,
-            cookie: 4242,
-            netns: 4_026_531_840,
-            family,
-            saddr: s,
-            sport: 59682,
-            daddr: d,
-            dport: 7794,
+            id: SocketId {
+                cookie: 4242,
+                netns: 4_026_531_840,
+                family,
+                saddr: s,
+                sport: 59682,
+                daddr: d,
+                dport: 7794,
+            },
             old: TcpState::SynSent,
             new: TcpState::Established,
             task: Task {

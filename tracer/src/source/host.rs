@@ -23,7 +23,30 @@ use crate::tracker::{FlipCandidate, Listed, Listing, TIMEWAIT_LEN_S};
 /// lookups.
 const LOOKUPS_MAX: usize = 2_000;
 
+/// Every TCP state sock_diag lists that a tracked socket can be in.
+pub const LISTED_STATES: [TcpState; 11] = {
+    use TcpState::{
+        Close, CloseWait, Closing, Established, FinWait1, FinWait2, LastAck, Listen, SynRecv,
+        SynSent, TimeWait,
+    };
+    [
+        Established,
+        SynSent,
+        SynRecv,
+        FinWait1,
+        FinWait2,
+        TimeWait,
+        CloseWait,
+        LastAck,
+        Listen,
+        Closing,
+        Close,
+    ]
+};
+
 pub enum Ask {
+    /// Every TCP socket on the host now, in every namespace: the start-up snapshot.
+    Snapshot,
     /// Every socket in these states, in every namespace.
     Listing(Vec<TcpState>),
     /// Which of these timewait sockets turned TIME_WAIT, and when.
@@ -46,7 +69,15 @@ pub struct Holders {
 /// Timewait sockets (cookies) that turned TIME_WAIT, with when (`None`: not known).
 pub type Turned = Vec<(u64, Option<u64>)>;
 
+/// The sockets of the start-up snapshot, and when the dump ended (kernel monotonic).
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub sockets: Vec<DiagSocket>,
+    pub taken_ns: u64,
+}
+
 pub enum Answer {
+    Snapshot(Snapshot),
     Listing(Listing),
     /// What a flip check that began at `from_ns` found.
     Flips {
@@ -115,6 +146,12 @@ impl HostWorker {
 
 fn answer(ask: Ask, owners: &mut OwnerIndex) -> Answer {
     let result = match ask {
+        Ask::Snapshot => sockdiag::dump(&LISTED_STATES, None).map(|found| {
+            Answer::Snapshot(Snapshot {
+                sockets: found.sockets,
+                taken_ns: monotonic_now_ns(),
+            })
+        }),
         Ask::Listing(states) => listing(&states).map(Answer::Listing),
         Ask::Flips(candidates) => {
             flips(&candidates).map(|(from_ns, turned)| Answer::Flips { from_ns, turned })
@@ -166,7 +203,7 @@ pub fn listing(states: &[TcpState]) -> Result<Listing, DiagError> {
                     timewait: s.is_timewait(),
                     turned_at: turned_at(s, seen),
                 };
-                (s.cookie, listed)
+                (s.id.cookie, listed)
             })
             .collect(),
     })
@@ -196,7 +233,7 @@ fn flips(candidates: &[FlipCandidate]) -> Result<(u64, Turned), DiagError> {
         let still: HashSet<u64> = diag
             .dump(&[TcpState::FinWait2])?
             .iter()
-            .map(|s| s.cookie)
+            .map(|s| s.id.cookie)
             .collect();
         let gone_from_fin_wait2: Vec<&&FlipCandidate> = by_ns[&netns]
             .iter()
@@ -207,7 +244,7 @@ fn flips(candidates: &[FlipCandidate]) -> Result<(u64, Turned), DiagError> {
             let tw: HashMap<u64, DiagSocket> = diag
                 .dump(&[TcpState::TimeWait])?
                 .into_iter()
-                .map(|s| (s.cookie, s))
+                .map(|s| (s.id.cookie, s))
                 .collect();
             let seen = t0 / 2 + monotonic_now_ns() / 2;
             for c in gone_from_fin_wait2 {
@@ -234,21 +271,23 @@ fn flips(candidates: &[FlipCandidate]) -> Result<(u64, Turned), DiagError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Family;
+    use crate::model::{Family, SocketId};
 
     fn tw(state: TcpState, left_ms: Option<u32>) -> DiagSocket {
         let here = "127.0.0.1".parse().unwrap();
         DiagSocket {
-            family: Family::Ipv4,
+            id: SocketId {
+                family: Family::Ipv4,
+                saddr: here,
+                sport: 1,
+                daddr: here,
+                dport: 2,
+                netns: 1,
+                cookie: 9,
+            },
             state,
-            saddr: here,
-            sport: 1,
-            daddr: here,
-            dport: 2,
             inode: 0,
             uid: 0,
-            netns: 1,
-            cookie: 9,
             tw_expires_ms: left_ms,
         }
     }

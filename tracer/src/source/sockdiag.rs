@@ -17,12 +17,14 @@ use netlink_packet_core::{
 };
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
-use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_packet_sock_diag::inet::{
+    ExtensionFlags, InetRequest, SocketId as RequestId, StateFlags,
+};
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use netlink_sys::{Socket, SocketAddr};
 use thiserror::Error;
 
-use crate::model::{Family, TcpState};
+use crate::model::{Family, SocketId, TcpState};
 
 #[derive(Debug, Error)]
 pub enum DiagError {
@@ -50,21 +52,14 @@ impl From<io::Error> for DiagError {
 /// One TCP socket as sock_diag reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiagSocket {
-    pub family: Family,
+    /// Its cookie (sock_diag creates it if nobody has yet), namespace and 4-tuple.
+    pub id: SocketId,
     /// Its state; for a timewait socket, its substate (TIME_WAIT or FIN_WAIT2).
     pub state: TcpState,
-    pub saddr: IpAddr,
-    pub sport: u16,
-    pub daddr: IpAddr,
-    pub dport: u16,
     /// The socket's inode: `socket:[inode]` in `/proc/<pid>/fd`. 0 for sockets no file
     /// refers to any more (orphans, timewait).
     pub inode: u64,
     pub uid: u32,
-    /// Inode number of the network namespace the socket lives in.
-    pub netns: u32,
-    /// The socket cookie (sock_diag creates it if nobody has yet).
-    pub cookie: u64,
     /// A timewait socket: milliseconds until its timer runs out.
     pub tw_expires_ms: Option<u32>,
 }
@@ -72,18 +67,6 @@ pub struct DiagSocket {
 impl DiagSocket {
     pub fn is_timewait(&self) -> bool {
         self.tw_expires_ms.is_some()
-    }
-
-    pub fn id(&self) -> crate::tracker::SocketId {
-        crate::tracker::SocketId {
-            cookie: self.cookie,
-            netns: self.netns,
-            family: self.family,
-            saddr: self.saddr,
-            sport: self.sport,
-            daddr: self.daddr,
-            dport: self.dport,
-        }
     }
 }
 
@@ -137,9 +120,9 @@ impl Diag {
                 extensions: ExtensionFlags::empty(),
                 states: state_flags(states),
                 socket_id: if family == AF_INET {
-                    SocketId::new_v4()
+                    RequestId::new_v4()
                 } else {
-                    SocketId::new_v6()
+                    RequestId::new_v6()
                 },
             };
             send(&mut self.socket, req, NLM_F_REQUEST | NLM_F_DUMP)?;
@@ -162,8 +145,8 @@ impl Diag {
         cookie: u64,
     ) -> Result<Option<DiagSocket>, DiagError> {
         let mut id = match family {
-            Family::Ipv4 => SocketId::new_v4(),
-            Family::Ipv6 => SocketId::new_v6(),
+            Family::Ipv4 => RequestId::new_v4(),
+            Family::Ipv6 => RequestId::new_v6(),
         };
         id.source_address = saddr;
         id.source_port = sport;
@@ -218,20 +201,22 @@ fn receive(socket: &mut Socket, netns: u32, out: &mut Vec<DiagSocket>) -> Result
                     let raw = &buf[off..(off + len).min(n)];
                     if let Some(state) = TcpState::from_kernel(h.state) {
                         out.push(DiagSocket {
-                            family: if h.family == AF_INET {
-                                Family::Ipv4
-                            } else {
-                                Family::Ipv6
+                            id: SocketId {
+                                cookie: cookie_of(h.socket_id.cookie),
+                                netns,
+                                family: if h.family == AF_INET {
+                                    Family::Ipv4
+                                } else {
+                                    Family::Ipv6
+                                },
+                                saddr: h.socket_id.source_address,
+                                sport: h.socket_id.source_port,
+                                daddr: h.socket_id.destination_address,
+                                dport: h.socket_id.destination_port,
                             },
                             state,
-                            saddr: h.socket_id.source_address,
-                            sport: h.socket_id.source_port,
-                            daddr: h.socket_id.destination_address,
-                            dport: h.socket_id.destination_port,
                             inode: u64::from(h.inode),
                             uid: h.uid,
-                            netns,
-                            cookie: cookie_of(h.socket_id.cookie),
                             tw_expires_ms: timewait_expires(raw),
                         });
                     }
@@ -461,19 +446,22 @@ mod tests {
             let listed = dump_here(&[TcpState::Listen], netns).unwrap();
             assert_eq!(listed.len(), 1, "{listed:?}");
             let s = &listed[0];
-            assert_eq!((s.sport, s.netns, s.state), (port, netns, TcpState::Listen));
-            assert_ne!(s.cookie, 0);
-            let tuple = (s.saddr, s.sport, s.daddr, s.dport);
+            assert_eq!(
+                (s.id.sport, s.id.netns, s.state),
+                (port, netns, TcpState::Listen)
+            );
+            assert_ne!(s.id.cookie, 0);
+            let tuple = (s.id.saddr, s.id.sport, s.id.daddr, s.id.dport);
             let mut diag = Diag::here(netns).unwrap();
-            let found = diag.lookup(Family::Ipv4, tuple, s.cookie).unwrap();
-            assert_eq!(found.map(|f| f.cookie), Some(s.cookie));
+            let found = diag.lookup(Family::Ipv4, tuple, s.id.cookie).unwrap();
+            assert_eq!(found.map(|f| f.id.cookie), Some(s.id.cookie));
             // Another cookie, or no socket: none.
             assert_eq!(
-                diag.lookup(Family::Ipv4, tuple, s.cookie + 1).unwrap(),
+                diag.lookup(Family::Ipv4, tuple, s.id.cookie + 1).unwrap(),
                 None
             );
             drop(l);
-            assert_eq!(diag.lookup(Family::Ipv4, tuple, s.cookie).unwrap(), None);
+            assert_eq!(diag.lookup(Family::Ipv4, tuple, s.id.cookie).unwrap(), None);
         })
         .join()
         .expect("namespace thread");

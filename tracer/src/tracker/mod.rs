@@ -35,7 +35,8 @@ use lru::LruCache;
 pub use jiffies::JiffyClock;
 pub use timewait::{FlipCandidate, SETTLE_NS, TIMEWAIT_LEN_S};
 
-use crate::model::{Comm, Family, Task, TcpState, TimewaitEvent, Transition, Via};
+pub use crate::model::SocketId;
+use crate::model::{Comm, Task, TcpState, TimewaitEvent, Transition, Via};
 
 /// The task of a derived transition no event showed (what sock_diag listed).
 const NO_TASK: Task = Task {
@@ -146,15 +147,7 @@ pub struct SocketLife {
     /// The full socket's kernel address (the timewait socket's when the full socket was
     /// never seen).
     pub sk: u64,
-    /// The socket cookie (0: unknown).
-    pub cookie: u64,
-    /// Inode number of its network namespace (0: unknown).
-    pub netns: u32,
-    pub family: Family,
-    pub saddr: IpAddr,
-    pub sport: u16,
-    pub daddr: IpAddr,
-    pub dport: u16,
+    pub id: SocketId,
     pub owner: Option<Owner>,
     pub role: Role,
     pub first_seen_mid_life: bool,
@@ -176,18 +169,6 @@ impl SocketLife {
     /// When the socket entered its current state, when seen.
     pub fn entered_ns(&self) -> Option<u64> {
         self.spans.last().and_then(|s| s.entered_ns)
-    }
-
-    pub fn id(&self) -> SocketId {
-        SocketId {
-            cookie: self.cookie,
-            netns: self.netns,
-            family: self.family,
-            saddr: self.saddr,
-            sport: self.sport,
-            daddr: self.daddr,
-            dport: self.dport,
-        }
     }
 }
 
@@ -220,18 +201,6 @@ pub struct TrackerStats {
 
 /// Local address and port, remote address and port.
 pub type Tuple = (IpAddr, u16, IpAddr, u16);
-
-/// Which socket: its cookie, network namespace, family and 4-tuple.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SocketId {
-    pub cookie: u64,
-    pub netns: u32,
-    pub family: Family,
-    pub saddr: IpAddr,
-    pub sport: u16,
-    pub daddr: IpAddr,
-    pub dport: u16,
-}
 
 /// A socket of the start-up snapshot (sock_diag at start).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -362,13 +331,7 @@ impl Tracker {
             }
             let life = SocketLife {
                 sk: 0,
-                cookie: id.cookie,
-                netns: id.netns,
-                family: id.family,
-                saddr: id.saddr,
-                sport: id.sport,
-                daddr: id.daddr,
-                dport: id.dport,
+                id,
                 owner: None,
                 role: if s.state == TcpState::Listen {
                     Role::Listener
@@ -466,7 +429,7 @@ impl Tracker {
         t: &Transition,
         ended: &mut Vec<SocketLife>,
     ) -> Observed {
-        let id = t.id();
+        let id = t.key();
         self.clock.learn(t.ts_ns, t.jiffies);
         self.resolve_cancel_on(t.cpu, id, None, ended);
         if let Some(prev) = self.by_sk.insert(t.sk, id)
@@ -488,8 +451,8 @@ impl Tracker {
             let observed = Observed {
                 old_ns: None,
                 owner: life.owner,
-                sport: life.sport,
-                dport: life.dport,
+                sport: life.id.sport,
+                dport: life.id.dport,
                 hidden: true,
             };
             if self.by_sk.get(&t.sk) == Some(&id) {
@@ -518,14 +481,15 @@ impl Tracker {
     /// no copy) for every other event.
     pub fn vetted(&self, t: &Transition) -> Option<Transition> {
         let listeners = (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv)
-            && t.cookie != 0
+            && t.id.cookie != 0
             && self
                 .lives
-                .peek(&t.cookie)
+                .peek(&t.id.cookie)
                 .is_some_and(|l| l.life.sk != t.sk && l.state() == Some(TcpState::Listen));
         // Copied only when it changes (then_some would copy every event).
         if listeners {
-            Some(Transition { cookie: 0, ..*t })
+            let id = SocketId { cookie: 0, ..t.id };
+            Some(Transition { id, ..*t })
         } else {
             None
         }
@@ -542,16 +506,16 @@ impl Tracker {
             let l = &p.life;
             l.sk == t.sk
                 && l.role == Role::Passive
-                && l.netns == t.netns
-                && l.sport == t.sport
+                && l.id.netns == t.id.netns
+                && l.id.sport == t.id.sport
                 && matches!(l.spans.as_slice(), [s] if s.state == TcpState::SynRecv)
         });
-        if !newborn || t.cookie == 0 || t.old != TcpState::SynRecv || self.lives.contains(&id) {
+        if !newborn || t.id.cookie == 0 || t.old != TcpState::SynRecv || self.lives.contains(&id) {
             return false;
         }
         // Same state before and after: the per-state counts stand.
         if let Some(mut moved) = self.lives.pop(&prev) {
-            moved.life.cookie = t.cookie;
+            moved.life.id.cookie = t.id.cookie;
             self.lives.put(id, moved);
         }
         true
@@ -561,7 +525,7 @@ impl Tracker {
     /// active one when full). A snapshot record yields to an event from before the
     /// snapshot: the events since tracing began tell that socket's story.
     fn entry(&mut self, t: &Transition, ended: &mut Vec<SocketLife>) -> &mut Tracked {
-        let id = t.id();
+        let id = t.key();
         let replace = match self.lives.get_mut(&id) {
             Some(known) => known.seeded_ns.take().is_some_and(|taken| t.ts_ns < taken),
             None => true,
@@ -664,7 +628,7 @@ impl Tracker {
             .lives
             .iter()
             .filter(|(_, t)| {
-                l.netns.contains(&t.life.netns)
+                l.netns.contains(&t.life.id.netns)
                     && t.last_ns < l.from_ns
                     && t.tw.as_ref().is_none_or(|tw| tw.cancel.is_none())
             })
@@ -796,13 +760,7 @@ fn move_to(
     let t = Transition {
         ts_ns: at.unwrap_or(ts_ns),
         sk: life.sk,
-        cookie: life.cookie,
-        netns: life.netns,
-        family: life.family,
-        saddr: life.saddr,
-        sport: life.sport,
-        daddr: life.daddr,
-        dport: life.dport,
+        id: life.id,
         old,
         new: state,
         task,
@@ -815,8 +773,8 @@ fn move_to(
         Observed {
             old_ns,
             owner: life.owner,
-            sport: life.sport,
-            dport: life.dport,
+            sport: life.id.sport,
+            dport: life.id.dport,
             hidden: false,
         },
     ));
@@ -827,13 +785,13 @@ fn move_to(
 fn step(life: &mut SocketLife, t: &Transition) -> (Observed, u64, bool) {
     // Fill in what early events lack (the local port is 0 at CLOSE -> SYN_SENT).
     life.sk = t.sk;
-    if t.sport != 0 {
-        life.sport = t.sport;
-        life.saddr = t.saddr;
+    if t.id.sport != 0 {
+        life.id.sport = t.id.sport;
+        life.id.saddr = t.id.saddr;
     }
-    if t.dport != 0 {
-        life.dport = t.dport;
-        life.daddr = t.daddr;
+    if t.id.dport != 0 {
+        life.id.dport = t.id.dport;
+        life.id.daddr = t.id.daddr;
     }
     if task_is_owner(t.old, t.new) {
         life.owner = Some(Owner {
@@ -870,8 +828,8 @@ fn step(life: &mut SocketLife, t: &Transition) -> (Observed, u64, bool) {
     let observed = Observed {
         old_ns,
         owner: life.owner,
-        sport: life.sport,
-        dport: life.dport,
+        sport: life.id.sport,
+        dport: life.id.dport,
         hidden: false,
     };
     (observed, entered, mismatched)
@@ -894,13 +852,7 @@ fn start(t: &Transition) -> SocketLife {
     };
     SocketLife {
         sk: t.sk,
-        cookie: t.cookie,
-        netns: t.netns,
-        family: t.family,
-        saddr: t.saddr,
-        sport: t.sport,
-        daddr: t.daddr,
-        dport: t.dport,
+        id: t.id,
         owner: None,
         role,
         first_seen_mid_life: !fresh,

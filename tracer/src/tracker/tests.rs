@@ -8,13 +8,15 @@ pub(crate) fn tr(sk: u64, ts: u64, old: TcpState, new: TcpState, pid: u32) -> Tr
     Transition {
         ts_ns: ts,
         sk,
-        cookie: sk,
-        netns: NETNS,
-        family: Family::Ipv4,
-        saddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
-        sport: 40000,
-        daddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
-        dport: 8080,
+        id: SocketId {
+            cookie: sk,
+            netns: NETNS,
+            family: Family::Ipv4,
+            saddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            sport: 40000,
+            daddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            dport: 8080,
+        },
         old,
         new,
         task: Task {
@@ -43,7 +45,7 @@ fn feed(t: &mut Tracker, evs: &[Transition]) -> (Vec<Observed>, Vec<SocketLife>)
 fn an_active_life_with_durations() {
     let mut t = Tracker::default();
     let mut first = tr(1, 100, Close, SynSent, 7);
-    first.sport = 0; // not chosen yet at connect()
+    first.id.sport = 0; // not chosen yet at connect()
     let (obs, ended) = feed(
         &mut t,
         &[
@@ -64,7 +66,7 @@ fn an_active_life_with_durations() {
     assert_eq!(life.role, Role::Active);
     assert_eq!(life.end, End::Closed);
     assert!(!life.first_seen_mid_life);
-    assert_eq!(life.sport, 40000);
+    assert_eq!(life.id.sport, 40000);
     assert_eq!(life.owner.map(|o| o.pid), Some(7));
     assert_eq!(
         life.spans,
@@ -235,11 +237,11 @@ fn a_child_born_without_cookie_or_peer_takes_them_from_its_next_event() {
     // request's cookie (the program reports 0) and its peer's address.
     let sk = 0xffff_8880_0000_1000;
     let mut born = tr(sk, 1_000, Listen, SynRecv, 1);
-    born.cookie = 0;
-    born.daddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-    born.dport = 0;
+    born.id.cookie = 0;
+    born.id.daddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    born.id.dport = 0;
     let mut est = tr(sk, 1_500, SynRecv, Established, 1);
-    est.cookie = 77;
+    est.id.cookie = 77;
     let mut t = Tracker::default();
     let (obs, ended) = feed(&mut t, &[born, est]);
     assert!(ended.is_empty(), "{ended:?}");
@@ -250,7 +252,10 @@ fn a_child_born_without_cookie_or_peer_takes_them_from_its_next_event() {
         "SYN_RECV lasted from the child's birth"
     );
     let life = t.socket(77).expect("tracked by its cookie");
-    assert_eq!((life.cookie, life.dport, life.daddr), (77, 8080, est.daddr));
+    assert_eq!(
+        (life.id.cookie, life.id.dport, life.id.daddr),
+        (77, 8080, est.id.daddr)
+    );
     assert_eq!(life.role, Role::Passive);
     assert!(!life.first_seen_mid_life);
     assert_eq!(t.state_counts()[Established as usize], 1);
@@ -260,13 +265,13 @@ fn a_child_born_without_cookie_or_peer_takes_them_from_its_next_event() {
     let mut t = Tracker::default();
     let listener = 0xffff_8880_0000_2000;
     let mut listen = tr(listener, 0, Close, Listen, 1);
-    listen.cookie = 5;
+    listen.id.cookie = 5;
     let mut born = tr(sk, 1_000, Listen, SynRecv, 1);
-    born.cookie = 5;
-    born.daddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-    born.dport = 0;
+    born.id.cookie = 5;
+    born.id.daddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    born.id.dport = 0;
     t.observe(&listen, &mut Vec::new());
-    assert_eq!(t.vetted(&born).map(|v| v.cookie), Some(0));
+    assert_eq!(t.vetted(&born).map(|v| v.id.cookie), Some(0));
     assert_eq!(t.vetted(&listen), None);
     let (_, ended) = feed(&mut t, &[born, est]);
     assert!(ended.is_empty(), "{ended:?}");
@@ -276,20 +281,20 @@ fn a_child_born_without_cookie_or_peer_takes_them_from_its_next_event() {
     // Or one the kernel overwrote after the event (the listener had none to copy).
     let mut t = Tracker::default();
     let mut born = tr(sk, 1_000, Listen, SynRecv, 1);
-    born.cookie = 76;
+    born.id.cookie = 76;
     let (obs, ended) = feed(&mut t, &[born, est]);
     assert!(ended.is_empty(), "{ended:?}");
     assert_eq!(obs[1].old_ns, Some(500));
     assert!(t.socket(76).is_none());
-    assert_eq!(t.socket(77).map(|l| l.cookie), Some(77));
+    assert_eq!(t.socket(77).map(|l| l.id.cookie), Some(77));
     // Past its birth, a new cookie at the same address is another socket.
     let mut t = Tracker::default();
     let mut born = tr(sk, 1_000, Listen, SynRecv, 1);
-    born.cookie = 76;
+    born.id.cookie = 76;
     let mut first = tr(sk, 1_500, SynRecv, Established, 1);
-    first.cookie = 76;
+    first.id.cookie = 76;
     let mut other = tr(sk, 2_000, Established, CloseWait, 1);
-    other.cookie = 78;
+    other.id.cookie = 78;
     let (_, ended) = feed(&mut t, &[born, first, other]);
     assert_eq!(ended.len(), 1);
     assert_eq!(t.stats().unseen_reused, 1);
@@ -335,9 +340,12 @@ fn a_skipped_exit_ends_unseen_and_the_next_life_starts_fresh() {
     // pgbench -C showed it: a socket's last event is ESTABLISHED -> FIN_WAIT1, then its
     // address serves another connection. The two must not merge.
     let mut t = Tracker::default();
-    let second = |ts, old, new| Transition {
-        cookie: 92,
-        ..tr(9, ts, old, new, 3)
+    let second = |ts, old, new| {
+        let t = tr(9, ts, old, new, 3);
+        Transition {
+            id: SocketId { cookie: 92, ..t.id },
+            ..t
+        }
     };
     let (_, ended) = feed(
         &mut t,
@@ -352,13 +360,13 @@ fn a_skipped_exit_ends_unseen_and_the_next_life_starts_fresh() {
     assert_eq!(ended.len(), 1);
     let first = &ended[0];
     assert_eq!(
-        (first.cookie, first.end, first.lifetime_ns),
+        (first.id.cookie, first.end, first.lifetime_ns),
         (9, End::Unseen, None)
     );
     assert_eq!(first.state(), Some(FinWait1));
     let live: Vec<_> = t.sockets().collect();
     assert_eq!(live.len(), 1);
-    assert_eq!(live[0].cookie, 92);
+    assert_eq!(live[0].id.cookie, 92);
     assert_eq!(
         live[0].spans.iter().filter(|s| s.state == SynSent).count(),
         1,
@@ -452,13 +460,15 @@ fn twe(op: TimerOp, ts: u64, substate: TcpState) -> TimewaitEvent {
         ts_ns: ts,
         op,
         tw: 0xbeef,
-        cookie: 1,
-        netns: NETNS,
-        family: t.family,
-        saddr: t.saddr,
-        sport: t.sport,
-        daddr: t.daddr,
-        dport: t.dport,
+        id: SocketId {
+            cookie: 1,
+            netns: NETNS,
+            family: t.id.family,
+            saddr: t.id.saddr,
+            sport: t.id.sport,
+            daddr: t.id.daddr,
+            dport: t.id.dport,
+        },
         substate,
         expires: 0,
         jiffies: 0,
@@ -532,7 +542,11 @@ fn time_wait_carries_the_life_on_and_expires() {
     );
     let life = &ended[0];
     assert_eq!(life.end, End::TimeWaitExpired);
-    assert_eq!((life.sk, life.cookie), (1, 1), "the full socket's identity");
+    assert_eq!(
+        (life.sk, life.id.cookie),
+        (1, 1),
+        "the full socket's identity"
+    );
     assert_eq!(life.role, Role::Active);
     assert_eq!(life.owner.map(|o| o.pid), Some(7));
     assert_eq!(
@@ -577,7 +591,7 @@ fn the_next_event_on_the_cancels_cpu_tells_a_kill() {
     };
     t.observe(&next, &mut ended);
     assert_eq!(derived(&mut t), [(TimeWait, Close, 3 * S, Some(S))]);
-    assert_eq!((ended[0].cookie, ended[0].end), (1, End::TimeWaitKilled));
+    assert_eq!((ended[0].id.cookie, ended[0].end), (1, End::TimeWaitKilled));
 }
 
 #[test]
@@ -650,28 +664,32 @@ fn three_connections_on_one_four_tuple_each_get_their_time_wait() {
     for i in 0..3u64 {
         let (sk, cookie) = (100 + i, 10 + i);
         let j0 = 1_000 + 125 * i; // 0.5 s apart
-        let ev = |ts: u64, old, new| Transition {
-            cookie,
-            cpu: Some(0),
-            jiffies: ts / 4_000_000,
-            ..tr(sk, ts, old, new, 7)
+        let ev = |ts: u64, old, new| {
+            let t = tr(sk, ts, old, new, 7);
+            Transition {
+                id: SocketId { cookie, ..t.id },
+                cpu: Some(0),
+                jiffies: ts / 4_000_000,
+                ..t
+            }
         };
-        let tw = |op, j: u64, sub, expires| TimewaitEvent {
-            cookie,
-            tw: tw_addr,
-            expires,
-            jiffies: j,
-            ..twe(op, at_jiffy(j), sub)
+        let tw = |op, j: u64, sub, expires| {
+            let e = twe(op, at_jiffy(j), sub);
+            TimewaitEvent {
+                id: SocketId { cookie, ..e.id },
+                tw: tw_addr,
+                expires,
+                jiffies: j,
+                ..e
+            }
         };
         if i > 0 {
             // The SYN kills the previous one (its substate turned TIME_WAIT silently one
             // jiffy after its arming, so its timer expires at 1 + 15_000 jiffies later).
             let prev = 10 + i - 1;
             let prev_j0 = j0 - 125;
-            let kill = TimewaitEvent {
-                cookie: prev,
-                ..tw(TimerOp::Cancel, j0, TimeWait, prev_j0 + 1 + 15_000)
-            };
+            let mut kill = tw(TimerOp::Cancel, j0, TimeWait, prev_j0 + 1 + 15_000);
+            kill.id.cookie = prev;
             t.timewait(&kill, &mut ended);
         }
         let start = at_jiffy(j0);
@@ -697,7 +715,7 @@ fn three_connections_on_one_four_tuple_each_get_their_time_wait() {
     for (i, life) in ended.iter().enumerate() {
         let j0 = 1_000 + 125 * i as u64;
         assert_eq!(
-            (life.cookie, life.end),
+            (life.id.cookie, life.end),
             (10 + i as u64, End::TimeWaitKilled)
         );
         let tw = life.spans.iter().find(|s| s.state == TimeWait).unwrap();
@@ -840,10 +858,8 @@ fn full(state: TcpState) -> Listed {
 fn reconcile_ends_what_sock_diag_no_longer_lists() {
     let mut t = Tracker::default();
     let mut ended = Vec::new();
-    let other_ns = Transition {
-        netns: 77,
-        ..tr(3, 100, Close, SynSent, 1)
-    };
+    let mut other_ns = tr(3, 100, Close, SynSent, 1);
+    other_ns.id.netns = 77;
     for e in [
         tr(1, 100, Close, SynSent, 1),
         tr(1, 110, SynSent, Established, 1),
@@ -868,7 +884,7 @@ fn reconcile_ends_what_sock_diag_no_longer_lists() {
     assert_eq!(gone, 1);
     assert_eq!(ended.len(), 1);
     assert_eq!(
-        (ended[0].cookie, ended[0].end, ended[0].lifetime_ns),
+        (ended[0].id.cookie, ended[0].end, ended[0].lifetime_ns),
         (5, End::Unseen, None)
     );
     assert_eq!(t.socket(2).and_then(SocketLife::state), Some(LastAck));
@@ -942,7 +958,10 @@ fn a_timewait_socket_whose_arm_was_lost_is_adopted_from_the_listing() {
     // Its timer's end finds the life.
     t.timewait(&twe(TimerOp::Cancel, 62 * S, TimeWait), &mut ended);
     t.timewait(&twe(TimerOp::Expire, 62 * S + 1, TimeWait), &mut ended);
-    assert_eq!((ended[0].cookie, ended[0].end), (1, End::TimeWaitExpired));
+    assert_eq!(
+        (ended[0].id.cookie, ended[0].end),
+        (1, End::TimeWaitExpired)
+    );
     assert_eq!(ended[0].role, Role::Active);
 }
 
@@ -997,7 +1016,7 @@ proptest! {
         prop_assert_eq!(t.live(), 0);
         prop_assert_eq!(ended.len(), sockets.len());
         for life in &ended {
-            let (walk, _, durations) = &sockets[(life.cookie - 1) as usize];
+            let (walk, _, durations) = &sockets[(life.id.cookie - 1) as usize];
             let walk = WALKS[*walk];
             let names: Vec<TcpState> = life.spans.iter().map(|s| s.state).collect();
             prop_assert_eq!(&names[..], &walk[1..], "{:?}", life);

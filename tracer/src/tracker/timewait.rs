@@ -39,7 +39,7 @@ impl Tracker {
     /// transitions wait in [`Tracker::take_derived`].
     pub fn timewait(&mut self, ev: &TimewaitEvent, ended: &mut Vec<SocketLife>) {
         self.clock.learn(ev.ts_ns, ev.jiffies);
-        let id = ev.id();
+        let id = ev.key();
         self.resolve_cancel_on(ev.cpu, id, Some(ev.op), ended);
         match ev.op {
             TimerOp::Arm => self.armed(ev, id, ended),
@@ -234,7 +234,7 @@ impl Tracker {
             .filter_map(|id| {
                 let t = self.lives.peek(id)?;
                 let tw = t.tw.as_ref()?;
-                (tw.cancel.is_none() && !tw.flipped).then(|| t.life.id())
+                (tw.cancel.is_none() && !tw.flipped).then_some(t.life.id)
             })
             .collect()
     }
@@ -284,13 +284,7 @@ fn touch(t: &mut Tracked, ts_ns: u64) {
 fn timewait_life(ev: &TimewaitEvent, entered: Option<u64>) -> SocketLife {
     SocketLife {
         sk: ev.tw,
-        cookie: ev.cookie,
-        netns: ev.netns,
-        family: ev.family,
-        saddr: ev.saddr,
-        sport: ev.sport,
-        daddr: ev.daddr,
-        dport: ev.dport,
+        id: ev.id,
         owner: None,
         role: Role::Unknown,
         first_seen_mid_life: true,

@@ -631,7 +631,7 @@ impl Capture {
     pub(crate) fn on_port(&self, port: u16) -> Vec<Transition> {
         self.events
             .iter()
-            .filter(|t| t.sport == port || t.dport == port)
+            .filter(|t| t.id.sport == port || t.id.dport == port)
             .copied()
             .collect()
     }
@@ -641,7 +641,7 @@ impl Capture {
     pub(crate) fn lives_on_port(&mut self, port: u16, n: usize) -> Vec<Vec<Transition>> {
         self.wait_for(Duration::from_secs(5), |evs| {
             evs.iter()
-                .filter(|t| t.sport == port || t.dport == port)
+                .filter(|t| t.id.sport == port || t.id.dport == port)
                 .count()
                 >= n
         });

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use tracer_common::kind;
 
 use crate::decode::{DecodeError, addresses, task};
-use crate::model::{KernelEvent, TcpState, TimerOp, TimewaitEvent, Transition, Via};
+use crate::model::{KernelEvent, SocketId, TcpState, TimerOp, TimewaitEvent, Transition, Via};
 use crate::tracker::Tuple;
 
 /// Version 2's event: version 1's 88 bytes, then the timer's `expires` and `jiffies`.
@@ -80,6 +80,16 @@ impl Legacy {
         let new = TcpState::from_kernel(newstate).ok_or(DecodeError::State(newstate))?;
         let task = task(pid_tgid, bytes16(56));
         let tuple = (saddr, sport, daddr, dport);
+        // Version-1 and 2 recordings had no namespace.
+        let id = |cookie| SocketId {
+            cookie,
+            netns: 0,
+            family,
+            saddr,
+            sport,
+            daddr,
+            dport,
+        };
         let op = match ev_kind {
             kind::SET_STATE => {
                 let old = TcpState::from_kernel(oldstate).ok_or(DecodeError::State(oldstate))?;
@@ -105,13 +115,7 @@ impl Legacy {
                 return Ok(KernelEvent::Transition(Transition {
                     ts_ns,
                     sk,
-                    cookie,
-                    netns: 0,
-                    family,
-                    saddr,
-                    sport,
-                    daddr,
-                    dport,
+                    id: id(cookie),
                     old,
                     new,
                     task,
@@ -154,13 +158,7 @@ impl Legacy {
             ts_ns,
             op,
             tw: sk,
-            cookie,
-            netns: 0,
-            family,
-            saddr,
-            sport,
-            daddr,
-            dport,
+            id: id(cookie),
             substate: new,
             expires,
             jiffies,
@@ -193,8 +191,8 @@ mod tests {
 
     fn cookie(ev: &KernelEvent) -> u64 {
         match ev {
-            KernelEvent::Transition(t) => t.cookie,
-            KernelEvent::Timewait(tw) => tw.cookie,
+            KernelEvent::Transition(t) => t.id.cookie,
+            KernelEvent::Timewait(tw) => tw.id.cookie,
         }
     }
 
@@ -234,7 +232,7 @@ mod tests {
         let ev = v2(kind::SET_STATE, 0xa, 10, 8080, 7, 2);
         assert!(matches!(
             l.decode(&ev[..V1_SIZE]),
-            Ok(KernelEvent::Transition(t)) if t.cookie == 1 && t.netns == 0 && t.cpu.is_none()
+            Ok(KernelEvent::Transition(t)) if t.id.cookie == 1 && t.id.netns == 0 && t.cpu.is_none()
         ));
         let tw = v2(kind::TW_ARM, 0xbeef, 10, 8080, 0, 6);
         assert_eq!(

@@ -337,11 +337,11 @@ mod tests {
             b[8..16].copy_from_slice(&t.sk.to_ne_bytes());
             let pid_tgid = (u64::from(t.task.pid) << 32) | u64::from(t.task.tid);
             b[16..24].copy_from_slice(&pid_tgid.to_ne_bytes());
-            b[24..40].copy_from_slice(&crate::decode::addr16(t.saddr));
-            b[40..56].copy_from_slice(&crate::decode::addr16(t.daddr));
+            b[24..40].copy_from_slice(&crate::decode::addr16(t.id.saddr));
+            b[40..56].copy_from_slice(&crate::decode::addr16(t.id.daddr));
             b[56..72].copy_from_slice(&t.task.comm.raw());
-            b[72..74].copy_from_slice(&t.sport.to_ne_bytes());
-            b[74..76].copy_from_slice(&t.dport.to_ne_bytes());
+            b[72..74].copy_from_slice(&t.id.sport.to_ne_bytes());
+            b[74..76].copy_from_slice(&t.id.dport.to_ne_bytes());
             b[76..78].copy_from_slice(&tracer_common::AF_INET.to_ne_bytes());
             (b[78], b[79], b[80]) = (t.old as u8, t.new as u8, tracer_common::kind::SET_STATE);
             f.extend_from_slice(&[REC_EVENT, 0]);
@@ -370,7 +370,7 @@ mod tests {
             let got: Vec<_> = items
                 .iter()
                 .map(|i| match i {
-                    Item::Event(KernelEvent::Transition(t)) => (t.ts_ns, t.cookie, t.netns),
+                    Item::Event(KernelEvent::Transition(t)) => (t.ts_ns, t.id.cookie, t.id.netns),
                     other => panic!("{other:?}"),
                 })
                 .collect();
