@@ -1,7 +1,7 @@
 //! Kernel side of tcplens: BTF tracepoint programs (`tp_btf`) that copy every TCP state
 //! transition (`sock:inet_sock_set_state`) and every event of a timewait socket's timer
-//! (`timer:timer_start`, `timer_cancel`, `timer_expire_entry`; that tracepoint never shows
-//! TIME_WAIT) into the `EVENTS` ring buffer.
+//! (`timer:timer_start`, `timer_cancel`, `timer_expire_entry`, in `timewait.rs`; that
+//! tracepoint never shows TIME_WAIT) into the `EVENTS` ring buffer.
 //!
 //! Every tracepoint has two programs, attached in this order: the primary, and a nested one
 //! for the events the primary is skipped for. The kernel runs a tracing program at most once
@@ -26,11 +26,10 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated,
+        bpf_probe_read_kernel, generated,
     },
     macros::{btf_tracepoint, map},
     maps::{HashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
@@ -39,7 +38,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use tracer_common::{
     AF_INET, AF_INET6, Config, Event, HANDLED_RING, Handled, MAX_FILTER_PORTS, MAX_HEAD,
-    SockLayout, TimewaitLayout, kind, tracepoint,
+    SockLayout, kind, tracepoint,
 };
 
 /// Default ring size; userspace resizes it with `--ring-size` before load.
@@ -65,10 +64,6 @@ static RPORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_PORTS, 0)
 #[unsafe(no_mangle)]
 static CONFIG: Config = Config::EMPTY;
 
-/// All zero (a handler address no timer has) until the loader turns timewait tracking on.
-#[unsafe(no_mangle)]
-static TIMEWAIT: TimewaitLayout = TimewaitLayout::EMPTY;
-
 /// A volatile read of a loader-filled value: never folded to its compile-time default.
 macro_rules! get {
     ($place:expr) => {
@@ -83,6 +78,8 @@ fn rd<T: Copy>(p: *const T) -> T {
 }
 
 const HEAD: usize = MAX_HEAD as usize;
+
+mod timewait;
 
 /// Per tracepoint, per CPU: the events the primary handled last.
 #[map]
@@ -183,115 +180,6 @@ fn on_set_state(ctx: &BtfTracePointContext, cookie: u64) {
             0,
         );
     }
-}
-
-// The timer tracepoints fire for every kernel timer on the host, so the programs reject
-// timers that are not a timewait socket's first: one read of the timer's `function` and a
-// compare with the address of `tw_timer_handler`. Their first argument is the timer on
-// every kernel version (the rest differ).
-
-/// A timer is armed: a new timewait socket, or a re-arm of one.
-#[btf_tracepoint(function = "timer_start")]
-pub fn tw_timer_start(ctx: BtfTracePointContext) -> i32 {
-    on_timer(&ctx, tracepoint::TIMER_START, kind::TW_ARM, false);
-    0
-}
-
-#[btf_tracepoint(function = "timer_start")]
-pub fn tw_timer_start_nested(ctx: BtfTracePointContext) -> i32 {
-    on_timer(&ctx, tracepoint::TIMER_START, kind::TW_ARM, true);
-    0
-}
-
-/// A timer is detached: just before its expiry, before a re-arm, or to kill its socket.
-/// (The timer's `function` is still set here, also on `timer_shutdown_sync`.)
-#[btf_tracepoint(function = "timer_cancel")]
-pub fn tw_timer_cancel(ctx: BtfTracePointContext) -> i32 {
-    on_timer(&ctx, tracepoint::TIMER_CANCEL, kind::TW_CANCEL, false);
-    0
-}
-
-#[btf_tracepoint(function = "timer_cancel")]
-pub fn tw_timer_cancel_nested(ctx: BtfTracePointContext) -> i32 {
-    on_timer(&ctx, tracepoint::TIMER_CANCEL, kind::TW_CANCEL, true);
-    0
-}
-
-/// A timer runs out: the timewait socket's natural end.
-#[btf_tracepoint(function = "timer_expire_entry")]
-pub fn tw_timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
-    on_timer(&ctx, tracepoint::TIMER_EXPIRE, kind::TW_EXPIRE, false);
-    0
-}
-
-#[btf_tracepoint(function = "timer_expire_entry")]
-pub fn tw_timer_expire_entry_nested(ctx: BtfTracePointContext) -> i32 {
-    on_timer(&ctx, tracepoint::TIMER_EXPIRE, kind::TW_EXPIRE, true);
-    0
-}
-
-/// One timer event, in the primary (`nested == false`) or the nested program of
-/// tracepoint `tp`. Foreign timers (nearly all of them) are rejected first, by one load of
-/// the timer's `function` straight from the tracepoint's BTF pointer (no helper call): only
-/// a timewait socket's events go through the primary's record and the nested program's
-/// look-up, keyed by the socket's cookie and the timer's expiry.
-#[inline(always)]
-fn on_timer(ctx: &BtfTracePointContext, tp: u32, ev_kind: u8, nested_run: bool) {
-    let timer: *const u8 = ctx.arg(0);
-    let handler = get!(TIMEWAIT.handler);
-    // SAFETY: a load from the kernel's timer at a BTF offset of `struct timer_list`, which
-    // the verifier checks against the kernel's BTF (and the JIT guards against faults).
-    let function = unsafe {
-        core::ptr::read_volatile(
-            timer
-                .add(get!(TIMEWAIT.timer_function) as usize)
-                .cast::<u64>(),
-        )
-    };
-    if handler == 0 || function != handler {
-        return;
-    }
-    // SAFETY: as above, `struct timer_list.expires`.
-    let expires = unsafe {
-        core::ptr::read_volatile(
-            timer
-                .add(get!(TIMEWAIT.timer_expires) as usize)
-                .cast::<u64>(),
-        )
-    };
-    // The timewait socket around the timer: a copy of its head (the verifier follows no
-    // pointer arithmetic from the timer back to it).
-    let tw = timer_address(ctx) - u64::from(get!(TIMEWAIT.tw_timer));
-    let mut head = [0u8; HEAD];
-    let size = (get!(TIMEWAIT.sock.head) as usize).min(HEAD);
-    let Some(dst) = head.get_mut(..size) else {
-        return;
-    };
-    // SAFETY: bpf_probe_read_kernel faults safely on any address.
-    if unsafe { bpf_probe_read_kernel_buf(tw as *const u8, dst) }.is_err() {
-        return;
-    }
-    let fields = Copied(&head);
-    let Some(s) = read_sock(&fields, &TIMEWAIT.sock) else {
-        return;
-    };
-    let cookie = fields.u64_at(get!(TIMEWAIT.sock.cookie));
-    let substate = fields.u8_at(get!(TIMEWAIT.tw_substate));
-    let send = || emit(ctx, &fields, &s, tw, cookie, ev_kind, 0, substate, expires);
-    if nested_run {
-        nested(tp, [cookie, expires], send);
-    } else {
-        primary(tp, [cookie, expires], send);
-    }
-}
-
-/// The timer's address as a number (the verifier allows no arithmetic across to the
-/// timewait socket on the argument pointer itself).
-#[inline(always)]
-fn timer_address(ctx: &BtfTracePointContext) -> u64 {
-    // SAFETY: the context is the tracepoint's argument array; bpf_probe_read_kernel faults
-    // safely anyway.
-    unsafe { bpf_probe_read_kernel(ctx.as_ptr() as *const u64) }.unwrap_or(0)
 }
 
 /// Where a socket's fields are read: at byte offsets from `SockLayout`.

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use btf_rs::{Btf, Type};
 use thiserror::Error;
-use tracer_common::{MAX_HEAD, SockLayout, TimewaitLayout};
+use tracer_common::{MAX_HEAD, SockLayout};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub const KALLSYMS: &str = "/proc/kallsyms";
@@ -196,29 +196,6 @@ pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, LayoutError> {
     })
 }
 
-/// The timewait programs' layout, with `tw_timer_handler`'s address from `kallsyms`.
-pub fn timewait_layout(
-    btf: &KernelBtf,
-    kallsyms: impl std::io::BufRead,
-) -> Result<TimewaitLayout, LayoutError> {
-    let tw = "inet_timewait_sock";
-    let tw_substate = btf.offset(tw, &["tw_substate"], 1..=1)?;
-    let tw_sport = btf.offset(tw, &["tw_sport"], 2..=2)?;
-    Ok(TimewaitLayout {
-        handler: symbol_address(kallsyms, "tw_timer_handler")?,
-        timer_function: btf.offset("timer_list", &["function"], 8..=8)?,
-        timer_expires: btf.offset("timer_list", &["expires"], 8..=8)?,
-        tw_timer: btf.offset(tw, &["tw_timer"], 40..=64)?,
-        tw_substate,
-        sock: btf.sock_layout(
-            tw,
-            "__tw_common",
-            (tw, &["tw_sport"]),
-            &[(tw_substate, 1), (tw_sport, 2)],
-        )?,
-    })
-}
-
 /// The address of a text symbol in /proc/kallsyms text, read up to its line (the kernel
 /// writes that file slowly). Without CAP_SYSLOG the kernel shows zeros, which count as
 /// missing.
@@ -267,7 +244,11 @@ mod tests {
         assert!(s.sock.sport > s.sock.head, "inet_sport is past sock_common");
         assert_eq!(s.sock.family, 16);
         assert!(s.sock.head > s.sock.cookie && s.sock.head <= MAX_HEAD);
-        let t = timewait_layout(&btf, &b"ffffffff82003430 t tw_timer_handler\n"[..]).expect("tw");
+        let t = super::super::timewait::layout_from(
+            &btf,
+            &b"ffffffff82003430 t tw_timer_handler\n"[..],
+        )
+        .expect("tw");
         assert_eq!(t.handler, 0xffff_ffff_8200_3430);
         // A timewait socket's common part is the same `struct sock_common`.
         assert_eq!(

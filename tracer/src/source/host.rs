@@ -8,20 +8,19 @@
 //! - A flip check ([`Ask::Flips`]): which timewait sockets the events show in FIN_WAIT2 have
 //!   turned TIME_WAIT without a timer event, and when. A dump of FIN_WAIT2 sockets (few, as
 //!   a rule) tells which turned; each of those is then looked up by its cookie for its
-//!   timer (or, when there are many, one dump of TIME_WAIT sockets).
+//!   timer (or, when there are many, one dump of TIME_WAIT sockets); see `timewait.rs`.
+//! - The start-up snapshot ([`Ask::Snapshot`]): every socket when tracing began.
+//! - Holders ([`Ask::Holders`]): sockets in some states with the process holding each.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io;
 
 use crate::clock::monotonic_now_ns;
 use crate::model::TcpState;
 use crate::source::procs::{Holder, OwnerIndex};
-use crate::source::sockdiag::{self, Diag, DiagError, DiagSocket};
-use crate::tracker::{FlipCandidate, Listed, Listing, TIMEWAIT_LEN_S};
-
-/// Past this many turned sockets in one namespace, one TIME_WAIT dump replaces the
-/// lookups.
-const LOOKUPS_MAX: usize = 2_000;
+use crate::source::sockdiag::{self, DiagError, DiagSocket};
+use crate::source::timewait::{self, Turned, turned_at};
+use crate::tracker::{FlipCandidate, Listed, Listing};
 
 /// Every TCP state sock_diag lists that a tracked socket can be in.
 pub const LISTED_STATES: [TcpState; 11] = {
@@ -65,9 +64,6 @@ pub struct Holders {
     pub took_ns: u64,
     pub sockets: Vec<(DiagSocket, Option<Holder>)>,
 }
-
-/// Timewait sockets (cookies) that turned TIME_WAIT, with when (`None`: not known).
-pub type Turned = Vec<(u64, Option<u64>)>;
 
 /// The sockets of the start-up snapshot, and when the dump ended (kernel monotonic).
 #[derive(Clone, Debug, Default)]
@@ -154,7 +150,7 @@ fn answer(ask: Ask, owners: &mut OwnerIndex) -> Answer {
         }),
         Ask::Listing(states) => listing(&states).map(Answer::Listing),
         Ask::Flips(candidates) => {
-            flips(&candidates).map(|(from_ns, turned)| Answer::Flips { from_ns, turned })
+            timewait::flips(&candidates).map(|(from_ns, turned)| Answer::Flips { from_ns, turned })
         }
         Ask::Holders(states) => holders(&states, owners).map(Answer::Holders),
     };
@@ -207,103 +203,4 @@ pub fn listing(states: &[TcpState]) -> Result<Listing, DiagError> {
             })
             .collect(),
     })
-}
-
-/// When a timewait socket sock_diag shows in TIME_WAIT at `seen_ns` entered it: its timer
-/// was set to `TCP_TIMEWAIT_LEN` then (within a jiffy).
-pub fn turned_at(s: &DiagSocket, seen_ns: u64) -> Option<u64> {
-    if s.state != TcpState::TimeWait {
-        return None;
-    }
-    let left_ns = u64::from(s.tw_expires_ms?) * 1_000_000;
-    (seen_ns + left_ns).checked_sub(TIMEWAIT_LEN_S * 1_000_000_000)
-}
-
-/// Which candidates turned TIME_WAIT, and when; with the time the check began.
-fn flips(candidates: &[FlipCandidate]) -> Result<(u64, Turned), DiagError> {
-    let from_ns = monotonic_now_ns();
-    let mut by_ns: HashMap<u32, Vec<&FlipCandidate>> = HashMap::new();
-    for c in candidates {
-        by_ns.entry(c.netns).or_default().push(c);
-    }
-    let only: HashSet<u32> = by_ns.keys().copied().collect();
-    let mut turned = Vec::new();
-    sockdiag::for_each_netns(Some(&only), |netns| {
-        let mut diag = Diag::here(netns)?;
-        let still: HashSet<u64> = diag
-            .dump(&[TcpState::FinWait2])?
-            .iter()
-            .map(|s| s.id.cookie)
-            .collect();
-        let gone_from_fin_wait2: Vec<&&FlipCandidate> = by_ns[&netns]
-            .iter()
-            .filter(|c| !still.contains(&c.cookie))
-            .collect();
-        if gone_from_fin_wait2.len() > LOOKUPS_MAX {
-            let t0 = monotonic_now_ns();
-            let tw: HashMap<u64, DiagSocket> = diag
-                .dump(&[TcpState::TimeWait])?
-                .into_iter()
-                .map(|s| (s.id.cookie, s))
-                .collect();
-            let seen = t0 / 2 + monotonic_now_ns() / 2;
-            for c in gone_from_fin_wait2 {
-                if let Some(s) = tw.get(&c.cookie) {
-                    turned.push((c.cookie, turned_at(s, seen)));
-                }
-            }
-            return Ok(());
-        }
-        for c in gone_from_fin_wait2 {
-            let seen = monotonic_now_ns();
-            let tuple = (c.saddr, c.sport, c.daddr, c.dport);
-            if let Some(s) = diag.lookup(c.family, tuple, c.cookie)?
-                && s.state == TcpState::TimeWait
-            {
-                turned.push((c.cookie, turned_at(&s, seen)));
-            }
-        }
-        Ok(())
-    })?;
-    Ok((from_ns, turned))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{Family, SocketId};
-
-    fn tw(state: TcpState, left_ms: Option<u32>) -> DiagSocket {
-        let here = "127.0.0.1".parse().unwrap();
-        DiagSocket {
-            id: SocketId {
-                family: Family::Ipv4,
-                saddr: here,
-                sport: 1,
-                daddr: here,
-                dport: 2,
-                netns: 1,
-                cookie: 9,
-            },
-            state,
-            inode: 0,
-            uid: 0,
-            tw_expires_ms: left_ms,
-        }
-    }
-
-    #[test]
-    fn the_turn_is_placed_from_the_timer() {
-        // Seen at 100 s with 59.5 s left of its 60: it turned at 99.5 s.
-        let s = 1_000_000_000;
-        assert_eq!(
-            turned_at(&tw(TcpState::TimeWait, Some(59_500)), 100 * s),
-            Some(99 * s + s / 2)
-        );
-        assert_eq!(
-            turned_at(&tw(TcpState::FinWait2, Some(59_500)), 100 * s),
-            None
-        );
-        assert_eq!(turned_at(&tw(TcpState::TimeWait, None), 100 * s), None);
-    }
 }

@@ -1,6 +1,6 @@
 //! The live source: loads the eBPF programs, attaches them as BTF tracepoints to
 //! `sock:inet_sock_set_state` (and, for TIME_WAIT, to `timer:timer_start`, `timer_cancel` and
-//! `timer_expire_entry`) and reads raw event records from their ring buffer. It also reads
+//! `timer_expire_entry`: `timewait.rs`) and reads raw event records from their ring buffer. It also reads
 //! what the kernel lost: ring buffer drops and each program's recursion misses.
 
 use std::io;
@@ -19,6 +19,7 @@ use tracer_common::{
 };
 
 use super::btf::{self, KernelBtf, VMLINUX_BTF};
+use super::timewait;
 use crate::model::Family;
 
 /// The eBPF object built by `build.rs`.
@@ -26,12 +27,12 @@ static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/t
 /// A tracepoint and its two programs (see `tracer-ebpf`): the primary, and the nested one
 /// for the events the primary is skipped for, attached after it.
 #[derive(Clone, Copy)]
-struct Tracepoint {
+pub(super) struct Tracepoint {
     /// Its index in `tracer_common::tracepoint` (and in the `NESTED` counters).
-    index: u32,
-    name: &'static str,
-    primary: &'static str,
-    nested: &'static str,
+    pub(super) index: u32,
+    pub(super) name: &'static str,
+    pub(super) primary: &'static str,
+    pub(super) nested: &'static str,
 }
 
 const TRANSITIONS: Tracepoint = Tracepoint {
@@ -40,28 +41,6 @@ const TRANSITIONS: Tracepoint = Tracepoint {
     primary: "inet_sock_set_state",
     nested: "inet_sock_set_state_nested",
 };
-/// The timewait programs and the `timer:*` tracepoints they attach to.
-const TIMEWAIT_PROGRAMS: [Tracepoint; 3] = [
-    Tracepoint {
-        index: tracepoint::TIMER_START,
-        name: "timer_start",
-        primary: "tw_timer_start",
-        nested: "tw_timer_start_nested",
-    },
-    Tracepoint {
-        index: tracepoint::TIMER_CANCEL,
-        name: "timer_cancel",
-        primary: "tw_timer_cancel",
-        nested: "tw_timer_cancel_nested",
-    },
-    Tracepoint {
-        index: tracepoint::TIMER_EXPIRE,
-        name: "timer_expire_entry",
-        primary: "tw_timer_expire_entry",
-        nested: "tw_timer_expire_entry_nested",
-    },
-];
-
 /// Default ring buffer size: at this machine's top churn (~150 k transitions/s of 128
 /// bytes each) it holds about half a second of events, so a stalled reader loses nothing.
 pub const DEFAULT_RING_SIZE: u32 = 8 << 20;
@@ -332,18 +311,7 @@ impl KernelSource {
             filter_rport: u8::from(!f.rports.is_empty()),
         };
         let timewait = if opts.timewait {
-            let found = std::fs::File::open(btf::KALLSYMS)
-                .map_err(|e| btf::LayoutError(format!("{}: {e}", btf::KALLSYMS)))
-                .and_then(|f| {
-                    btf::timewait_layout(&kernel_btf, std::io::BufReader::with_capacity(1 << 16, f))
-                });
-            match found {
-                Ok(layout) => Some(layout),
-                Err(why) => {
-                    log::warn!("TIME_WAIT tracking unavailable ({why}); running without it");
-                    None
-                }
-            }
+            timewait::layout(&kernel_btf)
         } else {
             None
         };
@@ -398,7 +366,7 @@ impl KernelSource {
             "attaching to sock:inet_sock_set_state",
         )?;
         let timewait = match timewait {
-            Some(_) => match attach_timewait(&mut ebpf, &btf) {
+            Some(_) => match timewait::attach(&mut ebpf, &btf) {
                 Ok(fds) => {
                     primaries.extend(fds);
                     true
@@ -447,7 +415,7 @@ impl KernelSource {
 /// recursion misses. A refusal is the verifier's (its log at RUST_LOG=debug), unless the
 /// kernel says EPERM: no privilege to load at all. (The verifier refuses some accesses with
 /// EACCES, which is not a privilege problem.)
-fn load(ebpf: &mut Ebpf, btf: &Btf, tp: Tracepoint) -> Result<ProgramFd, SourceError> {
+pub(super) fn load(ebpf: &mut Ebpf, btf: &Btf, tp: Tracepoint) -> Result<ProgramFd, SourceError> {
     for name in [tp.primary, tp.nested] {
         let program = program(ebpf, name)?;
         match program.load(tp.name, btf) {
@@ -487,7 +455,11 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut BtfTracePoint, 
 
 /// Attaches the primary program of `tp`, then the nested one: the kernel calls them in that
 /// order.
-fn attach(ebpf: &mut Ebpf, tp: Tracepoint, what: &'static str) -> Result<(), SourceError> {
+pub(super) fn attach(
+    ebpf: &mut Ebpf,
+    tp: Tracepoint,
+    what: &'static str,
+) -> Result<(), SourceError> {
     for name in [tp.primary, tp.nested] {
         program(ebpf, name)?
             .attach()
@@ -498,20 +470,6 @@ fn attach(ebpf: &mut Ebpf, tp: Tracepoint, what: &'static str) -> Result<(), Sou
             })?;
     }
     Ok(())
-}
-
-/// Loads the timer programs, then attaches them: a verifier refusal leaves none attached.
-/// (Should an attach fail after another succeeded, `timewait` is off and the reader ignores
-/// the timewait events.)
-fn attach_timewait(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<(u32, ProgramFd)>, SourceError> {
-    let fds = TIMEWAIT_PROGRAMS
-        .into_iter()
-        .map(|tp| Ok((tp.index, load(ebpf, btf, tp)?)))
-        .collect::<Result<Vec<_>, SourceError>>()?;
-    for tp in TIMEWAIT_PROGRAMS {
-        attach(ebpf, tp, "attaching to a timer tracepoint")?;
-    }
-    Ok(fds)
 }
 
 impl EventRing {

@@ -8,3 +8,4 @@ pub mod kernel;
 pub mod procs;
 pub mod record;
 pub mod sockdiag;
+pub mod timewait;

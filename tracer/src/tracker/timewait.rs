@@ -1,5 +1,6 @@
 //! TIME_WAIT: a closing socket lives on as a timewait socket with the same cookie, whose
-//! timer events (see `tracer-ebpf`) carry its life on.
+//! timer events carry its life on. The kernel programs are in `tracer-ebpf/src/timewait.rs`,
+//! their layout, attach and the flip checks in `source/timewait.rs`; this is the join.
 //!
 //! - arm: the socket enters the timewait socket's substate (TIME_WAIT, or FIN_WAIT2 for an
 //!   orphan waiting out `tcp_fin_timeout`); the full socket's CLOSE that follows is hidden.
