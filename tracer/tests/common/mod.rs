@@ -3,6 +3,8 @@
 //! fail (never skip) without it.
 #![allow(dead_code)]
 
+pub(crate) mod listen;
+
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};

@@ -1,0 +1,166 @@
+//! Real kernel, no tcplens yet: the listen-path scenarios (request sockets, SYN-ACK
+//! retransmissions, SYN and accept queues) driven and checked against the kernel's own
+//! ground truth: sock_diag (`ss`) and the namespace's SNMP counters (`nstat`). Each runs in
+//! a network namespace of its own; timings are compared only with each other.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use common::listen::*;
+use common::{NamedNetns, sysctl};
+
+#[test]
+fn normal_accept_is_one_request_without_retransmission() {
+    let ns = NamedNetns::new("lw-accept");
+    let at = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7100);
+    let (accepted, left) = ns.run(move || {
+        let a = normal_accept(at);
+        (a, requests())
+    });
+    eprintln!(
+        "normal accept: connect() to accept() took {:?}",
+        accepted.took
+    );
+    assert_eq!(accepted.peer_seen, accepted.client);
+    assert!(left.is_empty(), "no request socket left: {left:?}");
+    assert!(!accepted.took.is_zero());
+    assert_eq!(ns.nstat("TcpActiveOpens"), 1);
+    assert_eq!(ns.nstat("TcpPassiveOpens"), 1);
+    assert_eq!(ns.nstat("TcpRetransSegs"), 0);
+    assert_eq!(ns.nstat("TcpExtTCPSynRetrans"), 0);
+    assert_eq!(ns.nstat("TcpExtListenOverflows"), 0);
+    assert_eq!(ns.nstat("TcpExtListenDrops"), 0);
+}
+
+#[test]
+fn unanswered_synack_is_retransmitted_twice_then_dropped() {
+    let ns = NamedNetns::new("lw-synack");
+    unanswering_peer(&ns);
+    let at = SocketAddrV4::new(SERVER, 7101);
+    let loss = ns.run(move || {
+        sysctl("net/ipv4/tcp_synack_retries", "2");
+        synack_loss(
+            at,
+            40_000,
+            Duration::from_millis(10),
+            Duration::from_secs(30),
+        )
+    });
+    let counts: Vec<u32> = loss.seen.iter().map(|s| s.0).collect();
+    assert_eq!(counts, [0, 1, 2], "{loss:?}");
+    // The timeouts, by the test's clock: SYN to first retransmission, first to second,
+    // second to the drop. Each is the previous one doubled (the timer wheel may add a few
+    // per cent, polling 10 ms).
+    let first = loss.seen[1].1 - loss.sent;
+    let second = loss.seen[2].1 - loss.seen[1].1;
+    let last = loss.gone - loss.seen[2].1;
+    eprintln!("SYN-ACK timeouts seen: {first:?}, {second:?}, {last:?}");
+    assert!(loss.seen[0].1 - loss.sent < first, "{loss:?}");
+    for (a, b) in [(first, second), (second, last)] {
+        let ratio = b.as_secs_f64() / a.as_secs_f64();
+        assert!((1.6..2.5).contains(&ratio), "{a:?} then {b:?}");
+    }
+    assert_eq!(ns.nstat("TcpExtTCPSynRetrans"), 2);
+    assert_eq!(ns.nstat("TcpRetransSegs"), 2);
+    // Two expiries that retransmit, one that drops the request.
+    assert_eq!(ns.nstat("TcpExtTCPTimeouts"), 3);
+    assert_eq!(ns.nstat("TcpExtListenDrops"), 0);
+}
+
+#[test]
+fn rst_ends_a_request() {
+    let ns = NamedNetns::new("lw-rst");
+    unanswering_peer(&ns);
+    let at = SocketAddrV4::new(SERVER, 7104);
+    let (before, after) = ns.run(move || {
+        let listener = listen_with_backlog(at, 16);
+        let peer = SocketAddrV4::new(PEER, 40_001);
+        send_syn(peer.port(), at, 5000);
+        let before = requests();
+        // In window: the request expects 5001 next.
+        send_raw(&[raw_segment(peer, at, 5001, RST)]);
+        let after = requests();
+        drop(listener);
+        (before, after)
+    });
+    assert_eq!(
+        before,
+        [Request {
+            local: at,
+            peer: SocketAddrV4::new(PEER, 40_001),
+            retrans: 0
+        }]
+    );
+    assert!(after.is_empty(), "{after:?}");
+    assert_eq!(ns.nstat("TcpAttemptFails"), 1);
+    assert_eq!(ns.nstat("TcpExtTCPSynRetrans"), 0);
+}
+
+#[test]
+fn full_accept_queue_drops_syns() {
+    let ns = NamedNetns::new("lw-qfull");
+    let at = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7102);
+    let view = ns.run(move || {
+        let (view, open) = accept_queue_full(at, 1, 5);
+        drop(open);
+        view
+    });
+    // listen(fd, 1) holds two: the queue is full when longer than the backlog.
+    assert_eq!(
+        view.queues,
+        ListenerQueues {
+            accept_queue: 2,
+            backlog: 1
+        },
+        "{view:?}"
+    );
+    assert_eq!((view.established, view.syn_sent), (2, 3), "{view:?}");
+    // Each of the three dropped SYNs, and each SYN a pending client retransmitted before
+    // it was closed, met the full queue.
+    let retransmitted = ns.nstat("TcpExtTCPSynRetrans");
+    assert_eq!(ns.nstat("TcpExtListenOverflows"), 3 + retransmitted);
+    assert_eq!(ns.nstat("TcpExtListenDrops"), 3 + retransmitted);
+    assert_eq!(ns.nstat("TcpPassiveOpens"), 2);
+}
+
+#[test]
+fn syn_flood_queues_every_request() {
+    const SYNS: u16 = 200;
+    let ns = NamedNetns::new("lw-flood");
+    unanswering_peer(&ns);
+    let at = SocketAddrV4::new(SERVER, 7103);
+    let (reqs, queues) = ns.run(move || {
+        sysctl("net/ipv4/tcp_syncookies", "0");
+        sysctl("net/ipv4/tcp_max_syn_backlog", "4096");
+        let listener = listen_with_backlog(at, 4096);
+        syn_flood(20_000..20_000 + SYNS, at);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let reqs = loop {
+            let reqs = requests();
+            if reqs.len() >= usize::from(SYNS) || std::time::Instant::now() >= deadline {
+                break reqs;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let queues = listener_queues(at);
+        drop(listener);
+        (reqs, queues)
+    });
+    assert_eq!(reqs.len(), usize::from(SYNS));
+    assert!(reqs.iter().all(|r| r.local == at && *r.peer.ip() == PEER));
+    let ports: BTreeSet<u16> = reqs.iter().map(|r| r.peer.port()).collect();
+    assert_eq!(ports, (20_000..20_000 + SYNS).collect());
+    assert_eq!(
+        queues,
+        ListenerQueues {
+            accept_queue: 0,
+            backlog: 4096
+        }
+    );
+    assert_eq!(ns.nstat("TcpExtSyncookiesSent"), 0);
+    assert_eq!(ns.nstat("TcpExtTCPReqQFullDrop"), 0);
+    assert_eq!(ns.nstat("TcpExtListenDrops"), 0);
+}
