@@ -355,6 +355,9 @@ pub(crate) struct SynAckLoss {
     pub seen: Vec<(u32, Instant)>,
     /// When the request was first seen gone.
     pub gone: Instant,
+    /// For each change (`seen[1..]`, then gone): when the poll before it started, the
+    /// earliest the change can have happened.
+    pub not_before: Vec<Instant>,
 }
 
 /// A SYN from [`PEER`]:`sport` to a listener on `at` (its SYN-ACKs lost), the request
@@ -369,16 +372,25 @@ pub(crate) fn synack_loss(
     let peer = SocketAddrV4::new(PEER, sport);
     let sent = send_syn(sport, at, 1000);
     let mut seen: Vec<(u32, Instant)> = Vec::new();
+    let mut not_before = Vec::new();
+    let mut previous = sent;
     let gone = loop {
         let now = Instant::now();
         let mine: Vec<Request> = requests().into_iter().filter(|r| r.peer == peer).collect();
         match mine.as_slice() {
-            [] => break now,
+            [] => {
+                not_before.push(previous);
+                break now;
+            }
             [r] => {
                 assert_eq!(r.local, at, "{r:?}");
                 if seen.last().map(|s| s.0) != Some(r.retrans) {
+                    if !seen.is_empty() {
+                        not_before.push(previous);
+                    }
                     seen.push((r.retrans, now));
                 }
+                previous = now;
             }
             more => panic!("several requests from {peer}: {more:?}"),
         }
@@ -389,7 +401,12 @@ pub(crate) fn synack_loss(
         std::thread::sleep(poll);
     };
     drop(listener);
-    SynAckLoss { sent, seen, gone }
+    SynAckLoss {
+        sent,
+        seen,
+        gone,
+        not_before,
+    }
 }
 
 /// After [`accept_queue_full`]: the kernel's view, taken while the clients whose SYN was
