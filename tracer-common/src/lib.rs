@@ -36,6 +36,8 @@ pub const NESTED_MAP: &str = "NESTED";
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// Name of the [`TimewaitLayout`] global.
 pub const TIMEWAIT_GLOBAL: &str = "TIMEWAIT";
+/// Name of the [`RequestLayout`] global.
+pub const REQUEST_GLOBAL: &str = "REQUEST";
 
 /// Where the fields tcplens reads sit in a socket's `struct sock_common` (which starts both
 /// `struct sock` and `struct inet_timewait_sock`), as byte offsets from the socket's start.
@@ -148,6 +150,43 @@ impl TimewaitLayout {
     };
 }
 
+/// What the timer programs need to follow request sockets (a SYN queued at a listener, its
+/// SYN-ACK retransmissions, its end): the address of `reqsk_timer_handler` (from
+/// /proc/kallsyms), which tells a request's timer from every other kernel timer, and the
+/// offsets of `struct request_sock` (from BTF). The timer's own offsets are
+/// [`TimewaitLayout`]'s, which the loader fills whenever the timer programs run (its
+/// `handler` 0 when only requests are followed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestLayout {
+    /// Address of `reqsk_timer_handler`; 0 turns request tracking off.
+    pub handler: u64,
+    /// `offsetof(struct request_sock, rsk_timer)`.
+    pub rsk_timer: u32,
+    /// `offsetof(struct request_sock, num_retrans)` (one byte: SYN-ACKs retransmitted);
+    /// `sock.head` covers it.
+    pub num_retrans: u32,
+    /// `__req_common.skc_listener`: the listener's `struct sock *`; `sock.head` covers it.
+    pub listener: u32,
+    /// `offsetof(struct sock, sk_cookie)`: the listener's cookie.
+    pub listener_cookie: u32,
+    /// The request's common part. Its `sport` is `skc_num`, in host order (a request has
+    /// no `inet_sport`).
+    pub sock: SockLayout,
+}
+
+impl RequestLayout {
+    /// All zero: request tracking off.
+    pub const EMPTY: RequestLayout = RequestLayout {
+        handler: 0,
+        rsk_timer: 0,
+        num_retrans: 0,
+        listener: 0,
+        listener_cookie: 0,
+        sock: SockLayout::EMPTY,
+    };
+}
+
 /// The tracepoints, as indexes of the per-CPU busy depths and of `NESTED`.
 pub mod tracepoint {
     pub const SET_STATE: u32 = 0;
@@ -187,6 +226,15 @@ pub mod kind {
     pub const TW_CANCEL: u8 = 3;
     /// A timewait socket's timer ran out (`timer:timer_expire_entry`).
     pub const TW_EXPIRE: u8 = 4;
+    /// A request socket's timer was armed: a SYN queued at a listener (a new request), or
+    /// a re-arm after a SYN-ACK retransmission.
+    pub const REQ_ARM: u8 = 5;
+    /// A request socket's timer was detached: before its expiry, or because the request
+    /// ended early (its handshake completed, an RST, its listener closed).
+    pub const REQ_CANCEL: u8 = 6;
+    /// A request socket's timer ran out: a SYN-ACK retransmission follows (and a re-arm), or
+    /// the request is dropped (retries exhausted).
+    pub const REQ_EXPIRE: u8 = 7;
 }
 
 /// One record in the ring buffer. 120 bytes, 8-aligned, no implicit padding: any bit
@@ -196,6 +244,10 @@ pub mod kind {
 /// For the timewait kinds, `skaddr` is the `inet_timewait_sock`, the 4-tuple and cookie are
 /// the timewait socket's (its cookie is the full socket's, copied by the kernel),
 /// `oldstate` is 0 and `newstate` is its `tw_substate` (FIN_WAIT2 or TIME_WAIT).
+///
+/// For the request kinds, `skaddr` is the `request_sock`, the 4-tuple is the request's,
+/// `cookie` is its **listener's** (a request has none until sock_diag asks), `newstate` is
+/// NEW_SYN_RECV and `retrans` the SYN-ACKs retransmitted so far.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct Event {
@@ -234,9 +286,11 @@ pub struct Event {
     pub newstate: u8,
     /// One of [`kind`].
     pub kind: u8,
+    /// Request kinds: `num_retrans` of the request (0 otherwise).
+    pub retrans: u8,
     /// Zero: makes the size a multiple of 8 with no implicit padding.
     #[allow(clippy::pub_underscore_fields)]
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 6],
 }
 
 /// Size of [`Event`] in bytes: what userspace expects of every ring buffer record.
@@ -262,4 +316,5 @@ mod user {
     // kernel (every byte is written by the loader before use).
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::TimewaitLayout {}
+    unsafe impl aya::Pod for super::RequestLayout {}
 }

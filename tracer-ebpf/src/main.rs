@@ -1,7 +1,8 @@
 //! Kernel side of tcplens: BTF tracepoint programs (`tp_btf`) that copy every TCP state
 //! transition (`sock:inet_sock_set_state`) and every event of a timewait socket's timer
-//! (`timer:timer_start`, `timer_cancel`, `timer_expire_entry`, in `timewait.rs`; that
-//! tracepoint never shows TIME_WAIT) into the `EVENTS` ring buffer.
+//! (`timer:timer_start`, `timer_cancel`, `timer_expire_entry`, in `timer.rs`; that
+//! tracepoint never shows TIME_WAIT), and of a request socket's (a SYN queued at a listener,
+//! `request.rs`), into the `EVENTS` ring buffer.
 //!
 //! Every tracepoint has two programs, attached in this order: the primary, and a nested one
 //! for the events the primary is skipped for. The kernel runs a tracing program at most once
@@ -79,7 +80,8 @@ fn rd<T: Copy>(p: *const T) -> T {
 
 const HEAD: usize = MAX_HEAD as usize;
 
-mod timewait;
+mod request;
+mod timer;
 
 /// Per tracepoint, per CPU: the events the primary handled last.
 #[map]
@@ -167,7 +169,7 @@ fn on_set_state(ctx: &BtfTracePointContext, cookie: u64) {
         return;
     }
     let fields = Direct(tcp as *const u8);
-    if let Some(s) = read_sock(&fields, &CONFIG.sock) {
+    if let Some(s) = read_sock(&fields, &CONFIG.sock, true) {
         emit(
             ctx,
             &fields,
@@ -177,6 +179,7 @@ fn on_set_state(ctx: &BtfTracePointContext, cookie: u64) {
             kind::SET_STATE,
             old as u8,
             new as u8,
+            0,
             0,
         );
     }
@@ -289,15 +292,16 @@ struct Sock {
 }
 
 /// Reads a socket's family, ports and namespace and applies the filters: `None` when it
-/// is filtered out.
+/// is filtered out. Its local port is in network order (`sport_be`) or in host order.
 #[inline(always)]
-fn read_sock(f: &impl Fields, l: &'static SockLayout) -> Option<Sock> {
+fn read_sock(f: &impl Fields, l: &'static SockLayout, sport_be: bool) -> Option<Sock> {
     let family = f.u16_at(get!(l.family));
     let want = get!(CONFIG.family);
     if want != 0 && family != want {
         return None;
     }
-    let sport = u16::from_be(f.u16_at(get!(l.sport)));
+    let sport = f.u16_at(get!(l.sport));
+    let sport = if sport_be { u16::from_be(sport) } else { sport };
     let dport = u16::from_be(f.u16_at(get!(l.dport)));
     if get!(CONFIG.filter_lport) != 0 && LPORTS.get_ptr(sport).is_none() {
         return None;
@@ -332,6 +336,7 @@ fn emit<C: aya_ebpf::EbpfContext>(
     old: u8,
     new: u8,
     expires: u64,
+    retrans: u8,
 ) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count_lost(ctx);
@@ -359,7 +364,8 @@ fn emit<C: aya_ebpf::EbpfContext>(
         (*ev).oldstate = old;
         (*ev).newstate = new;
         (*ev).kind = ev_kind;
-        (*ev)._pad = [0; 7];
+        (*ev).retrans = retrans;
+        (*ev)._pad = [0; 6];
     }
     submit(entry, get!(CONFIG.wakeup_bytes));
 }

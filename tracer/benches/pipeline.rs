@@ -173,6 +173,7 @@ fn bench(c: &mut Criterion) {
                         black_box(t.observe(tr, &mut ended));
                     }
                     KernelEvent::Timewait(tw) => t.timewait(tw, &mut ended),
+                    KernelEvent::Request(r) => t.request(r),
                 }
                 t.settle(e.ts_ns(), &mut ended);
                 black_box(t.take_derived().count());

@@ -107,6 +107,7 @@ fn open_kernel(trace: &TraceArgs) -> Result<KernelSource> {
         filter: trace.filter(),
         ring_size: trace.ring_size,
         timewait: !trace.no_timewait,
+        requests: !trace.no_requests,
     })?)
 }
 

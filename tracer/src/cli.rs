@@ -180,6 +180,7 @@ pub struct CapArg {
 
 /// Options of every command that traces the kernel.
 #[derive(Debug, Args)]
+#[allow(clippy::struct_excessive_bools, reason = "command-line switches")]
 pub struct TraceArgs {
     /// Trace IPv4 sockets only.
     #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
@@ -208,6 +209,10 @@ pub struct TraceArgs {
     /// every kernel timer): the FIN_WAIT2/CLOSING -> CLOSE of the kernel is shown instead.
     #[arg(long)]
     pub no_timewait: bool,
+    /// Do not follow request sockets (SYNs queued at listeners, on the same timer
+    /// tracepoints): passive connections then start at SYN_RECV, with no SYN queue.
+    #[arg(long)]
+    pub no_requests: bool,
 }
 
 impl TraceArgs {

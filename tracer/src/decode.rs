@@ -9,7 +9,8 @@ use thiserror::Error;
 use tracer_common::{AF_INET, AF_INET6, EVENT_SIZE, Event, kind};
 
 use crate::model::{
-    Comm, Family, KernelEvent, SocketId, Task, TcpState, TimerOp, TimewaitEvent, Transition, Via,
+    Comm, Family, KernelEvent, RequestEvent, SocketId, Task, TcpState, TimerOp, TimewaitEvent,
+    Transition, Via,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -32,11 +33,15 @@ pub fn decode(b: &[u8]) -> Result<KernelEvent, DecodeError> {
 
 /// Validates the fields of one [`Event`].
 pub fn decode_event(e: &Event) -> Result<KernelEvent, DecodeError> {
+    // (timer operation, of a request's timer)
     let op = match e.kind {
         kind::SET_STATE => None,
-        kind::TW_ARM => Some(TimerOp::Arm),
-        kind::TW_CANCEL => Some(TimerOp::Cancel),
-        kind::TW_EXPIRE => Some(TimerOp::Expire),
+        kind::TW_ARM => Some((TimerOp::Arm, false)),
+        kind::TW_CANCEL => Some((TimerOp::Cancel, false)),
+        kind::TW_EXPIRE => Some((TimerOp::Expire, false)),
+        kind::REQ_ARM => Some((TimerOp::Arm, true)),
+        kind::REQ_CANCEL => Some((TimerOp::Cancel, true)),
+        kind::REQ_EXPIRE => Some((TimerOp::Expire, true)),
         other => return Err(DecodeError::Kind(other)),
     };
     let (family, saddr, daddr) = addresses(e.family, &e.saddr, &e.daddr)?;
@@ -51,7 +56,21 @@ pub fn decode_event(e: &Event) -> Result<KernelEvent, DecodeError> {
     };
     let new = TcpState::from_kernel(e.newstate).ok_or(DecodeError::State(e.newstate))?;
     let task = task(e.pid_tgid, e.comm);
-    if let Some(op) = op {
+    if let Some((op, true)) = op {
+        return Ok(KernelEvent::Request(RequestEvent {
+            ts_ns: e.ts_ns,
+            op,
+            req: e.skaddr,
+            listener: e.cookie,
+            id: SocketId { cookie: 0, ..id },
+            retrans: e.retrans,
+            expires: e.expires,
+            jiffies: e.jiffies,
+            cpu: cpu(e.cpu),
+            task,
+        }));
+    }
+    if let Some((op, false)) = op {
         return Ok(KernelEvent::Timewait(TimewaitEvent {
             ts_ns: e.ts_ns,
             op,
@@ -118,72 +137,72 @@ fn v4(raw: &[u8; 16]) -> IpAddr {
 /// Encodes an event back into the kernel's record: the inverse of [`decode`], used by the
 /// recorder and by tests.
 pub fn encode(ev: &KernelEvent) -> [u8; EVENT_SIZE] {
-    let (ts_ns, skaddr, cookie, netns, task, family, saddr, daddr, sport, dport, cpu, jiffies) =
+    let timer_kind = |op: TimerOp, arm: u8| match op {
+        TimerOp::Arm => arm,
+        TimerOp::Cancel => arm + 1,
+        TimerOp::Expire => arm + 2,
+    };
+    // (time, address, identity, task, cpu, jiffies), then (old, new, kind, expires, retrans).
+    let ((ts_ns, skaddr, id, task, cpu, jiffies), (oldstate, newstate, kind, expires, retrans)) =
         match ev {
             KernelEvent::Transition(t) => (
-                t.ts_ns,
-                t.sk,
-                t.id.cookie,
-                t.id.netns,
-                t.task,
-                t.id.family,
-                t.id.saddr,
-                t.id.daddr,
-                t.id.sport,
-                t.id.dport,
-                t.cpu,
-                t.jiffies,
+                (t.ts_ns, t.sk, t.id, t.task, t.cpu, t.jiffies),
+                (t.old as u8, t.new as u8, kind::SET_STATE, 0, 0),
             ),
             KernelEvent::Timewait(tw) => (
-                tw.ts_ns,
-                tw.tw,
-                tw.id.cookie,
-                tw.id.netns,
-                tw.task,
-                tw.id.family,
-                tw.id.saddr,
-                tw.id.daddr,
-                tw.id.sport,
-                tw.id.dport,
-                tw.cpu,
-                tw.jiffies,
+                (tw.ts_ns, tw.tw, tw.id, tw.task, tw.cpu, tw.jiffies),
+                (
+                    0,
+                    tw.substate as u8,
+                    timer_kind(tw.op, kind::TW_ARM),
+                    tw.expires,
+                    0,
+                ),
+            ),
+            KernelEvent::Request(r) => (
+                (
+                    r.ts_ns,
+                    r.req,
+                    SocketId {
+                        cookie: r.listener,
+                        ..r.id
+                    },
+                    r.task,
+                    r.cpu,
+                    r.jiffies,
+                ),
+                (
+                    0,
+                    TcpState::NewSynRecv as u8,
+                    timer_kind(r.op, kind::REQ_ARM),
+                    r.expires,
+                    r.retrans,
+                ),
             ),
         };
-    let (oldstate, newstate, kind, expires) = match ev {
-        KernelEvent::Transition(t) => (t.old as u8, t.new as u8, kind::SET_STATE, 0),
-        KernelEvent::Timewait(tw) => (
-            0,
-            tw.substate as u8,
-            match tw.op {
-                TimerOp::Arm => kind::TW_ARM,
-                TimerOp::Cancel => kind::TW_CANCEL,
-                TimerOp::Expire => kind::TW_EXPIRE,
-            },
-            tw.expires,
-        ),
-    };
     Event {
         ts_ns,
         skaddr,
-        cookie,
+        cookie: id.cookie,
         pid_tgid: (u64::from(task.pid) << 32) | u64::from(task.tid),
         expires,
         jiffies,
-        saddr: addr16(saddr),
-        daddr: addr16(daddr),
+        saddr: addr16(id.saddr),
+        daddr: addr16(id.daddr),
         comm: task.comm.raw(),
-        netns,
+        netns: id.netns,
         cpu: cpu.unwrap_or(NO_CPU),
-        sport,
-        dport,
-        family: match family {
+        sport: id.sport,
+        dport: id.dport,
+        family: match id.family {
             Family::Ipv4 => AF_INET,
             Family::Ipv6 => AF_INET6,
         },
         oldstate,
         newstate,
         kind,
-        _pad: [0; 7],
+        retrans,
+        _pad: [0; 6],
     }
     .to_bytes()
 }
@@ -227,7 +246,8 @@ mod tests {
             oldstate: old,
             newstate: new,
             kind: k,
-            _pad: [0; 7],
+            retrans: 0,
+            _pad: [0; 6],
         }
         .to_bytes()
     }

@@ -263,11 +263,37 @@ impl TimewaitEvent {
     }
 }
 
+/// One event of a request socket's timer (a SYN queued at a listener), as the kernel
+/// reported it: arm (the SYN queued, or a re-arm after a SYN-ACK retransmission), cancel
+/// (before an expiry, or the request ended early), expire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestEvent {
+    /// Kernel CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub op: TimerOp,
+    /// Address of the kernel `struct request_sock`: the request's identity while it lives.
+    pub req: u64,
+    /// The listener's cookie (0: unknown).
+    pub listener: u64,
+    /// The request's namespace and 4-tuple; its cookie is 0 (a request has none until
+    /// sock_diag asks).
+    pub id: SocketId,
+    /// SYN-ACKs retransmitted so far (`num_retrans`).
+    pub retrans: u8,
+    /// The timer's expiry, in jiffies.
+    pub expires: u64,
+    /// Jiffies when the event fired.
+    pub jiffies: u64,
+    pub cpu: Option<u32>,
+    pub task: Task,
+}
+
 /// One decoded ring buffer record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelEvent {
     Transition(Transition),
     Timewait(TimewaitEvent),
+    Request(RequestEvent),
 }
 
 impl KernelEvent {
@@ -275,6 +301,7 @@ impl KernelEvent {
         match self {
             KernelEvent::Transition(t) => t.ts_ns,
             KernelEvent::Timewait(tw) => tw.ts_ns,
+            KernelEvent::Request(r) => r.ts_ns,
         }
     }
 }

@@ -140,6 +140,15 @@ impl<'a> Pipeline<'a> {
                     self.tracker.timewait(tw, &mut self.ended);
                 }
             }
+            KernelEvent::Request(r) => {
+                let kept = self
+                    .filter
+                    .as_ref()
+                    .is_none_or(|f| f.keeps(r.id.family, r.id.sport, r.id.dport, r.id.netns));
+                if kept {
+                    self.tracker.request(r);
+                }
+            }
         }
         self.tracker.settle(ev.ts_ns(), &mut self.ended);
         self.flush_derived()?;

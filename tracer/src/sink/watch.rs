@@ -218,6 +218,7 @@ mod tests {
             sport: 59682,
             dport: 7794,
             hidden: false,
+            syn_ns: None,
         }
     }
 
@@ -253,6 +254,7 @@ mod tests {
             sport: 59682,
             dport: 7794,
             hidden: false,
+            syn_ns: None,
         };
         p.transition(&sample(Family::Ipv6), &o).unwrap();
         let v: serde_json::Value = serde_json::from_str(output(p).trim()).unwrap();

@@ -14,7 +14,7 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub const KALLSYMS: &str = "/proc/kallsyms";
 
 /// Something tcplens needs is not in this kernel's BTF (or not as tcplens reads it).
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 #[error("{0}")]
 pub struct LayoutError(pub String);
 
@@ -200,20 +200,36 @@ pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, LayoutError> {
 /// writes that file slowly). Without CAP_SYSLOG the kernel shows zeros, which count as
 /// missing.
 pub fn symbol_address(kallsyms: impl std::io::BufRead, name: &str) -> Result<u64, LayoutError> {
-    kallsyms
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|line| {
-            let mut f = line.split_whitespace();
-            let (addr, _kind, sym) = (f.next()?, f.next()?, f.next()?);
-            (sym == name).then(|| u64::from_str_radix(addr, 16).ok())?
-        })
-        .filter(|&a| a != 0)
-        .ok_or_else(|| {
-            err(format!(
-                "no address for {name} in {KALLSYMS} (reading addresses needs CAP_SYSLOG)"
-            ))
-        })
+    symbol_addresses(kallsyms, &[name])
+        .pop()
+        .flatten()
+        .ok_or_else(|| missing_symbol(name))
+}
+
+/// The addresses of text symbols `names` in /proc/kallsyms text, read up to the line of the
+/// last one found (`None`: missing, or hidden without CAP_SYSLOG).
+pub fn symbol_addresses(kallsyms: impl std::io::BufRead, names: &[&str]) -> Vec<Option<u64>> {
+    let mut found: Vec<Option<u64>> = vec![None; names.len()];
+    for line in kallsyms.lines().map_while(Result::ok) {
+        let mut f = line.split_whitespace();
+        let (Some(addr), Some(_kind), Some(sym)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if let Some(i) = names.iter().position(|&n| n == sym) {
+            found[i] = u64::from_str_radix(addr, 16).ok().filter(|&a| a != 0);
+            if found.iter().all(Option::is_some) {
+                break;
+            }
+        }
+    }
+    found
+}
+
+/// Why a symbol's address is not there.
+pub fn missing_symbol(name: &str) -> LayoutError {
+    err(format!(
+        "no address for {name} in {KALLSYMS} (reading addresses needs CAP_SYSLOG)"
+    ))
 }
 
 #[cfg(test)]
@@ -244,11 +260,7 @@ mod tests {
         assert!(s.sock.sport > s.sock.head, "inet_sport is past sock_common");
         assert_eq!(s.sock.family, 16);
         assert!(s.sock.head > s.sock.cookie && s.sock.head <= MAX_HEAD);
-        let t = super::super::timewait::layout_from(
-            &btf,
-            &b"ffffffff82003430 t tw_timer_handler\n"[..],
-        )
-        .expect("tw");
+        let t = super::super::timewait::layout_from(&btf, 0xffff_ffff_8200_3430).expect("tw");
         assert_eq!(t.handler, 0xffff_ffff_8200_3430);
         // A timewait socket's common part is the same `struct sock_common`.
         assert_eq!(

@@ -15,7 +15,8 @@ use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tracer_common::{
     AF_INET, AF_INET6, CONFIG_GLOBAL, Config, EVENTS_MAP, LOST_MAP, LPORTS_MAP, MAX_FILTER_PORTS,
-    NESTED_MAP, RPORTS_MAP, TIMEWAIT_GLOBAL, TimewaitLayout, tracepoint,
+    NESTED_MAP, REQUEST_GLOBAL, RPORTS_MAP, RequestLayout, TIMEWAIT_GLOBAL, TimewaitLayout,
+    tracepoint,
 };
 
 use super::btf::{self, KernelBtf, VMLINUX_BTF};
@@ -120,6 +121,9 @@ pub struct KernelOptions {
     pub ring_size: u32,
     /// Follow timewait sockets through the timer tracepoints (off: `--no-timewait`).
     pub timewait: bool,
+    /// Follow request sockets (SYNs queued at listeners) through the same tracepoints
+    /// (off: `--no-requests`).
+    pub requests: bool,
 }
 
 /// How often the reader drains the ring when the kernel has not woken it: the most a
@@ -139,6 +143,8 @@ pub struct KernelSource {
     pub lost: KernelLoss,
     /// Whether timewait sockets are followed (the timer programs are attached).
     pub timewait: bool,
+    /// Whether request sockets are followed (the listen path; the timer programs too).
+    pub requests: bool,
     // Owns the programs and their links.
     _ebpf: Ebpf,
 }
@@ -310,11 +316,7 @@ impl KernelSource {
             filter_lport: u8::from(!f.lports.is_empty()),
             filter_rport: u8::from(!f.rports.is_empty()),
         };
-        let timewait = if opts.timewait {
-            timewait::layout(&kernel_btf)
-        } else {
-            None
-        };
+        let timers = timewait::layouts(&kernel_btf, &offsets.sock, opts.timewait, opts.requests);
         drop(kernel_btf);
         for ports in [&f.lports, &f.rports] {
             if ports.len() > MAX_FILTER_PORTS as usize {
@@ -325,10 +327,12 @@ impl KernelSource {
             }
         }
 
-        let tw_layout = timewait.unwrap_or(TimewaitLayout::EMPTY);
+        let (tw_layout, request_layout) =
+            timers.unwrap_or((TimewaitLayout::EMPTY, RequestLayout::EMPTY));
         let mut ebpf = EbpfLoader::new()
             .override_global(CONFIG_GLOBAL, &config, true)
             .override_global(TIMEWAIT_GLOBAL, &tw_layout, true)
+            .override_global(REQUEST_GLOBAL, &request_layout, true)
             .map_max_entries(EVENTS_MAP, opts.ring_size)
             .load(PROGRAM)
             .map_err(bpf_err("loading the eBPF object"))?;
@@ -365,14 +369,16 @@ impl KernelSource {
             TRANSITIONS,
             "attaching to sock:inet_sock_set_state",
         )?;
-        let timewait = match timewait {
+        let timers = match timers {
             Some(_) => match timewait::attach(&mut ebpf, &btf) {
                 Ok(fds) => {
                     primaries.extend(fds);
                     true
                 }
                 Err(e) => {
-                    log::warn!("TIME_WAIT tracking unavailable ({e}); running without it");
+                    log::warn!(
+                        "TIME_WAIT and request tracking unavailable ({e}); running without them"
+                    );
                     false
                 }
             },
@@ -405,7 +411,8 @@ impl KernelSource {
                 nested,
                 primaries,
             },
-            timewait,
+            timewait: timers && tw_layout.handler != 0,
+            requests: timers && request_layout.handler != 0,
             _ebpf: ebpf,
         })
     }

@@ -7,5 +7,6 @@ pub mod host;
 pub mod kernel;
 pub mod procs;
 pub mod record;
+mod request;
 pub mod sockdiag;
 pub mod timewait;

@@ -1,6 +1,7 @@
 //! TIME_WAIT on the source side. A closing socket lives on as a timewait socket whose timer
-//! the `timer:*` programs follow (`tracer-ebpf/src/timewait.rs`); this module finds their
-//! layout in the kernel's BTF, loads and attaches them, and answers the host's flip checks
+//! the `timer:*` programs follow (`tracer-ebpf/src/timer.rs`, which also follow request
+//! sockets: `request.rs`); this module finds their layouts in the kernel's BTF, loads and
+//! attaches them, and answers the host's flip checks
 //! (which timewait sockets turned from FIN_WAIT2 to TIME_WAIT with no timer event). The
 //! tracker joins the events to the socket's life (`tracker/timewait.rs`).
 
@@ -8,9 +9,9 @@ use std::collections::{HashMap, HashSet};
 
 use aya::programs::ProgramFd;
 use aya::{Btf, Ebpf};
-use tracer_common::{TimewaitLayout, tracepoint};
+use tracer_common::{RequestLayout, SockLayout, TimewaitLayout, tracepoint};
 
-use super::btf::{self, KernelBtf, LayoutError, symbol_address};
+use super::btf::{self, KernelBtf, LayoutError};
 use super::kernel::{SourceError, Tracepoint, attach as attach_one, load};
 use super::sockdiag::{self, Diag, DiagError, DiagSocket};
 use crate::clock::monotonic_now_ns;
@@ -39,30 +40,60 @@ const TIMEWAIT_PROGRAMS: [Tracepoint; 3] = [
     },
 ];
 
-/// The timer programs' layout, or `None` (said once) when this kernel does not show it.
-pub(super) fn layout(kernel_btf: &KernelBtf) -> Option<TimewaitLayout> {
-    let found = std::fs::File::open(btf::KALLSYMS)
-        .map_err(|e| LayoutError(format!("{}: {e}", btf::KALLSYMS)))
-        .and_then(|f| layout_from(kernel_btf, std::io::BufReader::with_capacity(1 << 16, f)));
-    match found {
-        Ok(layout) => Some(layout),
-        Err(why) => {
-            log::warn!("TIME_WAIT tracking unavailable ({why}); running without it");
-            None
-        }
+/// What the timer programs follow on this kernel: timewait sockets (`timewait`) and
+/// request sockets (`requests`, see `request.rs`), each as wanted and as the kernel shows
+/// them (what it does not is said once). `None`: neither, and the timer programs stay
+/// unattached.
+pub(super) fn layouts(
+    kernel_btf: &KernelBtf,
+    sock: &SockLayout,
+    timewait: bool,
+    requests: bool,
+) -> Option<(TimewaitLayout, RequestLayout)> {
+    if !timewait && !requests {
+        return None;
     }
+    let names = ["tw_timer_handler", "reqsk_timer_handler"];
+    let found = std::fs::File::open(btf::KALLSYMS)
+        .map(|f| btf::symbol_addresses(std::io::BufReader::with_capacity(1 << 16, f), &names))
+        .map_err(|e| LayoutError(format!("{}: {e}", btf::KALLSYMS)));
+    let handler = |i: usize| match &found {
+        Ok(addrs) => addrs[i].ok_or_else(|| btf::missing_symbol(names[i])),
+        Err(e) => Err(e.clone()),
+    };
+    let tw = handler(0).and_then(|h| layout_from(kernel_btf, h));
+    let mut tw_layout = match tw {
+        Ok(layout) => layout,
+        Err(why) => {
+            log::warn!("TIME_WAIT and request tracking unavailable ({why}); running without them");
+            return None;
+        }
+    };
+    let request = if requests {
+        match handler(1).and_then(|h| super::request::layout_from(kernel_btf, h, sock)) {
+            Ok(layout) => layout,
+            Err(why) => {
+                log::warn!("request (SYN queue) tracking unavailable ({why}); running without it");
+                RequestLayout::EMPTY
+            }
+        }
+    } else {
+        RequestLayout::EMPTY
+    };
+    if !timewait {
+        // The timer's offsets stay: the request path reads them.
+        tw_layout.handler = 0;
+    }
+    (tw_layout.handler != 0 || request.handler != 0).then_some((tw_layout, request))
 }
 
-/// The timewait programs' layout, with `tw_timer_handler`'s address from `kallsyms`.
-pub(super) fn layout_from(
-    btf: &KernelBtf,
-    kallsyms: impl std::io::BufRead,
-) -> Result<TimewaitLayout, LayoutError> {
+/// The timewait programs' layout, with `tw_timer_handler`'s address.
+pub(super) fn layout_from(btf: &KernelBtf, handler: u64) -> Result<TimewaitLayout, LayoutError> {
     let tw = "inet_timewait_sock";
     let tw_substate = btf.offset(tw, &["tw_substate"], 1..=1)?;
     let tw_sport = btf.offset(tw, &["tw_sport"], 2..=2)?;
     Ok(TimewaitLayout {
-        handler: symbol_address(kallsyms, "tw_timer_handler")?,
+        handler,
         timer_function: btf.offset("timer_list", &["function"], 8..=8)?,
         timer_expires: btf.offset("timer_list", &["expires"], 8..=8)?,
         tw_timer: btf.offset(tw, &["tw_timer"], 40..=64)?,

@@ -21,10 +21,13 @@
 //! - sock_diag ([`Tracker::reconcile`], [`Tracker::flipped`]): sockets it no longer lists
 //!   end `unseen` (their end was lost), and a timewait socket that turned from FIN_WAIT2 to
 //!   TIME_WAIT without any timer event is moved when it shows so.
+//! - The listen path ([`request`]): request sockets, from the SYN to their end; a passive
+//!   socket's life starts at its SYN (a NEW_SYN_RECV span) when its request was seen.
 //!
-//! [`identity`]: crate::model::identity
+//! [`identity`]: crate::model::key
 
 mod jiffies;
+pub mod request;
 mod timewait;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -33,10 +36,11 @@ use std::net::IpAddr;
 use lru::LruCache;
 
 pub use jiffies::JiffyClock;
+pub use request::{ListenerRequests, RequestEnd, Requests};
 pub use timewait::{FlipCandidate, SETTLE_NS, TIMEWAIT_LEN_S};
 
 pub use crate::model::SocketId;
-use crate::model::{Comm, Task, TcpState, TimewaitEvent, Transition, Via};
+use crate::model::{Comm, RequestEvent, Task, TcpState, TimewaitEvent, Transition, Via};
 
 /// The task of a derived transition no event showed (what sock_diag listed).
 const NO_TASK: Task = Task {
@@ -185,6 +189,9 @@ pub struct Observed {
     /// Not a step of the TCP view: the kernel's X → CLOSE of a socket that lives on as a
     /// timewait socket (its → TIME_WAIT is derived instead).
     pub hidden: bool,
+    /// At a passive socket's SYN_RECV → ESTABLISHED: the server-side handshake, from its SYN
+    /// queued to now, when its request was seen.
+    pub syn_ns: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -279,6 +286,8 @@ pub struct Tracker {
     cpu_cancel: HashMap<u32, u64>,
     /// Derived transitions not yet handed out.
     derived: Vec<(Transition, Observed)>,
+    /// Request sockets (the listen path).
+    requests: Requests,
     clock: JiffyClock,
     stats: TrackerStats,
 }
@@ -301,6 +310,7 @@ impl Tracker {
             cancels: VecDeque::new(),
             cpu_cancel: HashMap::new(),
             derived: Vec::new(),
+            requests: Requests::new(max_sockets),
             clock: JiffyClock::default(),
             stats: TrackerStats::default(),
         }
@@ -403,6 +413,21 @@ impl Tracker {
         self.lives.peek(&id).map(|t| &t.life)
     }
 
+    /// One event of a request socket's timer (the listen path).
+    pub fn request(&mut self, ev: &RequestEvent) {
+        self.clock.learn(ev.ts_ns, ev.jiffies);
+        self.requests.event(ev);
+    }
+
+    /// The request sockets followed, and each listener's counts.
+    pub fn requests(&self) -> &Requests {
+        &self.requests
+    }
+
+    pub fn requests_mut(&mut self) -> &mut Requests {
+        &mut self.requests
+    }
+
     /// Transitions derived since the last call (→ TIME_WAIT, TIME_WAIT → CLOSE), in order.
     pub fn take_derived(&mut self) -> impl Iterator<Item = (Transition, Observed)> + '_ {
         self.derived.drain(..)
@@ -454,6 +479,7 @@ impl Tracker {
                 sport: life.id.sport,
                 dport: life.id.dport,
                 hidden: true,
+                syn_ns: None,
             };
             if self.by_sk.get(&t.sk) == Some(&id) {
                 self.by_sk.remove(&t.sk);
@@ -461,9 +487,17 @@ impl Tracker {
             return observed;
         }
         let before = tracked.state();
-        let (observed, entered, mismatched) = step(&mut tracked.life, t);
+        let child = tracked.life.role == Role::Passive
+            && matches!(
+                (t.old, t.new),
+                (TcpState::Listen, TcpState::SynRecv) | (TcpState::SynRecv, TcpState::Established)
+            );
+        let (mut observed, entered, mismatched) = step(&mut tracked.life, t);
         let after = tracked.state();
         self.moved(before, after);
+        if child && let Some(tracked) = self.lives.peek_mut(&id) {
+            observed.syn_ns = join_request(&mut self.requests, &mut tracked.life, t, entered);
+        }
         if mismatched {
             self.stats.mismatched += 1;
         }
@@ -776,6 +810,7 @@ fn move_to(
             sport: life.id.sport,
             dport: life.id.dport,
             hidden: false,
+            syn_ns: None,
         },
     ));
 }
@@ -831,8 +866,47 @@ fn step(life: &mut SocketLife, t: &Transition) -> (Observed, u64, bool) {
         sport: life.id.sport,
         dport: life.id.dport,
         hidden: false,
+        syn_ns: None,
     };
     (observed, entered, mismatched)
+}
+
+/// At a passive socket's first transitions (LISTEN -> SYN_RECV, SYN_RECV -> ESTABLISHED),
+/// the request its handshake completes: its life
+/// then starts at the SYN, with a NEW_SYN_RECV span. Returns, at SYN_RECV -> ESTABLISHED,
+/// the time since the SYN (`entered`: when ESTABLISHED was entered).
+fn join_request(
+    requests: &mut Requests,
+    life: &mut SocketLife,
+    t: &Transition,
+    entered: u64,
+) -> Option<u64> {
+    use TcpState::{Established, NewSynRecv};
+    let first = life.spans.first()?;
+    if first.state != NewSynRecv {
+        let child_ns = first.entered_ns?;
+        if let Some(j) = requests.join(t) {
+            let syn_ns = j.syn_ns.min(child_ns);
+            life.spans.insert(
+                0,
+                Span {
+                    state: NewSynRecv,
+                    entered_ns: Some(syn_ns),
+                    ns: Some(child_ns - syn_ns),
+                },
+            );
+        }
+    }
+    match life.spans.as_slice() {
+        [syn, _, established, ..]
+            if syn.state == NewSynRecv
+                && established.state == Established
+                && t.new == Established =>
+        {
+            Some(entered.saturating_sub(syn.entered_ns?))
+        }
+        _ => None,
+    }
 }
 
 #[cold]

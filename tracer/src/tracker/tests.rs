@@ -1069,3 +1069,132 @@ proptest! {
         }
     }
 }
+
+/// An event of request `req` of listener cookie 50, for the 4-tuple of `tr`'s sockets seen
+/// from the server: local 127.0.0.1:8080, peer 127.0.0.1:40000.
+fn rq(op: TimerOp, req: u64, ts: u64, retrans: u8) -> crate::model::RequestEvent {
+    let t = tr(1, 0, Close, Close, 0);
+    crate::model::RequestEvent {
+        ts_ns: ts,
+        op,
+        req,
+        listener: 50,
+        id: SocketId {
+            cookie: 0,
+            sport: 8080,
+            dport: 40000,
+            ..t.id
+        },
+        retrans,
+        expires: 0,
+        jiffies: 0,
+        cpu: Some(0),
+        task: t.task,
+    }
+}
+
+/// The server's child of that connection (cookie 7).
+fn child(ts: u64, old: TcpState, new: TcpState) -> Transition {
+    let mut t = tr(7, ts, old, new, 0);
+    (t.id.sport, t.id.dport) = (8080, 40000);
+    t
+}
+
+#[test]
+fn a_passive_life_starts_at_its_syn() {
+    let mut t = Tracker::default();
+    t.request(&rq(TimerOp::Arm, 0xa, 1_000, 0));
+    assert_eq!(t.requests().listeners()[&50].queued, 1);
+    let (obs, _) = feed(&mut t, &[child(1_400, Listen, SynRecv)]);
+    assert_eq!(obs[0].syn_ns, None);
+    t.request(&rq(TimerOp::Cancel, 0xa, 1_450, 0));
+    let (obs, _) = feed(&mut t, &[child(1_500, SynRecv, Established)]);
+    // SYN at 1 000 to ESTABLISHED at 1 500: the handshake the server saw.
+    assert_eq!(obs[0].syn_ns, Some(500));
+    assert_eq!(obs[0].old_ns, Some(100), "the child's own SYN_RECV");
+    let life = t.socket(7).expect("child");
+    let spans: Vec<_> = life
+        .spans
+        .iter()
+        .map(|s| (s.state, s.entered_ns, s.ns))
+        .collect();
+    assert_eq!(
+        spans,
+        [
+            (NewSynRecv, Some(1_000), Some(400)),
+            (SynRecv, Some(1_400), Some(100)),
+            (Established, Some(1_500), None)
+        ]
+    );
+    let l = t.requests().listeners()[&50];
+    assert_eq!((l.queued, l.peak, l.syns, l.completed), (0, 1, 1, 1));
+    // The cancel after the join finds nothing: no second end.
+    t.settle(u64::MAX, &mut Vec::new());
+    assert_eq!(t.requests().listeners()[&50].aborted, 0);
+}
+
+#[test]
+fn a_child_without_its_peer_at_birth_joins_at_established() {
+    // Linux before 6.15: the child's LISTEN -> SYN_RECV has no peer port yet.
+    let mut t = Tracker::default();
+    t.request(&rq(TimerOp::Arm, 0xa, 1_000, 0));
+    let mut birth = child(1_400, Listen, SynRecv);
+    birth.id.dport = 0;
+    feed(&mut t, &[birth]);
+    t.request(&rq(TimerOp::Cancel, 0xa, 1_450, 0));
+    let (obs, _) = feed(&mut t, &[child(1_500, SynRecv, Established)]);
+    assert_eq!(obs[0].syn_ns, Some(500));
+    assert_eq!(t.socket(7).expect("child").spans[0].state, NewSynRecv);
+    assert_eq!(t.requests().listeners()[&50].completed, 1);
+}
+
+#[test]
+fn retransmissions_then_expiry_and_an_abort() {
+    let mut t = Tracker::default();
+    let s = 1_000_000_000;
+    // Request 0xa: two SYN-ACK retransmissions, then dropped.
+    t.request(&rq(TimerOp::Arm, 0xa, s, 0));
+    for (at, retrans) in [(2 * s, 1), (4 * s, 2)] {
+        t.request(&rq(TimerOp::Cancel, 0xa, at, retrans - 1));
+        t.request(&rq(TimerOp::Expire, 0xa, at + 10, retrans - 1));
+        t.request(&rq(TimerOp::Arm, 0xa, at + 20, retrans));
+    }
+    t.request(&rq(TimerOp::Cancel, 0xa, 8 * s, 2));
+    t.request(&rq(TimerOp::Expire, 0xa, 8 * s + 10, 2));
+    // Request 0xb (another peer port): cancelled with no expiry and no child.
+    let mut other = rq(TimerOp::Arm, 0xb, 3 * s, 0);
+    other.id.dport = 40001;
+    t.request(&other);
+    assert_eq!(t.requests().listeners()[&50].peak, 2);
+    other.op = TimerOp::Cancel;
+    other.ts_ns = 5 * s;
+    t.request(&other);
+    let mut ended = Vec::new();
+    t.settle(8 * s + 10 + SETTLE_NS - 1, &mut ended);
+    assert_eq!(t.requests().listeners()[&50].expired, 0, "not settled yet");
+    t.settle(8 * s + 10 + SETTLE_NS, &mut ended);
+    let l = t.requests().listeners()[&50];
+    assert_eq!(
+        (
+            l.queued,
+            l.syns,
+            l.synack_retrans,
+            l.expired,
+            l.aborted,
+            l.completed
+        ),
+        (0, 2, 2, 1, 1, 0)
+    );
+    assert!(t.requests().is_empty());
+}
+
+#[test]
+fn a_dual_stack_listeners_request_joins_its_mapped_child() {
+    let mut t = Tracker::default();
+    t.request(&rq(TimerOp::Arm, 0xa, 1_000, 0));
+    let mut c = child(1_400, Listen, SynRecv);
+    let mapped = IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped());
+    (c.id.family, c.id.saddr, c.id.daddr) = (Family::Ipv6, mapped, mapped);
+    feed(&mut t, &[c]);
+    assert_eq!(t.socket(7).expect("child").spans[0].state, NewSynRecv);
+}

@@ -69,6 +69,7 @@ impl Tracker {
     /// those timewait sockets were killed. Called with event times, with "now" once the
     /// ring is drained, and with `u64::MAX` at the end.
     pub fn settle(&mut self, upto_ns: u64, ended: &mut Vec<SocketLife>) {
+        self.requests.settle(upto_ns);
         while let Some(&(ts, id)) = self.cancels.front() {
             if ts.saturating_add(SETTLE_NS) > upto_ns {
                 break;

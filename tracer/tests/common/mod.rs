@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::libc;
 use tracer::decode::decode;
-use tracer::model::{KernelEvent, TcpState, TimewaitEvent, Transition};
+use tracer::model::{KernelEvent, RequestEvent, TcpState, TimewaitEvent, Transition};
 use tracer::source::kernel::{
     DEFAULT_RING_SIZE, DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelSource,
 };
@@ -550,10 +550,16 @@ pub(crate) fn set_rcvbuf(l: &TcpListener, bytes: i32) {
     assert_eq!(r, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
 }
 
-fn push_event(events: &mut Vec<Transition>, timewait: &mut Vec<TimewaitEvent>, b: &[u8]) {
+fn push_event(
+    events: &mut Vec<Transition>,
+    timewait: &mut Vec<TimewaitEvent>,
+    requests: &mut Vec<RequestEvent>,
+    b: &[u8],
+) {
     match decode(b).expect("kernel event decodes") {
         KernelEvent::Transition(t) => events.push(t),
         KernelEvent::Timewait(tw) => timewait.push(tw),
+        KernelEvent::Request(r) => requests.push(r),
     }
 }
 
@@ -564,6 +570,8 @@ pub(crate) struct Capture {
     pub events: Vec<Transition>,
     /// Timewait timer events, in arrival order.
     pub timewait: Vec<TimewaitEvent>,
+    /// Request timer events, in arrival order.
+    pub requests: Vec<RequestEvent>,
 }
 
 impl Capture {
@@ -579,18 +587,20 @@ impl Capture {
                     filter,
                     ring_size: DEFAULT_RING_SIZE,
                     timewait: true,
+                    requests: true,
                 })
             })
             .expect("loading and attaching the eBPF program");
         assert!(
-            source.timewait,
-            "TIME_WAIT tracking must be available on the test machine"
+            source.timewait && source.requests,
+            "TIME_WAIT and request tracking must be available on the test machine"
         );
         Capture {
             rt,
             source: Some(source),
             events: Vec::new(),
             timewait: Vec::new(),
+            requests: Vec::new(),
         }
     }
 
@@ -612,10 +622,13 @@ impl Capture {
             source,
             events,
             timewait,
+            requests,
         } = self;
         let source = source.as_mut().expect("capture running");
         loop {
-            source.events.drain_now(|b| push_event(events, timewait, b));
+            source
+                .events
+                .drain_now(|b| push_event(events, timewait, requests, b));
             let left = deadline.saturating_duration_since(Instant::now());
             if done(events) || left.is_zero() {
                 break;
@@ -623,7 +636,7 @@ impl Capture {
             rt.block_on(async {
                 let read = source
                     .events
-                    .next_batch(|b| push_event(events, timewait, b));
+                    .next_batch(|b| push_event(events, timewait, requests, b));
                 let _ = tokio::time::timeout(left.min(DRAIN_INTERVAL), read).await;
             });
         }

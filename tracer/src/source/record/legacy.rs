@@ -193,6 +193,7 @@ mod tests {
         match ev {
             KernelEvent::Transition(t) => t.id.cookie,
             KernelEvent::Timewait(tw) => tw.id.cookie,
+            KernelEvent::Request(r) => r.listener,
         }
     }
 

@@ -1,7 +1,8 @@
-//! TIME_WAIT: the programs on the `timer:*` tracepoints that follow a timewait socket
-//! through its timer (`sock:inet_sock_set_state` never shows TIME_WAIT). The loader fills
-//! `TIMEWAIT` from the kernel's BTF and `/proc/kallsyms`; userspace joins the events to the
-//! socket's life (`tracer/src/tracker/timewait.rs`).
+//! The programs on the `timer:*` tracepoints. They follow a timewait socket through its
+//! timer (`sock:inet_sock_set_state` never shows TIME_WAIT), here, and a request socket
+//! through its SYN-ACK timer (`request.rs`). The loader fills `TIMEWAIT` from the kernel's
+//! BTF and `/proc/kallsyms`; userspace joins the events to the socket's life
+//! (`tracer/src/tracker/timewait.rs`).
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -11,15 +12,17 @@ use aya_ebpf::{
 };
 use tracer_common::{TimewaitLayout, kind, tracepoint};
 
-use super::{Copied, Fields as _, HEAD, emit, nested, primary, rd, read_sock};
+use super::{Copied, Fields as _, HEAD, emit, nested, primary, rd, read_sock, request};
 
-/// All zero (a handler address no timer has) until the loader turns timewait tracking on.
+/// The timer's offsets, filled whenever the timer programs run; `handler` all zero (an
+/// address no timer has) until the loader turns timewait tracking on.
 #[unsafe(no_mangle)]
 static TIMEWAIT: TimewaitLayout = TimewaitLayout::EMPTY;
 
 // The timer tracepoints fire for every kernel timer on the host, so the programs reject
-// timers that are not a timewait socket's first: one read of the timer's `function` and a
-// compare with the address of `tw_timer_handler`. Their first argument is the timer on
+// timers that are not a timewait socket's or a request's first: one read of the timer's
+// `function` and a compare with the addresses of `tw_timer_handler` and
+// `reqsk_timer_handler`. Their first argument is the timer on
 // every kernel version (the rest differ).
 
 /// A timer is armed: a new timewait socket, or a re-arm of one.
@@ -80,7 +83,8 @@ fn on_timer(ctx: &BtfTracePointContext, tp: u32, ev_kind: u8, nested_run: bool) 
                 .cast::<u64>(),
         )
     };
-    if handler == 0 || function != handler {
+    let requests = get!(request::REQUEST.handler);
+    if function == 0 || (function != handler && function != requests) {
         return;
     }
     // SAFETY: as above, `struct timer_list.expires`.
@@ -91,6 +95,10 @@ fn on_timer(ctx: &BtfTracePointContext, tp: u32, ev_kind: u8, nested_run: bool) 
                 .cast::<u64>(),
         )
     };
+    if function == requests {
+        request::on_request(ctx, tp, ev_kind, nested_run, timer_address(ctx), expires);
+        return;
+    }
     // The timewait socket around the timer: a copy of its head (the verifier follows no
     // pointer arithmetic from the timer back to it).
     let tw = timer_address(ctx) - u64::from(get!(TIMEWAIT.tw_timer));
@@ -104,12 +112,16 @@ fn on_timer(ctx: &BtfTracePointContext, tp: u32, ev_kind: u8, nested_run: bool) 
         return;
     }
     let fields = Copied(&head);
-    let Some(s) = read_sock(&fields, &TIMEWAIT.sock) else {
+    let Some(s) = read_sock(&fields, &TIMEWAIT.sock, true) else {
         return;
     };
     let cookie = fields.u64_at(get!(TIMEWAIT.sock.cookie));
     let substate = fields.u8_at(get!(TIMEWAIT.tw_substate));
-    let send = || emit(ctx, &fields, &s, tw, cookie, ev_kind, 0, substate, expires);
+    let send = || {
+        emit(
+            ctx, &fields, &s, tw, cookie, ev_kind, 0, substate, expires, 0,
+        )
+    };
     if nested_run {
         nested(tp, [cookie, expires], send);
     } else {
