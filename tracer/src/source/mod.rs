@@ -5,6 +5,7 @@
 pub mod btf;
 pub mod host;
 pub mod kernel;
+pub mod netstat;
 pub mod procs;
 pub mod record;
 mod request;

@@ -42,6 +42,8 @@ pub enum DiagError {
     NoTcpDiag,
     #[error("returning to tcplens's own network namespace: {0}")]
     Home(nix::Error),
+    #[error("{0}")]
+    Netstat(super::netstat::NetstatError),
 }
 
 impl From<io::Error> for DiagError {
