@@ -5,12 +5,14 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use common::listen::*;
 use common::{NamedNetns, sysctl};
+use tracer::source::netstat::{NetnsCounters, netns_counters};
+use tracer::source::sockdiag::{self, ListenerQueue};
 
 #[test]
 fn normal_accept_is_one_request_without_retransmission() {
@@ -175,4 +177,188 @@ fn syn_flood_queues_every_request() {
     assert_eq!(ns.nstat("TcpExtSyncookiesSent"), 0);
     assert_eq!(ns.nstat("TcpExtTCPReqQFullDrop"), 0);
     assert_eq!(ns.nstat("TcpExtListenDrops"), 0);
+}
+
+// tcplens's own readings of the listen path (`sockdiag::listener_queues`,
+// `netstat::netns_counters`) against `ss` and `nstat` in the same scenarios.
+
+/// The namespace's listen-path counters as `nstat` reads them, in one call.
+fn nstat_counters(ns: &NamedNetns) -> NetnsCounters {
+    const NAMES: [&str; 6] = [
+        "TcpExtListenOverflows",
+        "TcpExtListenDrops",
+        "TcpExtSyncookiesSent",
+        "TcpExtTCPSynRetrans",
+        "TcpExtTCPReqQFullDrop",
+        "TcpExtTCPReqQFullDoCookies",
+    ];
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "nstat", "-asz"])
+        .args(NAMES)
+        .output()
+        .expect("running nstat (iproute2)");
+    assert!(out.status.success(), "nstat: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let get = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| {
+                let mut cols = l.split_whitespace();
+                (cols.next()? == name).then(|| cols.next()?.parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no {name} in nstat's output: {text}"))
+    };
+    NetnsCounters {
+        netns: ns.inode() as u32,
+        listen_overflows: get(NAMES[0]),
+        listen_drops: get(NAMES[1]),
+        syncookies_sent: get(NAMES[2]),
+        syn_retrans: get(NAMES[3]),
+        req_q_full_drop: get(NAMES[4]),
+        req_q_full_do_cookies: get(NAMES[5]),
+    }
+}
+
+/// `read` between two `nstat` readings that agree (retried while a counter moves, e.g.
+/// a SYN-ACK retransmission in between): what it read, and the counters of that moment.
+fn between_equal_nstats<T>(ns: &NamedNetns, mut read: impl FnMut() -> T) -> (T, NetnsCounters) {
+    for _ in 0..20 {
+        let before = nstat_counters(ns);
+        let got = read();
+        if nstat_counters(ns) == before {
+            return (got, before);
+        }
+    }
+    panic!("the counters of {} never held still", ns.name);
+}
+
+/// `netns_counters` for `ns` alone, between two equal `nstat` readings: equal to them.
+fn counters_match_nstat(ns: &NamedNetns) -> NetnsCounters {
+    let ino = ns.inode() as u32;
+    let (mine, nstat) = between_equal_nstats(ns, || {
+        netns_counters(Some(&HashSet::from([ino]))).expect("netns_counters")
+    });
+    assert_eq!(mine, [nstat]);
+    nstat
+}
+
+/// The listener on `at` in `ns` as `listener_queues()` (all namespaces) reports it.
+fn listener_in(ns: &NamedNetns, at: SocketAddrV4) -> ListenerQueue {
+    let ino = ns.inode() as u32;
+    let all = sockdiag::listener_queues().expect("listener_queues");
+    let mine: Vec<&ListenerQueue> = all
+        .iter()
+        .filter(|q| q.id.netns == ino && q.id.sport == at.port())
+        .collect();
+    assert_eq!(
+        mine.len(),
+        1,
+        "one listener on {at} in {}: {all:?}",
+        ns.name
+    );
+    assert_eq!(mine[0].id.saddr, std::net::IpAddr::V4(*at.ip()));
+    mine[0].clone()
+}
+
+#[test]
+fn full_accept_queue_as_tcplens_reads_it() {
+    let ns = NamedNetns::new("lw-qfull-lq");
+    let at = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7105);
+    let (view, open) = ns.run(move || accept_queue_full(at, 1, 5));
+    assert_eq!((view.established, view.syn_sent), (2, 3), "{view:?}");
+    // The listener is still open, its queue still full.
+    let ((mine, shown), nstat) = between_equal_nstats(&ns, || {
+        (listener_in(&ns, at), ns.run(move || listener_queues(at)))
+    });
+    eprintln!("accept queue full: {mine:?}, ss {shown:?}, {nstat:?}");
+    assert_eq!(
+        (mine.accept_queue, mine.backlog),
+        (shown.accept_queue, shown.backlog)
+    );
+    assert_eq!((mine.accept_queue, mine.backlog), (2, 1));
+    assert_eq!(u64::from(mine.drops), nstat.listen_drops);
+    assert!(nstat.listen_drops >= 3, "{nstat:?}");
+    assert_ne!(mine.inode, 0);
+    let counted = counters_match_nstat(&ns);
+    assert_eq!(counted.listen_overflows, counted.listen_drops);
+    drop(open);
+}
+
+#[test]
+fn syn_flood_without_cookies_as_tcplens_reads_it() {
+    const SYNS: u16 = 200;
+    let ns = NamedNetns::new("lw-flood-nc");
+    unanswering_peer(&ns);
+    let at = SocketAddrV4::new(SERVER, 7106);
+    let listener = ns.run(move || {
+        sysctl("net/ipv4/tcp_syncookies", "0");
+        sysctl("net/ipv4/tcp_max_syn_backlog", "4096");
+        let listener = listen_with_backlog(at, 4096);
+        syn_flood(20_000..20_000 + SYNS, at);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while requests().len() < usize::from(SYNS) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "requests never queued"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        listener
+    });
+    let ((mine, shown), nstat) = between_equal_nstats(&ns, || {
+        (listener_in(&ns, at), ns.run(move || listener_queues(at)))
+    });
+    assert_eq!(
+        (mine.accept_queue, mine.backlog),
+        (shown.accept_queue, shown.backlog)
+    );
+    assert_eq!((mine.accept_queue, mine.backlog, mine.drops), (0, 4096, 0));
+    assert_eq!(nstat.listen_drops, 0);
+    let counted = counters_match_nstat(&ns);
+    assert_eq!(
+        (counted.syncookies_sent, counted.req_q_full_do_cookies),
+        (0, 0)
+    );
+    assert_eq!(counted.req_q_full_drop, 0);
+    drop(listener);
+}
+
+#[test]
+fn syncookies_as_tcplens_reads_them() {
+    const SYNS: u16 = 20;
+    const BACKLOG: i32 = 8;
+    let ns = NamedNetns::new("lw-cookies");
+    unanswering_peer(&ns);
+    let at = SocketAddrV4::new(SERVER, 7107);
+    let listener = ns.run(move || {
+        sysctl("net/ipv4/tcp_syncookies", "1");
+        let listener = listen_with_backlog(at, BACKLOG);
+        syn_flood(21_000..21_000 + SYNS, at);
+        listener
+    });
+    // Every SYN got a request socket or a cookie.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (reqs, nstat) = loop {
+        let (reqs, nstat) = between_equal_nstats(&ns, || ns.run(requests));
+        if reqs.len() as u64 + nstat.syncookies_sent == u64::from(SYNS) {
+            break (reqs, nstat);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} requests, {nstat:?}",
+            reqs.len()
+        );
+    };
+    eprintln!("syncookies: {} requests, {nstat:?}", reqs.len());
+    // The SYN queue is full when longer than the backlog: it holds backlog + 1.
+    assert_eq!(reqs.len(), BACKLOG as usize + 1);
+    let counted = counters_match_nstat(&ns);
+    assert_eq!(counted.syncookies_sent, u64::from(SYNS) - reqs.len() as u64);
+    assert_eq!(counted.req_q_full_do_cookies, counted.syncookies_sent);
+    assert_eq!((counted.listen_drops, counted.req_q_full_drop), (0, 0));
+    let mine = listener_in(&ns, at);
+    assert_eq!(
+        (mine.accept_queue, mine.backlog, mine.drops),
+        (0, BACKLOG as u32, 0)
+    );
+    drop(listener);
 }
