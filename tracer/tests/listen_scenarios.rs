@@ -362,3 +362,46 @@ fn syncookies_as_tcplens_reads_them() {
     );
     drop(listener);
 }
+
+/// A listener's `drops` (sk_drops) is not only its ListenDrops: the bare final ACKs that
+/// TCP_DEFER_ACCEPT discards count there too (and in TCPDeferAcceptDrop), not in
+/// ListenDrops.
+#[test]
+fn listener_drops_count_more_than_listen_drops() {
+    const CLIENTS: usize = 3;
+    let ns = NamedNetns::new("lw-defer");
+    let at = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7108);
+    let open = ns.run(move || {
+        use std::os::fd::AsRawFd as _;
+        let listener = listen_with_backlog(at, 16);
+        let secs: nix::libc::c_int = 5;
+        // SAFETY: setsockopt on an open socket with a correctly sized value.
+        let r = unsafe {
+            nix::libc::setsockopt(
+                listener.as_raw_fd(),
+                nix::libc::IPPROTO_TCP,
+                nix::libc::TCP_DEFER_ACCEPT,
+                (&raw const secs).cast(),
+                4,
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "TCP_DEFER_ACCEPT: {}",
+            std::io::Error::last_os_error()
+        );
+        // On loopback each handshake's last ACK is handled (and dropped) inside connect().
+        let clients: Vec<_> = (0..CLIENTS).map(|_| connect_nonblocking(at)).collect();
+        (listener, clients)
+    });
+    let ((mine, deferred), nstat) = between_equal_nstats(&ns, || {
+        (listener_in(&ns, at), ns.nstat("TcpExtTCPDeferAcceptDrop"))
+    });
+    eprintln!("defer accept: {mine:?}, TCPDeferAcceptDrop {deferred}, {nstat:?}");
+    assert_eq!(nstat.listen_drops, 0, "{nstat:?}");
+    assert_eq!(deferred, CLIENTS as u64);
+    assert_eq!(u64::from(mine.drops), deferred);
+    assert_eq!(mine.accept_queue, 0);
+    drop(open);
+}

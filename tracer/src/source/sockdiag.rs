@@ -87,8 +87,11 @@ pub struct ListenerQueue {
     /// The listen() backlog, capped by `net.core.somaxconn` (`idiag_wqueue` =
     /// `sk_max_ack_backlog`; `ss` Send-Q).
     pub backlog: u32,
-    /// The listener's `sk_drops` (INET_DIAG_SKMEMINFO, SK_MEMINFO_DROPS): each
-    /// `tcp_listendrop()` on this listener, i.e. its share of the namespace's ListenDrops.
+    /// The listener's `sk_drops` (INET_DIAG_SKMEMINFO, SK_MEMINFO_DROPS; `ss -lntm`'s `d`):
+    /// each `tcp_listendrop()` on this listener (its share of the namespace's ListenDrops),
+    /// but also every other segment the listener discarded: checked on 6.18, a bare ACK
+    /// dropped by TCP_DEFER_ACCEPT counts here and not in ListenDrops. Equal to ListenDrops
+    /// when SYNs meet a full accept queue and nothing else is dropped.
     pub drops: u32,
 }
 
