@@ -237,7 +237,10 @@ impl<'a> Pipeline<'a> {
 
     /// An interval report at `now_ns`, with the holders the sinks want when listed.
     pub fn interval(&mut self, now_ns: u64, holders: Option<&Holders>) -> io::Result<()> {
-        self.each_viewed(holders, |s, v| s.interval(now_ns, v))
+        self.each_viewed(holders, |s, v| s.interval(now_ns, v))?;
+        // The next report's SYN queue peaks start from the queues now.
+        self.tracker.requests_mut().take_peaks();
+        Ok(())
     }
 
     /// Holders listed between intervals (for [`HolderWant::Periodically`] sinks).

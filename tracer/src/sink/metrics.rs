@@ -133,7 +133,7 @@ impl Metrics {
         );
         r.register(
             "accept_duration_seconds",
-            "Accept handshake (SYN_RECV to ESTABLISHED)",
+            "Accept handshake on the server (SYN queued to ESTABLISHED), when the request was seen",
             m.accept.clone(),
         );
         r.register(
@@ -400,7 +400,11 @@ impl Sink for MetricsSink {
                 .observe(secs);
             match (t.old, t.new) {
                 (TcpState::SynSent, TcpState::Established) => m.connect.observe(secs),
-                (TcpState::SynRecv, TcpState::Established) => m.accept.observe(secs),
+                (TcpState::SynRecv, TcpState::Established) => {
+                    if let Some(syn) = o.syn_ns {
+                        m.accept.observe(syn as f64 / 1e9);
+                    }
+                }
                 _ => {}
             }
         }

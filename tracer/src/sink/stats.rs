@@ -1,6 +1,7 @@
 //! `stats`: HDR histograms of time spent in each state, of the connect and accept
-//! handshakes and of connection lifetimes, printed every `--interval` (then reset) and at
-//! exit.
+//! handshakes (accept: the server's, from the SYN queued to ESTABLISHED, when the request
+//! was seen) and of connection lifetimes, with what became of the SYNs queued at listeners,
+//! printed every `--interval` (then reset) and at exit.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -13,7 +14,7 @@ use super::{Format, Sink, View, human_ns};
 use crate::clock::TimeFormatter;
 use crate::model::{TcpState, Transition};
 use crate::pipeline::Totals;
-use crate::tracker::{End, Observed, Role, SocketLife, Tracker};
+use crate::tracker::{End, ListenerRequests, Observed, Role, SocketLife, Tracker};
 
 /// Highest recordable value: a day, in ns (larger values are clamped to it).
 const MAX_NS: u64 = 86_400 * 1_000_000_000;
@@ -144,6 +145,47 @@ struct JsonWindow<'a> {
     lifetime_ns: Option<Summary>,
     /// Sockets in each state at the time of the report (TIME_WAIT included), when known.
     live: &'a BTreeMap<&'static str, u64>,
+    /// Request sockets (SYNs queued at listeners) in the window.
+    requests: JsonRequests,
+}
+
+/// What became of the requests (SYNs queued at listeners) in a window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct JsonRequests {
+    pub syns: u64,
+    pub completed: u64,
+    pub expired: u64,
+    pub aborted: u64,
+    pub synack_retrans: u64,
+    /// Most requests waiting at once, every listener together.
+    pub queue_peak: u32,
+}
+
+impl JsonRequests {
+    /// The window from the totals `then` to `now`.
+    fn between(then: &ListenerRequests, now: &ListenerRequests) -> Self {
+        JsonRequests {
+            syns: now.syns - then.syns,
+            completed: now.completed - then.completed,
+            expired: now.expired - then.expired,
+            aborted: now.aborted - then.aborted,
+            synack_retrans: now.synack_retrans - then.synack_retrans,
+            queue_peak: now.peak,
+        }
+    }
+}
+
+/// One report's window, as every format prints it.
+struct Report<'a> {
+    now_ns: u64,
+    /// `now_ns` as RFC 3339.
+    time: String,
+    window_ns: u64,
+    totals: &'a Totals,
+    tracker: &'a Tracker,
+    /// Sockets per state now.
+    live: BTreeMap<&'static str, u64>,
+    requests: JsonRequests,
 }
 
 pub struct StatsSink<W: Write> {
@@ -153,6 +195,8 @@ pub struct StatsSink<W: Write> {
     by: Option<By>,
     groups: BTreeMap<String, Group>,
     window_start_ns: Option<u64>,
+    /// The request totals at the start of the window.
+    requests_then: ListenerRequests,
 }
 
 impl<W: Write> StatsSink<W> {
@@ -164,6 +208,7 @@ impl<W: Write> StatsSink<W> {
             by,
             groups: BTreeMap::new(),
             window_start_ns: None,
+            requests_then: ListenerRequests::default(),
         }
     }
 
@@ -204,56 +249,47 @@ impl<W: Write> StatsSink<W> {
             .filter_map(|(i, &n)| Some((TcpState::from_kernel(i as u8)?.name(), n)))
             .collect();
         let start = self.window_start_ns.unwrap_or(now_ns);
-        let window_ns = now_ns.saturating_sub(start);
         let mut time = String::new();
         self.times.rfc3339(now_ns, &mut time);
         let groups = std::mem::take(&mut self.groups);
+        let now = *tracker.requests().total();
+        let w = Report {
+            now_ns,
+            time,
+            window_ns: now_ns.saturating_sub(start),
+            totals,
+            tracker,
+            live,
+            requests: JsonRequests::between(&self.requests_then, &now),
+        };
+        self.requests_then = now;
         match self.format {
             Format::Json => {
                 let mut any = false;
                 for (key, g) in groups.iter().filter(|(_, g)| !g.is_empty()) {
                     any = true;
-                    self.json(
-                        &time,
-                        window_ns,
-                        totals,
-                        tracker,
-                        Some(key.as_str()),
-                        g,
-                        &live,
-                    )?;
+                    self.json(&w, Some(key.as_str()), g)?;
                 }
                 if !any {
-                    let empty = Group::default();
-                    self.json(&time, window_ns, totals, tracker, None, &empty, &live)?;
+                    self.json(&w, None, &Group::default())?;
                 }
             }
-            Format::Text => self.text(now_ns, window_ns, totals, tracker, &groups, &live)?,
+            Format::Text => self.text(&w, &groups)?,
         }
         self.out.flush()?;
         self.window_start_ns = Some(now_ns);
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn json(
-        &mut self,
-        time: &str,
-        window_ns: u64,
-        totals: &Totals,
-        tracker: &Tracker,
-        key: Option<&str>,
-        g: &Group,
-        live: &BTreeMap<&'static str, u64>,
-    ) -> io::Result<()> {
-        let stats = tracker.stats();
+    fn json(&mut self, w: &Report<'_>, key: Option<&str>, g: &Group) -> io::Result<()> {
+        let stats = w.tracker.stats();
         let rec = JsonWindow {
-            time: time.to_string(),
-            window_ns,
-            lost_events: totals.lost.total(),
+            time: w.time.clone(),
+            window_ns: w.window_ns,
+            lost_events: w.totals.lost.total(),
             lost: JsonLost {
-                ring_full: totals.lost.ring_full,
-                recursion: totals.lost.recursion,
+                ring_full: w.totals.lost.ring_full,
+                recursion: w.totals.lost.recursion,
             },
             ended_unseen: JsonUnseen {
                 reused: stats.unseen_reused,
@@ -270,21 +306,22 @@ impl<W: Write> StatsSink<W> {
             connect_ns: g.connect.as_ref().map(Summary::of),
             accept_ns: g.accept.as_ref().map(Summary::of),
             lifetime_ns: g.lifetime.as_ref().map(Summary::of),
-            live,
+            live: &w.live,
+            requests: w.requests,
         };
         serde_json::to_writer(&mut self.out, &rec).map_err(io::Error::other)?;
         self.out.write_all(b"\n")
     }
 
-    fn text(
-        &mut self,
-        now_ns: u64,
-        window_ns: u64,
-        totals: &Totals,
-        tracker: &Tracker,
-        groups: &BTreeMap<String, Group>,
-        live: &BTreeMap<&'static str, u64>,
-    ) -> io::Result<()> {
+    fn text(&mut self, w: &Report<'_>, groups: &BTreeMap<String, Group>) -> io::Result<()> {
+        let (now_ns, window_ns, totals, tracker, live, requests) = (
+            w.now_ns,
+            w.window_ns,
+            w.totals,
+            w.tracker,
+            &w.live,
+            w.requests,
+        );
         let mut s = String::new();
         self.times.time_of_day(now_ns, &mut s);
         let _ = write!(
@@ -312,6 +349,14 @@ impl<W: Write> StatsSink<W> {
                 let _ = write!(s, " {state} {n}");
             }
             s.push('\n');
+        }
+        if requests != JsonRequests::default() {
+            let r = requests;
+            let _ = writeln!(
+                s,
+                "requests: {} SYNs queued (peak {} waiting), {} completed, {} expired, {} aborted, {} SYN-ACKs retransmitted",
+                r.syns, r.queue_peak, r.completed, r.expired, r.aborted, r.synack_retrans
+            );
         }
         if groups.values().all(Group::is_empty) {
             s.push_str("(no completed durations)\n");
@@ -404,7 +449,18 @@ impl<W: Write> Sink for StatsSink<W> {
         record_ns(g.states.entry(t.old).or_insert_with(new_histogram), ns);
         match (t.old, t.new) {
             (TcpState::SynSent, TcpState::Established) => record(&mut g.connect, ns),
-            (TcpState::SynRecv, TcpState::Established) => record(&mut g.accept, ns),
+            // The server's handshake from the SYN, when its request was seen: the request
+            // (NEW_SYN_RECV) until the final ACK made the child, then the child's SYN_RECV.
+            (TcpState::SynRecv, TcpState::Established) => {
+                if let Some(syn) = o.syn_ns {
+                    record(&mut g.accept, syn);
+                    let request = g
+                        .states
+                        .entry(TcpState::NewSynRecv)
+                        .or_insert_with(new_histogram);
+                    record_ns(request, syn.saturating_sub(ns));
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -435,7 +491,8 @@ impl<W: Write> Sink for StatsSink<W> {
 mod tests {
     use super::*;
     use crate::clock::WallClock;
-    use crate::tracker::tests::tr;
+    use crate::model::TimerOp;
+    use crate::tracker::tests::{request_of, tr};
     use TcpState::*;
     use jiff::tz::TimeZone;
 
@@ -520,6 +577,10 @@ mod tests {
             ] {
                 ts += dt;
                 let e = tr(100 + i, ts, old, new, 1);
+                if old == Listen {
+                    // Its SYN was queued 2 us before the final ACK made it.
+                    tracker.request(&request_of(&e, TimerOp::Arm, 0xa, ts - 2_000));
+                }
                 let o = tracker.observe(&e, &mut ended);
                 sink.transition(&e, &o).unwrap();
                 for life in ended.drain(..) {
@@ -542,13 +603,19 @@ mod tests {
         assert_eq!(cw.min_ns, 999_936);
         assert!((49_950_000..=50_050_000).contains(&cw.p50_ns), "{cw:?}");
         assert!((99_900_000..=100_100_000).contains(&cw.max_ns), "{cw:?}");
-        assert_eq!(Summary::of(g.accept.as_ref().unwrap()).count, 100);
+        // The server's handshake: 2 us of request, then 5 us of the child's SYN_RECV.
+        let accept = Summary::of(g.accept.as_ref().unwrap());
+        // (Within the 3 significant digits the histograms keep.)
+        assert_eq!((accept.count, accept.min_ns), (100, 7_000));
+        assert!((7_000..7_007).contains(&accept.max_ns), "{accept:?}");
+        let request = Summary::of(&g.states[&NewSynRecv]);
+        assert_eq!((request.count, request.min_ns), (100, 2_000));
         assert!(g.connect.is_none());
-        // SYN_RECV (accept), ESTABLISHED, CLOSE_WAIT, LAST_ACK; no unknown durations (the
-        // first LISTEN -> SYN_RECV of each child has none).
+        // SYN_RECV, ESTABLISHED, CLOSE_WAIT, LAST_ACK, the requests; no unknown durations
+        // (the first LISTEN -> SYN_RECV of each child has none).
         assert_eq!(
             g.states.keys().copied().collect::<Vec<_>>(),
-            [Established, SynRecv, CloseWait, LastAck]
+            [Established, SynRecv, CloseWait, LastAck, NewSynRecv]
         );
         // A listener's life is not a connection lifetime.
         let mut t = Tracker::default();

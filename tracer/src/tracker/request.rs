@@ -101,6 +101,8 @@ pub struct Requests {
     unsettled: VecDeque<(u64, u64)>,
     /// By listener cookie.
     listeners: HashMap<u64, ListenerRequests>,
+    /// Every listener's, together.
+    total: ListenerRequests,
     cap: usize,
     /// Requests not followed because `cap` were.
     pub untracked: u64,
@@ -113,6 +115,7 @@ impl Requests {
             by_tuple: HashMap::new(),
             unsettled: VecDeque::new(),
             listeners: HashMap::new(),
+            total: ListenerRequests::default(),
             cap: cap.max(1),
             untracked: 0,
         }
@@ -123,9 +126,14 @@ impl Requests {
         &self.listeners
     }
 
-    /// Restarts every listener's peak from its queue now (an interval report took them).
+    /// Every listener's counts together.
+    pub fn total(&self) -> &ListenerRequests {
+        &self.total
+    }
+
+    /// Restarts the peaks from the queues now (an interval report took them).
     pub fn take_peaks(&mut self) {
-        for l in self.listeners.values_mut() {
+        for l in self.listeners.values_mut().chain([&mut self.total]) {
             l.peak = l.queued;
         }
     }
@@ -152,11 +160,11 @@ impl Requests {
             (TimerOp::Arm, Some(Phase::Expiring(_))) => {
                 // Re-armed after an expiry: the SYN-ACK went again (when `retrans` grew).
                 if let Some(r) = self.live.get_mut(&ev.req) {
-                    let more = ev.retrans.saturating_sub(r.retrans);
+                    let more = u64::from(ev.retrans.saturating_sub(r.retrans));
                     r.retrans = r.retrans.max(ev.retrans);
                     r.phase = Phase::Armed;
                     let listener = r.listener;
-                    self.counts(listener).synack_retrans += u64::from(more);
+                    self.bump(listener, |l| l.synack_retrans += more);
                 }
             }
             (TimerOp::Arm, known) => {
@@ -196,12 +204,11 @@ impl Requests {
             },
         );
         self.by_tuple.insert(key, ev.req);
-        let l = self.counts(ev.listener);
-        l.queued += 1;
-        l.peak = l.peak.max(l.queued);
-        if fresh {
-            l.syns += 1;
-        }
+        self.bump(ev.listener, |l| {
+            l.queued += 1;
+            l.peak = l.peak.max(l.queued);
+            l.syns += u64::from(fresh);
+        });
     }
 
     fn set_phase(&mut self, req: u64, phase: Phase) {
@@ -213,8 +220,10 @@ impl Requests {
         }
     }
 
-    fn counts(&mut self, listener: u64) -> &mut ListenerRequests {
-        self.listeners.entry(listener).or_default()
+    /// Changes the counts of `listener`, and the total, alike.
+    fn bump(&mut self, listener: u64, f: impl Fn(&mut ListenerRequests)) {
+        f(self.listeners.entry(listener).or_default());
+        f(&mut self.total);
     }
 
     fn end(&mut self, req: u64, end: RequestEnd) -> Option<Request> {
@@ -222,13 +231,14 @@ impl Requests {
         if self.by_tuple.get(&r.key) == Some(&req) {
             self.by_tuple.remove(&r.key);
         }
-        let l = self.counts(r.listener);
-        l.queued = l.queued.saturating_sub(1);
-        match end {
-            RequestEnd::Completed => l.completed += 1,
-            RequestEnd::Expired => l.expired += 1,
-            RequestEnd::Aborted => l.aborted += 1,
-        }
+        self.bump(r.listener, |l| {
+            l.queued = l.queued.saturating_sub(1);
+            match end {
+                RequestEnd::Completed => l.completed += 1,
+                RequestEnd::Expired => l.expired += 1,
+                RequestEnd::Aborted => l.aborted += 1,
+            }
+        });
         Some(r)
     }
 

@@ -1093,6 +1093,22 @@ fn rq(op: TimerOp, req: u64, ts: u64, retrans: u8) -> crate::model::RequestEvent
     }
 }
 
+/// The request event `op` at `ts` whose child is the socket of `t` (same namespace and
+/// 4-tuple), at kernel address `req`, of listener cookie 50.
+pub(crate) fn request_of(
+    t: &Transition,
+    op: TimerOp,
+    req: u64,
+    ts: u64,
+) -> crate::model::RequestEvent {
+    crate::model::RequestEvent {
+        ts_ns: ts,
+        req,
+        id: SocketId { cookie: 0, ..t.id },
+        ..rq(op, req, ts, 0)
+    }
+}
+
 /// The server's child of that connection (cookie 7).
 fn child(ts: u64, old: TcpState, new: TcpState) -> Transition {
     let mut t = tr(7, ts, old, new, 0);
