@@ -479,11 +479,12 @@ fn report(p: &Pipeline<'_>) {
     say(format_args!("{}", summary(&p.totals, p.tracker.stats())));
 }
 
-/// `1234 events read (56 timewait), 0 lost`, then what the tracker could not follow.
+/// `1234 events read (56 timewait, 7 request), 0 lost`, then what the tracker could not
+/// follow.
 pub fn summary(totals: &Totals, stats: &crate::tracker::TrackerStats) -> String {
     let mut s = format!(
-        "{} events read ({} timewait), {}",
-        totals.events, totals.timewait, totals.lost
+        "{} events read ({} timewait, {} request), {}",
+        totals.events, totals.timewait, totals.requests, totals.lost
     );
     if totals.bad > 0 {
         s.push_str(&format!(", {} undecodable", totals.bad));
@@ -675,13 +676,14 @@ mod tests {
         let mut totals = Totals {
             events: 1234,
             timewait: 56,
+            requests: 7,
             ..Totals::default()
         };
         let stats = TrackerStats::default();
         totals.read_lost(&Fake(Lost::default())).unwrap();
         assert_eq!(
             summary(&totals, &stats),
-            "1234 events read (56 timewait), 0 lost"
+            "1234 events read (56 timewait, 7 request), 0 lost"
         );
         totals
             .read_lost(&Fake(Lost {
@@ -692,7 +694,7 @@ mod tests {
         assert_eq!(totals.lost.total(), 11);
         assert_eq!(
             summary(&totals, &stats),
-            "1234 events read (56 timewait), 11 lost (ring buffer full 0, recursion 11)"
+            "1234 events read (56 timewait, 7 request), 11 lost (ring buffer full 0, recursion 11)"
         );
     }
 
@@ -706,7 +708,7 @@ mod tests {
         };
         assert_eq!(
             summary(&Totals::default(), &stats),
-            "0 events read (0 timewait), 0 lost; 4 sockets ended unseen (3 addresses reused, 1 gone from sock_diag); 2 sockets evicted at the --max-sockets cap"
+            "0 events read (0 timewait, 0 request), 0 lost; 4 sockets ended unseen (3 addresses reused, 1 gone from sock_diag); 2 sockets evicted at the --max-sockets cap"
         );
     }
 }

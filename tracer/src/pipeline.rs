@@ -16,8 +16,10 @@ use crate::tracker::{Owner, Seed, SocketLife, Tracker};
 pub struct Totals {
     /// Events read (from the ring buffer or the file).
     pub events: u64,
-    /// Of the events, timewait timer events (the rest are state transitions).
+    /// Of the events, timewait timer events and request timer events (the rest are state
+    /// transitions).
     pub timewait: u64,
+    pub requests: u64,
     /// Events the kernel lost, by reason.
     pub lost: Lost,
     /// Ring buffer records that did not decode (a bug if ever non-zero: the ABI is shared).
@@ -123,8 +125,10 @@ impl<'a> Pipeline<'a> {
         for s in &mut self.sinks {
             s.event(ev)?;
         }
-        if let KernelEvent::Timewait(_) = ev {
-            self.totals.timewait += 1;
+        match ev {
+            KernelEvent::Timewait(_) => self.totals.timewait += 1,
+            KernelEvent::Request(_) => self.totals.requests += 1,
+            KernelEvent::Transition(_) => {}
         }
         if !self.track {
             return Ok(());

@@ -165,7 +165,7 @@ fn watch_text_and_sigterm() {
     );
     assert!(lines[7].contains("LISTEN       -> CLOSE"), "{out}");
     assert!(
-        rest.contains("tcplens: 7 events read (0 timewait), 0 lost\n"),
+        rest.contains("tcplens: 9 events read (0 timewait, 2 request), 0 lost\n"),
         "{rest}"
     );
 }

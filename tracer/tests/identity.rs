@@ -94,6 +94,7 @@ fn a_reused_four_tuple_gives_each_connection_its_time_wait() {
         assert_eq!(
             names(life),
             [
+                "NEW_SYN_RECV",
                 "SYN_RECV",
                 "ESTABLISHED",
                 "FIN_WAIT1",
@@ -345,6 +346,7 @@ fn equal_four_tuples_in_two_namespaces_stay_apart() {
         assert_eq!(
             names(s),
             [
+                "NEW_SYN_RECV",
                 "SYN_RECV",
                 "ESTABLISHED",
                 "FIN_WAIT1",

@@ -100,7 +100,14 @@ fn close_wait_and_established_durations_owner_and_replay() {
         .collect();
     assert_eq!(
         names,
-        ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]
+        [
+            "NEW_SYN_RECV",
+            "SYN_RECV",
+            "ESTABLISHED",
+            "CLOSE_WAIT",
+            "LAST_ACK",
+            "CLOSE"
+        ]
     );
     let cw = state_ns(passive, "CLOSE_WAIT");
     assert!(

@@ -532,7 +532,7 @@ fn no_timewait_shows_the_kernel_view() {
     });
     let f = timeline.wait();
     assert!(f.status.success(), "{}", f.stderr);
-    assert!(f.stderr.contains("(0 timewait)"), "{}", f.stderr);
+    assert!(f.stderr.contains("(0 timewait, "), "{}", f.stderr);
     let lives = lives_on(&f.stdout, client_port);
     assert_eq!(lives.len(), 1, "{lives:#?}");
     assert_eq!(

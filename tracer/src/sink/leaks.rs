@@ -464,6 +464,7 @@ mod tests {
             at_ns: 40_000_000_000,
             took_ns: 2_000_000,
             sockets,
+            ..Holders::default()
         }
     }
 

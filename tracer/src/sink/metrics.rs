@@ -618,6 +618,7 @@ mod tests {
             at_ns: 3_000_000_000,
             took_ns: 1,
             sockets,
+            ..Holders::default()
         };
         let filter = KernelFilter {
             rports: vec![9],
@@ -647,6 +648,7 @@ mod tests {
         let totals = Totals {
             events: 9,
             timewait: 0,
+            requests: 0,
             lost: Lost {
                 ring_full: 3,
                 recursion: 2,

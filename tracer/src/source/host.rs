@@ -17,8 +17,9 @@ use std::io;
 
 use crate::clock::monotonic_now_ns;
 use crate::model::TcpState;
+use crate::source::netstat::NetnsCounters;
 use crate::source::procs::{Holder, OwnerIndex};
-use crate::source::sockdiag::{self, DiagError, DiagSocket};
+use crate::source::sockdiag::{self, DiagError, DiagSocket, ListenerQueue};
 use crate::source::timewait::{self, Turned, turned_at};
 use crate::tracker::{FlipCandidate, Listed, Listing};
 
@@ -63,6 +64,10 @@ pub struct Holders {
     /// How long the listing and the holder lookup took.
     pub took_ns: u64,
     pub sockets: Vec<(DiagSocket, Option<Holder>)>,
+    /// When LISTEN is among the states: every listener's queues, and each namespace's
+    /// listen counters (the kernel's, since the namespace was made).
+    pub listeners: Vec<ListenerQueue>,
+    pub counters: Vec<NetnsCounters>,
 }
 
 /// The sockets of the start-up snapshot, and when the dump ended (kernel monotonic).
@@ -172,10 +177,20 @@ pub fn holders(states: &[TcpState], owners: &mut OwnerIndex) -> Result<Holders, 
             (s, holder)
         })
         .collect();
+    let (listeners, counters) = if states.contains(&TcpState::Listen) {
+        (
+            sockdiag::listener_queues()?,
+            crate::source::netstat::netns_counters(None)?,
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
     Ok(Holders {
         at_ns,
         took_ns: monotonic_now_ns().saturating_sub(at_ns),
         sockets,
+        listeners,
+        counters,
     })
 }
 

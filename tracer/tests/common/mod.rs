@@ -337,9 +337,10 @@ pub(crate) fn assert_nothing_lost(stderr: &str) {
         .lines()
         .rfind(|l| l.contains(" events read ("))
         .unwrap_or_else(|| panic!("no summary line in {stderr}"));
-    // "N events read (M timewait), 0 lost", then what else it has to say after a ';'.
+    // "N events read (M timewait, R request), 0 lost", then what else it has to say after
+    // a ';'.
     let counts = last.split(';').next().unwrap_or_default();
-    assert!(counts.ends_with("timewait), 0 lost"), "{stderr}");
+    assert!(counts.ends_with(" request), 0 lost"), "{stderr}");
 }
 
 /// One JSON object per line.
