@@ -11,13 +11,15 @@ use jiff::tz::TimeZone;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::{
-    CommonArgs, LeaksArgs, RecordArgs, ServeArgs, StatsArgs, TimelineArgs, TraceArgs, WatchArgs,
+    CommonArgs, LeaksArgs, ListenArgs, RecordArgs, ServeArgs, StatsArgs, TimelineArgs, TraceArgs,
+    WatchArgs,
 };
 use crate::clock::{TimeFormatter, WallClock, monotonic_now_ns};
 use crate::decode::decode;
 use crate::pipeline::{Pipeline, Totals};
 use crate::sink::Sink;
 use crate::sink::leaks::{LeakQuery, LeaksSink};
+use crate::sink::listen::ListenSink;
 use crate::sink::metrics::{Metrics, MetricsSink};
 use crate::sink::record::RecordSink;
 use crate::sink::stats::StatsSink;
@@ -168,6 +170,15 @@ async fn run_live(
             Answer::Snapshot(snapshot) => p.seed(snapshot, &trace.filter()),
             Answer::Failed(e) => log::warn!("start-up socket snapshot unavailable: {e}"),
             _ => {}
+        }
+        // What the first window's listen counts start from.
+        if p.holder_states(false)
+            .contains(&crate::model::TcpState::Listen)
+        {
+            host.ask(Ask::Holders(vec![crate::model::TcpState::Listen]));
+            if let Answer::Holders(h) = host.answer().await {
+                p.holders(h.at_ns, &h)?;
+            }
         }
     }
     let mut last_resync = tokio::time::Instant::now();
@@ -650,6 +661,31 @@ pub async fn leaks(args: &LeaksArgs) -> Result<bool> {
     run(input, &args.trace, Some(args.interval), &mut p).await?;
     report(&p);
     Ok(sink.found_any)
+}
+
+pub async fn listen(args: &ListenArgs) -> Result<()> {
+    if args.trace.no_requests {
+        anyhow::bail!("listen follows request sockets: --no-requests leaves it nothing to show");
+    }
+    let source = open_kernel(&args.trace)?;
+    if !source.requests {
+        log::warn!(
+            "the SYN queue columns stay 0: request sockets cannot be followed on this kernel"
+        );
+    }
+    let (out, _) = stdout();
+    let mut sink = ListenSink::new(
+        out,
+        args.output.format,
+        formatter(WallClock::now()),
+        args.trace.filter(),
+    );
+    let input = Input::Kernel(Box::new(source));
+    let tracker = input.tracker(args.cap.max_sockets);
+    let mut p = Pipeline::new(tracker, vec![&mut sink]);
+    run(input, &args.trace, Some(args.interval), &mut p).await?;
+    report(&p);
+    Ok(())
 }
 
 fn create(path: &Path) -> Result<File> {

@@ -39,6 +39,10 @@ pub enum Command {
     /// Sockets sitting in CLOSE_WAIT (or --state) for at least --threshold, with the
     /// process, fd and command line holding each, refreshed every --interval.
     Leaks(LeaksArgs),
+    /// The listen path per listener, every --interval: the SYN queue (requests waiting,
+    /// completed, expired, aborted, SYN-ACKs retransmitted), the accept queue and backlog,
+    /// drops, and each namespace's listen counters.
+    Listen(ListenArgs),
     /// A Prometheus/OpenMetrics endpoint: transitions, sockets per state, time-in-state
     /// histograms, CLOSE_WAIT holders, lost events.
     Serve(ServeArgs),
@@ -87,6 +91,19 @@ pub struct LeaksArgs {
     /// socket: for health checks and CI pipelines.
     #[arg(long)]
     pub fail_on_leak: bool,
+    #[command(flatten)]
+    pub cap: CapArg,
+}
+
+#[derive(Debug, Args)]
+pub struct ListenArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    #[command(flatten)]
+    pub output: FormatArg,
+    /// Report this often (and once more at exit).
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub interval: Duration,
     #[command(flatten)]
     pub cap: CapArg,
 }

@@ -54,6 +54,7 @@ fn main() -> ExitCode {
             Command::Stats(args) => done(tracer::app::stats(args).await),
             Command::Record(args) => done(tracer::app::record(args).await),
             Command::Serve(args) => done(tracer::app::serve(args).await),
+            Command::Listen(args) => done(tracer::app::listen(args).await),
             Command::Leaks(args) => tracer::app::leaks(args).await.map(|found| {
                 if found && args.fail_on_leak {
                     LEAKS_FOUND

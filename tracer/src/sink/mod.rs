@@ -3,6 +3,7 @@
 //! tracker itself at interval and exit time.
 
 pub mod leaks;
+pub mod listen;
 pub mod metrics;
 pub mod record;
 pub mod stats;

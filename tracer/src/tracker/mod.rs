@@ -647,6 +647,9 @@ impl Tracker {
             return;
         };
         let mut life = t.life;
+        if life.role == Role::Listener {
+            self.requests.listener_closed(life.id, life.owner);
+        }
         life.end = end;
         life.lifetime_ns = at.and_then(|at| lifetime(&life, at));
         ended.push(life);

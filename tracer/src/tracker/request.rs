@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 
-use super::SETTLE_NS;
+use super::{Owner, SETTLE_NS};
 use crate::model::{RequestEvent, SocketId, TimerOp, Transition};
 
 /// How a request ended.
@@ -103,6 +103,9 @@ pub struct Requests {
     listeners: HashMap<u64, ListenerRequests>,
     /// Every listener's, together.
     total: ListenerRequests,
+    /// Listeners that closed since the last report, by cookie: who they were. Their
+    /// counts go at the next [`Requests::take_peaks`] (once reported).
+    closed: HashMap<u64, (SocketId, Option<Owner>)>,
     cap: usize,
     /// Requests not followed because `cap` were.
     pub untracked: u64,
@@ -116,6 +119,7 @@ impl Requests {
             unsettled: VecDeque::new(),
             listeners: HashMap::new(),
             total: ListenerRequests::default(),
+            closed: HashMap::new(),
             cap: cap.max(1),
             untracked: 0,
         }
@@ -131,18 +135,27 @@ impl Requests {
         &self.total
     }
 
-    /// Restarts the peaks from the queues now (an interval report took them).
+    /// Restarts the peaks from the queues now (an interval report took them), and forgets
+    /// the listeners that closed.
     pub fn take_peaks(&mut self) {
+        let closed = std::mem::take(&mut self.closed);
+        self.listeners
+            .retain(|cookie, l| !closed.contains_key(cookie) || l.queued > 0);
         for l in self.listeners.values_mut().chain([&mut self.total]) {
             l.peak = l.queued;
         }
     }
 
-    /// Forgets the counts of a listener that closed (once reported).
-    pub fn forget_listener(&mut self, cookie: u64) {
-        if self.listeners.get(&cookie).is_some_and(|l| l.queued == 0) {
-            self.listeners.remove(&cookie);
+    /// The listener `id` closed (its requests end with their own events).
+    pub fn listener_closed(&mut self, id: SocketId, owner: Option<Owner>) {
+        if self.listeners.contains_key(&id.cookie) {
+            self.closed.insert(id.cookie, (id, owner));
         }
+    }
+
+    /// A listener that closed since the last report: who it was.
+    pub fn closed_listener(&self, cookie: u64) -> Option<&(SocketId, Option<Owner>)> {
+        self.closed.get(&cookie)
     }
 
     /// Requests being followed.

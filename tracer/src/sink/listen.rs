@@ -1,0 +1,381 @@
+//! `listen`: the listen path per listener, every `--interval` and at exit: the SYN queue as
+//! tcplens followed it (requests waiting now and at most, SYNs queued, completed, expired,
+//! aborted, SYN-ACKs retransmitted in the window), the accept queue and backlog as sock_diag
+//! shows them (`ss -lnt`'s Recv-Q and Send-Q), the listener's drops in the window, and each
+//! namespace's listen counters in the window (ListenOverflows, ListenDrops, SyncookiesSent…).
+//!
+//! Window counts are differences from the previous report; the first report's start from
+//! the listing taken when tracing began (a listener made since starts from zero).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::io::{self, Write};
+
+use serde::Serialize;
+
+use super::{Format, HolderWant, JsonId, Sink, View, escaped, human_ns};
+use crate::clock::TimeFormatter;
+use crate::model::{Family, SocketId, TcpState};
+use crate::source::host::Holders;
+use crate::source::kernel::KernelFilter;
+use crate::source::netstat::NetnsCounters;
+use crate::tracker::ListenerRequests;
+
+/// One listener in a report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerRow {
+    pub id: SocketId,
+    /// The process holding it (pid, comm), when known.
+    pub owner: Option<(u32, String)>,
+    /// As sock_diag lists it: accept queue, backlog, and its drops (`sk_drops`) in the
+    /// window. `None` for a listener that closed in the window.
+    pub queues: Option<(u32, u32, u32)>,
+    /// Requests waiting now (`queued`) and most at once in the window (`peak`); the rest
+    /// in the window.
+    pub requests: ListenerRequests,
+}
+
+/// A namespace's listen counters in a window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NetnsWindow {
+    pub netns: u32,
+    pub listen_overflows: u64,
+    pub listen_drops: u64,
+    pub syncookies_sent: u64,
+    pub syn_retrans: u64,
+    pub req_q_full_drop: u64,
+    pub req_q_full_do_cookies: u64,
+}
+
+impl NetnsWindow {
+    fn between(then: Option<&NetnsCounters>, now: &NetnsCounters) -> Self {
+        let d = |f: fn(&NetnsCounters) -> u64| f(now).saturating_sub(then.map_or(0, f));
+        NetnsWindow {
+            netns: now.netns,
+            listen_overflows: d(|c| c.listen_overflows),
+            listen_drops: d(|c| c.listen_drops),
+            syncookies_sent: d(|c| c.syncookies_sent),
+            syn_retrans: d(|c| c.syn_retrans),
+            req_q_full_drop: d(|c| c.req_q_full_drop),
+            req_q_full_do_cookies: d(|c| c.req_q_full_do_cookies),
+        }
+    }
+
+    fn is_zero(&self) -> bool {
+        *self
+            == NetnsWindow {
+                netns: self.netns,
+                ..NetnsWindow::default()
+            }
+    }
+}
+
+#[derive(Serialize)]
+struct JsonListener<'a> {
+    #[serde(flatten)]
+    id: JsonId,
+    owner_pid: Option<u32>,
+    owner_comm: Option<&'a str>,
+    syn_queue: u32,
+    syn_queue_peak: u32,
+    /// `null`: the listener closed in the window.
+    accept_queue: Option<u32>,
+    backlog: Option<u32>,
+    syns: u64,
+    completed: u64,
+    expired: u64,
+    aborted: u64,
+    synack_retrans: u64,
+    drops: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    time: &'a str,
+    window_ns: u64,
+    listeners: Vec<JsonListener<'a>>,
+    namespaces: &'a [NetnsWindow],
+}
+
+pub struct ListenSink<W: Write> {
+    out: W,
+    format: Format,
+    times: TimeFormatter,
+    filter: KernelFilter,
+    window_start_ns: Option<u64>,
+    /// At the previous report (or the start): each listener's request counts and drops,
+    /// by cookie, and each namespace's counters.
+    requests_then: HashMap<u64, ListenerRequests>,
+    drops_then: HashMap<u64, u32>,
+    counters_then: HashMap<u32, NetnsCounters>,
+}
+
+impl<W: Write> ListenSink<W> {
+    pub fn new(out: W, format: Format, times: TimeFormatter, filter: KernelFilter) -> Self {
+        ListenSink {
+            out,
+            format,
+            times,
+            filter,
+            window_start_ns: None,
+            requests_then: HashMap::new(),
+            drops_then: HashMap::new(),
+            counters_then: HashMap::new(),
+        }
+    }
+
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
+    /// The filters that apply to a listener: family, local port, namespace (a listener has
+    /// no remote port).
+    fn keeps(&self, id: &SocketId) -> bool {
+        let f = &self.filter;
+        f.family.is_none_or(|fam| fam == id.family)
+            && (f.lports.is_empty() || f.lports.contains(&id.sport))
+            && f.netns.is_none_or(|n| n == id.netns)
+    }
+
+    /// The report's rows and namespaces, and the baselines moved to now.
+    fn rows(&mut self, v: &View<'_>, h: &Holders) -> (Vec<ListenerRow>, Vec<NetnsWindow>) {
+        let owners: HashMap<u64, (u32, String)> = h
+            .sockets
+            .iter()
+            .filter(|(s, _)| s.state == TcpState::Listen)
+            .filter_map(|(s, holder)| Some((s.id.cookie, holder.as_ref()?)))
+            .map(|(cookie, hd)| (cookie, (hd.pid, hd.comm.clone())))
+            .collect();
+        let requests = v.tracker.requests();
+        let window = |cookie: u64| {
+            let now = requests
+                .listeners()
+                .get(&cookie)
+                .copied()
+                .unwrap_or_default();
+            let then = self.requests_then.get(&cookie).copied().unwrap_or_default();
+            ListenerRequests {
+                queued: now.queued,
+                peak: now.peak,
+                syns: now.syns - then.syns,
+                completed: now.completed - then.completed,
+                expired: now.expired - then.expired,
+                aborted: now.aborted - then.aborted,
+                synack_retrans: now.synack_retrans - then.synack_retrans,
+            }
+        };
+        let mut rows: Vec<ListenerRow> = h
+            .listeners
+            .iter()
+            .filter(|l| self.keeps(&l.id))
+            .map(|l| {
+                let cookie = l.id.cookie;
+                let drops_then = self.drops_then.get(&cookie).copied().unwrap_or(0);
+                let owner = owners.get(&cookie).cloned().or_else(|| {
+                    let o = v.tracker.socket(cookie)?.owner?;
+                    Some((o.pid, o.comm.to_str_lossy().into_owned()))
+                });
+                ListenerRow {
+                    id: l.id,
+                    owner,
+                    queues: Some((l.accept_queue, l.backlog, l.drops.wrapping_sub(drops_then))),
+                    requests: window(cookie),
+                }
+            })
+            .collect();
+        // Listeners that closed in the window: their last counts, no queues.
+        let listed: HashSet<u64> = h.listeners.iter().map(|l| l.id.cookie).collect();
+        for &cookie in requests.listeners().keys() {
+            if let Some((id, owner)) = requests.closed_listener(cookie)
+                && !listed.contains(&cookie)
+                && self.keeps(id)
+            {
+                rows.push(ListenerRow {
+                    id: *id,
+                    owner: owner.map(|o| (o.pid, o.comm.to_str_lossy().into_owned())),
+                    queues: None,
+                    requests: window(cookie),
+                });
+            }
+        }
+        rows.sort_by_key(|r| (r.id.netns, r.id.sport, r.id.saddr));
+        let shown: HashSet<u32> = rows.iter().map(|r| r.id.netns).collect();
+        let namespaces: Vec<NetnsWindow> = h
+            .counters
+            .iter()
+            .filter(|c| self.filter.netns.is_none_or(|n| n == c.netns))
+            .map(|c| NetnsWindow::between(self.counters_then.get(&c.netns), c))
+            .filter(|w| shown.contains(&w.netns) || !w.is_zero())
+            .collect();
+        self.baseline(v, h);
+        (rows, namespaces)
+    }
+
+    /// What the next window's counts start from.
+    fn baseline(&mut self, v: &View<'_>, h: &Holders) {
+        self.requests_then
+            .clone_from(v.tracker.requests().listeners());
+        self.drops_then = h.listeners.iter().map(|l| (l.id.cookie, l.drops)).collect();
+        self.counters_then = h.counters.iter().map(|c| (c.netns, *c)).collect();
+    }
+
+    fn report(&mut self, now_ns: u64, v: &View<'_>) -> io::Result<()> {
+        let Some(h) = v.holders else {
+            return Ok(()); // the listing failed (said once by the live loop)
+        };
+        let window_ns = now_ns.saturating_sub(self.window_start_ns.unwrap_or(now_ns));
+        self.window_start_ns = Some(now_ns);
+        let (rows, namespaces) = self.rows(v, h);
+        match self.format {
+            Format::Json => {
+                let mut time = String::new();
+                self.times.rfc3339(now_ns, &mut time);
+                let rec = JsonReport {
+                    time: &time,
+                    window_ns,
+                    listeners: rows.iter().map(json_row).collect(),
+                    namespaces: &namespaces,
+                };
+                serde_json::to_writer(&mut self.out, &rec).map_err(io::Error::other)?;
+                self.out.write_all(b"\n")?;
+            }
+            Format::Text => {
+                let text = self.text(now_ns, window_ns, &rows, &namespaces);
+                self.out.write_all(text.as_bytes())?;
+            }
+        }
+        self.out.flush()
+    }
+
+    fn text(
+        &mut self,
+        now_ns: u64,
+        window_ns: u64,
+        rows: &[ListenerRow],
+        namespaces: &[NetnsWindow],
+    ) -> String {
+        let mut s = String::new();
+        self.times.time_of_day(now_ns, &mut s);
+        let _ = writeln!(
+            s,
+            "  {} listeners, window {}",
+            rows.len(),
+            human_ns(window_ns)
+        );
+        let _ = writeln!(
+            s,
+            "{:<11} {:<28} {:<20} {:>5} {:>5} {:>8} {:>7} {:>6} {:>6} {:>7} {:>7} {:>6} {:>6}",
+            "NETNS",
+            "LISTENER",
+            "OWNER",
+            "SYN-Q",
+            "PEAK",
+            "ACCEPT-Q",
+            "BACKLOG",
+            "SYNS",
+            "DONE",
+            "EXPIRED",
+            "ABORTED",
+            "RTX",
+            "DROPS"
+        );
+        for r in rows {
+            let owner = r.owner.as_ref().map_or_else(
+                || "-".to_string(),
+                |(pid, comm)| format!("{}[{pid}]", escaped(comm)),
+            );
+            let q = &r.requests;
+            let [accept_queue, backlog, drops] = match r.queues {
+                Some((queue, limit, dropped)) => [queue, limit, dropped].map(|n| n.to_string()),
+                None => ["-", "-", "-"].map(String::from),
+            };
+            let _ = writeln!(
+                s,
+                "{:<11} {:<28} {:<20} {:>5} {:>5} {:>8} {:>7} {:>6} {:>6} {:>7} {:>7} {:>6} {:>6}",
+                r.id.netns,
+                listener_address(&r.id),
+                owner,
+                q.queued,
+                q.peak,
+                accept_queue,
+                backlog,
+                q.syns,
+                q.completed,
+                q.expired,
+                q.aborted,
+                q.synack_retrans,
+                drops
+            );
+        }
+        for n in namespaces {
+            let _ = writeln!(
+                s,
+                "netns {}: ListenOverflows {}, ListenDrops {}, SyncookiesSent {}, TCPReqQFullDrop {}, TCPReqQFullDoCookies {}, TCPSynRetrans {}",
+                n.netns,
+                n.listen_overflows,
+                n.listen_drops,
+                n.syncookies_sent,
+                n.req_q_full_drop,
+                n.req_q_full_do_cookies,
+                n.syn_retrans
+            );
+        }
+        s.push('\n');
+        s
+    }
+}
+
+/// `127.0.0.1:8080`, `[::]:8080`.
+fn listener_address(id: &SocketId) -> String {
+    match id.family {
+        Family::Ipv4 => format!("{}:{}", id.saddr, id.sport),
+        Family::Ipv6 => format!("[{}]:{}", id.saddr, id.sport),
+    }
+}
+
+fn json_row(r: &ListenerRow) -> JsonListener<'_> {
+    let q = &r.requests;
+    JsonListener {
+        id: (&r.id).into(),
+        owner_pid: r.owner.as_ref().map(|o| o.0),
+        owner_comm: r.owner.as_ref().map(|o| o.1.as_str()),
+        syn_queue: q.queued,
+        syn_queue_peak: q.peak,
+        accept_queue: r.queues.map(|q| q.0),
+        backlog: r.queues.map(|q| q.1),
+        syns: q.syns,
+        completed: q.completed,
+        expired: q.expired,
+        aborted: q.aborted,
+        synack_retrans: q.synack_retrans,
+        drops: r.queues.map(|q| q.2),
+    }
+}
+
+impl<W: Write> Sink for ListenSink<W> {
+    fn holder_want(&self) -> HolderWant {
+        HolderWant::AtIntervals(TcpState::Listen)
+    }
+
+    fn started(&mut self, start_ns: Option<u64>) -> io::Result<()> {
+        self.window_start_ns = start_ns;
+        Ok(())
+    }
+
+    /// The listing taken when tracing began: the first window's counts start from it.
+    fn holders(&mut self, now_ns: u64, v: &View<'_>) -> io::Result<()> {
+        if let Some(h) = v.holders {
+            self.baseline(v, h);
+            self.window_start_ns.get_or_insert(now_ns);
+        }
+        Ok(())
+    }
+
+    fn interval(&mut self, now_ns: u64, v: &View<'_>) -> io::Result<()> {
+        self.report(now_ns, v)
+    }
+
+    fn finish(&mut self, now_ns: u64, v: &View<'_>) -> io::Result<()> {
+        self.report(now_ns, v)
+    }
+}
