@@ -91,15 +91,18 @@ impl<'a> Pipeline<'a> {
     /// The states whose holders the sinks report: at every interval (and exit), or only
     /// those wanted between intervals too (`periodic`).
     pub fn holder_states(&self, periodic: bool) -> Vec<TcpState> {
-        let mut states: Vec<TcpState> = self
-            .sinks
-            .iter()
-            .filter_map(|s| match s.holder_want() {
-                HolderWant::None => None,
-                HolderWant::AtIntervals(state) => (!periodic).then_some(state),
-                HolderWant::Periodically(state) => Some(state),
-            })
-            .collect();
+        let mut states: Vec<TcpState> = Vec::new();
+        for s in &self.sinks {
+            match s.holder_want() {
+                HolderWant::None => {}
+                HolderWant::AtIntervals(state) => {
+                    if !periodic {
+                        states.push(state);
+                    }
+                }
+                HolderWant::Periodically(wanted) => states.extend_from_slice(wanted),
+            }
+        }
         states.sort();
         states.dedup();
         states

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use TimerOp::{Arm, Cancel, Expire};
 use common::listen::*;
-use common::{Capture, NamedNetns, Running, json_lines, start_tcplens, state_ns, sysctl};
+use common::{Capture, NamedNetns, Running, http_get, json_lines, start_tcplens, state_ns, sysctl};
 use tracer::model::{RequestEvent, TcpState, TimerOp};
 
 /// The request events of the connection from `peer` (the request's remote end).
@@ -209,6 +209,7 @@ fn an_unanswered_request_is_retransmitted_on_the_kernels_timer_then_expires() {
 fn a_full_accept_queue_shows_as_ss_and_nstat_count_it() {
     let ns = NamedNetns::new("tl-qfull");
     let listen = listen_in(&ns, "200ms");
+    let serve = start_tcplens(&["serve", "--listen", "127.0.0.1:0", "--netns", &ns.path()]);
     let at = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7202);
     let (view, guard) = ns.run(move || accept_queue_full(at, 1, 5));
     // A report taken since the queue filled, and what ss shows now (the queue stays: the
@@ -235,6 +236,48 @@ fn a_full_accept_queue_shows_as_ss_and_nstat_count_it() {
         ),
         "{shown}"
     );
+    // The metrics: the same queues once the host has listed them (every few seconds).
+    let netns = ns.inode();
+    let gauge = |body: &str, name: &str| -> Option<u64> {
+        let want = format!("{name}{{netns=\"{netns}\",listener=\"{at}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&want)?.parse().ok())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let body = loop {
+        let (status, body) = http_get(serve.metrics_addr(), "/metrics");
+        assert_eq!(status, 200);
+        if gauge(&body, "tcplens_listen_accept_queue").is_some() {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no listen metrics: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        (
+            gauge(&body, "tcplens_listen_accept_queue"),
+            gauge(&body, "tcplens_listen_backlog"),
+        ),
+        (
+            Some(u64::from(ss_now.accept_queue)),
+            Some(u64::from(ss_now.backlog))
+        ),
+        "{body}"
+    );
+    let overflows_metric = body
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "tcplens_listen_overflows_total{{netns=\"{netns}\"}} "
+            ))?
+            .parse::<u64>()
+            .ok()
+        })
+        .unwrap_or_else(|| panic!("no overflow counter: {body}"));
+    drop(serve.stop());
     // Every drop and overflow, summed over the reports up to the last one at exit: the
     // pending clients are closed, so the counts no longer move.
     let finished = listen.stop();
@@ -252,6 +295,7 @@ fn a_full_accept_queue_shows_as_ss_and_nstat_count_it() {
         overflows
     );
     assert_eq!(netns_total(&reports, ns.inode(), "listen_drops"), drops);
+    assert_eq!(overflows_metric, overflows, "{body}");
     assert_eq!(total(&rows, "completed"), 2, "{}", finished.stdout);
 }
 

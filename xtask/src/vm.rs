@@ -23,7 +23,15 @@ pub(crate) const KERNELS: [(&str, &str); 2] = [
 ];
 
 /// The scenario suites (tracer/tests/*.rs) that run in the VMs.
-pub(crate) const SUITES: [&str; 5] = ["kernel", "timeline", "timewait", "leaks", "identity"];
+pub(crate) const SUITES: [&str; 7] = [
+    "kernel",
+    "timeline",
+    "timewait",
+    "leaks",
+    "identity",
+    "listen",
+    "listen_scenarios",
+];
 
 /// Host programs the tests call.
 const TOOLS: [&str; 4] = [
@@ -377,10 +385,16 @@ fn initramfs(
             s.to_string_lossy().as_bytes(),
         );
     }
-    // sock_diag for TCP: modules on Debian's 6.1 (built in elsewhere).
-    // Numbered so that the shell's glob loads inet_diag first.
-    for (n, m) in ["inet_diag", "tcp_diag"].into_iter().enumerate() {
-        let dir = modules.join("kernel/net/ipv4");
+    // sock_diag for TCP (modules on Debian's 6.1, built in elsewhere), and veth (the listen
+    // tests' peer that never answers). Numbered so that the shell's glob loads inet_diag
+    // first.
+    let wanted = [
+        ("kernel/net/ipv4", "inet_diag"),
+        ("kernel/net/ipv4", "tcp_diag"),
+        ("kernel/drivers/net", "veth"),
+    ];
+    for (n, (at, m)) in wanted.into_iter().enumerate() {
+        let dir = modules.join(at);
         for ext in ["ko", "ko.xz"] {
             let p = dir.join(format!("{m}.{ext}"));
             if !p.exists() {

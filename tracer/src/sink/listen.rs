@@ -128,15 +128,6 @@ impl<W: Write> ListenSink<W> {
         self.out
     }
 
-    /// The filters that apply to a listener: family, local port, namespace (a listener has
-    /// no remote port).
-    fn keeps(&self, id: &SocketId) -> bool {
-        let f = &self.filter;
-        f.family.is_none_or(|fam| fam == id.family)
-            && (f.lports.is_empty() || f.lports.contains(&id.sport))
-            && f.netns.is_none_or(|n| n == id.netns)
-    }
-
     /// The report's rows and namespaces, and the baselines moved to now.
     fn rows(&mut self, v: &View<'_>, h: &Holders) -> (Vec<ListenerRow>, Vec<NetnsWindow>) {
         let owners: HashMap<u64, (u32, String)> = h
@@ -167,7 +158,7 @@ impl<W: Write> ListenSink<W> {
         let mut rows: Vec<ListenerRow> = h
             .listeners
             .iter()
-            .filter(|l| self.keeps(&l.id))
+            .filter(|l| self.filter.keeps_listener(&l.id))
             .map(|l| {
                 let cookie = l.id.cookie;
                 let drops_then = self.drops_then.get(&cookie).copied().unwrap_or(0);
@@ -188,7 +179,7 @@ impl<W: Write> ListenSink<W> {
         for &cookie in requests.listeners().keys() {
             if let Some((id, owner)) = requests.closed_listener(cookie)
                 && !listed.contains(&cookie)
-                && self.keeps(id)
+                && self.filter.keeps_listener(id)
             {
                 rows.push(ListenerRow {
                     id: *id,

@@ -26,12 +26,16 @@ use crate::model::{TcpState, Transition};
 use crate::pipeline::Totals;
 use crate::source::host::Holders;
 use crate::source::kernel::{KernelFilter, Lost};
-use crate::tracker::{End, Observed, Role, SocketLife, Tracker};
+use crate::source::netstat::NetnsCounters;
+use crate::tracker::{End, ListenerRequests, Observed, Role, SocketLife, Tracker};
 
 /// `tcplens_close_wait_sockets{pid,comm}` keeps the processes with the most sockets; the
 /// rest are summed into `comm="other"`.
 pub const TOP_HOLDERS: usize = 10;
 const GAUGE_EVERY: Duration = Duration::from_secs(1);
+/// The listeners exported one by one (by namespace and port); a host with more keeps the
+/// first ones.
+pub const TOP_LISTENERS: usize = 100;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TransitionLabels {
@@ -52,6 +56,23 @@ struct ReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabels {
     cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndLabels {
+    end: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    netns: u32,
+    /// `127.0.0.1:8080`, `[::]:443`.
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NetnsLabels {
+    netns: u32,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -89,6 +110,16 @@ pub struct Metrics {
     unseen: Family<CauseLabels, Counter>,
     tracked: Gauge,
     evictions: Counter,
+    requests: Family<EndLabels, Counter>,
+    syns: Counter,
+    synack_retrans: Counter,
+    listen_syn_queue: Family<ListenerLabels, Gauge>,
+    listen_accept_queue: Family<ListenerLabels, Gauge>,
+    listen_backlog: Family<ListenerLabels, Gauge>,
+    listen_drops: Family<ListenerLabels, Gauge>,
+    listen_overflows: Family<NetnsLabels, Counter>,
+    listen_netns_drops: Family<NetnsLabels, Counter>,
+    syncookies_sent: Family<NetnsLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -113,6 +144,16 @@ impl Metrics {
             unseen: Family::default(),
             tracked: Gauge::default(),
             evictions: Counter::default(),
+            requests: Family::default(),
+            syns: Counter::default(),
+            synack_retrans: Counter::default(),
+            listen_syn_queue: Family::default(),
+            listen_accept_queue: Family::default(),
+            listen_backlog: Family::default(),
+            listen_drops: Family::default(),
+            listen_overflows: Family::default(),
+            listen_netns_drops: Family::default(),
+            syncookies_sent: Family::default(),
         };
         let mut r = m.registry;
         r.register(
@@ -165,6 +206,56 @@ impl Metrics {
             "tracked_sockets",
             "Sockets the tracker holds",
             m.tracked.clone(),
+        );
+        r.register(
+            "listen_syns",
+            "SYNs queued at listeners (request sockets made)",
+            m.syns.clone(),
+        );
+        r.register(
+            "listen_requests",
+            "Request sockets ended, by how: completed (the child was made), expired (SYN-ACK retries ran out), aborted (RST, or the listener closed)",
+            m.requests.clone(),
+        );
+        r.register(
+            "listen_synack_retransmits",
+            "SYN-ACKs retransmitted for request sockets",
+            m.synack_retrans.clone(),
+        );
+        r.register(
+            "listen_syn_queue",
+            "Request sockets waiting at a listener (the SYN queue as tcplens followed it)",
+            m.listen_syn_queue.clone(),
+        );
+        r.register(
+            "listen_accept_queue",
+            "Children waiting for accept() at a listener (ss -lnt Recv-Q)",
+            m.listen_accept_queue.clone(),
+        );
+        r.register(
+            "listen_backlog",
+            "A listener's accept queue limit (ss -lnt Send-Q)",
+            m.listen_backlog.clone(),
+        );
+        r.register(
+            "listen_drops",
+            "Segments a listener dropped since it was made (its sk_drops: accept-queue overflows among them)",
+            m.listen_drops.clone(),
+        );
+        r.register(
+            "listen_overflows",
+            "A namespace's accept-queue overflows (TcpExtListenOverflows)",
+            m.listen_overflows.clone(),
+        );
+        r.register(
+            "listen_netns_drops",
+            "A namespace's listen drops (TcpExtListenDrops)",
+            m.listen_netns_drops.clone(),
+        );
+        r.register(
+            "listen_syncookies_sent",
+            "A namespace's SYN-ACKs sent with a cookie instead of a request socket (TcpExtSyncookiesSent)",
+            m.syncookies_sent.clone(),
         );
         r.register(
             "evictions",
@@ -238,6 +329,9 @@ pub struct MetricsSink {
     reported_lost: Lost,
     reported_unseen: (u64, u64),
     reported_evicted: u64,
+    /// The request totals, and each namespace's listen counters, last exported.
+    reported_requests: ListenerRequests,
+    reported_netns: HashMap<u32, NetnsCounters>,
 }
 
 impl MetricsSink {
@@ -254,6 +348,8 @@ impl MetricsSink {
             reported_lost: Lost::default(),
             reported_unseen: (0, 0),
             reported_evicted: 0,
+            reported_requests: ListenerRequests::default(),
+            reported_netns: HashMap::new(),
         }
     }
 
@@ -292,6 +388,20 @@ impl MetricsSink {
                 .inc_by(after.saturating_sub(before));
         }
         self.reported_unseen = (stats.unseen_reused, stats.unseen_gone);
+        let (was, now) = (self.reported_requests, *tracker.requests().total());
+        m.syns.inc_by(now.syns - was.syns);
+        m.synack_retrans
+            .inc_by(now.synack_retrans - was.synack_retrans);
+        for (end, before, after) in [
+            ("completed", was.completed, now.completed),
+            ("expired", was.expired, now.expired),
+            ("aborted", was.aborted, now.aborted),
+        ] {
+            m.requests
+                .get_or_create(&EndLabels { end })
+                .inc_by(after - before);
+        }
+        self.reported_requests = now;
         let evicted = tracker.stats().evicted;
         m.evictions
             .inc_by(evicted.saturating_sub(self.reported_evicted));
@@ -361,6 +471,68 @@ impl MetricsSink {
         }
     }
 
+    /// The listen gauges from the host's listing (the first [`TOP_LISTENERS`] listeners by
+    /// namespace and port), and the namespaces' listen counters.
+    fn listen(&mut self, holders: &Holders, tracker: &Tracker) {
+        let m = &self.metrics;
+        for family in [
+            &m.listen_syn_queue,
+            &m.listen_accept_queue,
+            &m.listen_backlog,
+            &m.listen_drops,
+        ] {
+            family.clear();
+        }
+        let mut listeners: Vec<_> = holders
+            .listeners
+            .iter()
+            .filter(|l| self.filter.keeps_listener(&l.id))
+            .collect();
+        listeners.sort_by_key(|l| (l.id.netns, l.id.sport, l.id.saddr));
+        let queued = tracker.requests().listeners();
+        for l in listeners.into_iter().take(TOP_LISTENERS) {
+            let labels = ListenerLabels {
+                netns: l.id.netns,
+                listener: SocketAddr::new(l.id.saddr, l.id.sport).to_string(),
+            };
+            let waiting = queued.get(&l.id.cookie).map_or(0, |r| r.queued);
+            m.listen_syn_queue
+                .get_or_create(&labels)
+                .set(i64::from(waiting));
+            m.listen_accept_queue
+                .get_or_create(&labels)
+                .set(i64::from(l.accept_queue));
+            m.listen_backlog
+                .get_or_create(&labels)
+                .set(i64::from(l.backlog));
+            m.listen_drops
+                .get_or_create(&labels)
+                .set(i64::from(l.drops));
+        }
+        for c in &holders.counters {
+            if self.filter.netns.is_some_and(|n| n != c.netns) {
+                continue;
+            }
+            let was = self.reported_netns.get(&c.netns).copied();
+            // A namespace made again under the same inode starts from zero.
+            let since = |f: fn(&NetnsCounters) -> u64| {
+                let before = was.as_ref().map_or(0, f);
+                f(c).checked_sub(before).unwrap_or(f(c))
+            };
+            let labels = NetnsLabels { netns: c.netns };
+            m.listen_overflows
+                .get_or_create(&labels)
+                .inc_by(since(|c| c.listen_overflows));
+            m.listen_netns_drops
+                .get_or_create(&labels)
+                .inc_by(since(|c| c.listen_drops));
+            m.syncookies_sent
+                .get_or_create(&labels)
+                .inc_by(since(|c| c.syncookies_sent));
+            self.reported_netns.insert(c.netns, *c);
+        }
+    }
+
     fn refresh(&mut self, now_ns: u64, v: &View<'_>, force: bool) {
         if force || self.last_gauges.is_none_or(|t| t.elapsed() >= GAUGE_EVERY) {
             self.gauges(v.totals, v.tracker);
@@ -368,13 +540,14 @@ impl MetricsSink {
         }
         if let Some(holders) = v.holders {
             self.close_wait(now_ns, holders, v.tracker);
+            self.listen(holders, v.tracker);
         }
     }
 }
 
 impl Sink for MetricsSink {
     fn holder_want(&self) -> HolderWant {
-        HolderWant::Periodically(TcpState::CloseWait)
+        HolderWant::Periodically(&[TcpState::CloseWait, TcpState::Listen])
     }
 
     fn transition(&mut self, t: &Transition, o: &Observed) -> io::Result<()> {

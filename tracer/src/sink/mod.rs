@@ -43,7 +43,7 @@ pub enum HolderWant {
     /// At every `--interval` and at exit (the leak reports).
     AtIntervals(TcpState),
     /// Every few seconds, and at intervals and exit when they come anyway (the metrics).
-    Periodically(TcpState),
+    Periodically(&'static [TcpState]),
 }
 
 pub trait Sink {

@@ -21,7 +21,7 @@ use tracer_common::{
 
 use super::btf::{self, KernelBtf, VMLINUX_BTF};
 use super::timewait;
-use crate::model::Family;
+use crate::model::{Family, SocketId};
 
 /// The eBPF object built by `build.rs`.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -107,9 +107,19 @@ pub struct KernelFilter {
 impl KernelFilter {
     /// The kernel's test, in userspace (replay of a record file, sock_diag snapshots).
     pub fn keeps(&self, family: Family, sport: u16, dport: u16, netns: u32) -> bool {
+        self.keeps_local(family, sport, netns)
+            && (self.rports.is_empty() || self.rports.contains(&dport))
+    }
+
+    /// The filters that apply to a listener: family, local port, namespace (a listener has
+    /// no remote port; `-D` applies to its connections).
+    pub fn keeps_listener(&self, id: &SocketId) -> bool {
+        self.keeps_local(id.family, id.sport, id.netns)
+    }
+
+    fn keeps_local(&self, family: Family, sport: u16, netns: u32) -> bool {
         self.family.is_none_or(|f| f == family)
             && (self.lports.is_empty() || self.lports.contains(&sport))
-            && (self.rports.is_empty() || self.rports.contains(&dport))
             && self.netns.is_none_or(|n| n == netns)
     }
 }
