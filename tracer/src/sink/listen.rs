@@ -370,3 +370,157 @@ impl<W: Write> Sink for ListenSink<W> {
         self.report(now_ns, v)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use jiff::tz::TimeZone;
+
+    use super::*;
+    use crate::clock::WallClock;
+    use crate::model::TimerOp;
+    use crate::pipeline::Totals;
+    use crate::source::sockdiag::ListenerQueue;
+    use crate::tracker::Tracker;
+    use crate::tracker::tests::{request_of, tr};
+
+    const S: u64 = 1_000_000_000;
+
+    fn sink(format: Format) -> ListenSink<Vec<u8>> {
+        let clock = WallClock {
+            boot_offset_ns: 1_795_299_000_000_000_000,
+        };
+        ListenSink::new(
+            Vec::new(),
+            format,
+            TimeFormatter::new(clock, TimeZone::UTC),
+            KernelFilter::default(),
+        )
+    }
+
+    /// The listener of `tr`'s sockets (cookie 50 as the requests say), as sock_diag lists
+    /// it, with `drops`; and its namespace's counters.
+    fn listed(drops: u32, overflows: u64) -> Holders {
+        let mut id = tr(50, 0, TcpState::Close, TcpState::Listen, 1).id;
+        id.cookie = 50;
+        Holders {
+            listeners: vec![ListenerQueue {
+                id,
+                inode: 77,
+                accept_queue: 2,
+                backlog: 1,
+                drops,
+            }],
+            counters: vec![NetnsCounters {
+                netns: id.netns,
+                listen_overflows: overflows,
+                listen_drops: overflows,
+                syncookies_sent: 0,
+                syn_retrans: 0,
+                req_q_full_drop: 0,
+                req_q_full_do_cookies: 0,
+            }],
+            ..Holders::default()
+        }
+    }
+
+    /// Two SYNs at the listener: one completes, one waits.
+    fn tracker() -> Tracker {
+        let mut t = Tracker::default();
+        let child = tr(7, 2 * S, TcpState::Listen, TcpState::SynRecv, 0);
+        t.request(&request_of(&child, TimerOp::Arm, 0xa, S));
+        let mut waiting = request_of(&child, TimerOp::Arm, 0xb, S + 1);
+        waiting.id.dport += 1;
+        t.request(&waiting);
+        t.observe(&child, &mut Vec::new());
+        t
+    }
+
+    #[test]
+    fn a_report_counts_the_window_from_the_start_listing() {
+        let mut s = sink(Format::Json);
+        let mut t = Tracker::default();
+        let totals = Totals::default();
+        // At the start: 3 drops and 3 overflows already.
+        let start = listed(3, 3);
+        let v = View {
+            totals: &totals,
+            tracker: &t,
+            holders: Some(&start),
+        };
+        s.started(Some(0)).unwrap();
+        s.holders(0, &v).unwrap();
+        t = tracker();
+        let now = listed(5, 4);
+        let v = View {
+            totals: &totals,
+            tracker: &t,
+            holders: Some(&now),
+        };
+        s.interval(3 * S, &v).unwrap();
+        let out = String::from_utf8(s.into_inner()).unwrap();
+        let rec: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let l = &rec["listeners"][0];
+        assert_eq!(rec["window_ns"], 3 * S);
+        assert_eq!(
+            (l["sport"].as_u64(), l["cookie"].as_u64()),
+            (Some(40000), Some(50))
+        );
+        assert_eq!(
+            [
+                "syn_queue",
+                "syn_queue_peak",
+                "syns",
+                "completed",
+                "accept_queue",
+                "backlog",
+                "drops"
+            ]
+            .map(|f| l[f].as_u64()),
+            [1, 2, 2, 1, 2, 1, 2].map(Some),
+            "{rec}"
+        );
+        assert_eq!(rec["namespaces"][0]["listen_overflows"], 1, "{rec}");
+    }
+
+    #[test]
+    fn text_has_a_row_per_listener_and_a_line_per_namespace() {
+        let mut s = sink(Format::Text);
+        let t = tracker();
+        let totals = Totals::default();
+        let h = listed(3, 3);
+        let v = View {
+            totals: &totals,
+            tracker: &t,
+            holders: Some(&h),
+        };
+        s.interval(S, &v).unwrap();
+        let out = String::from_utf8(s.into_inner()).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "22:10:01.000  1 listeners, window 0ns", "{out}");
+        assert!(lines[1].starts_with("NETNS       LISTENER"), "{out}");
+        let row: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "4026531840",
+                "127.0.0.1:40000",
+                "-",
+                "1",
+                "2",
+                "2",
+                "1",
+                "2",
+                "1",
+                "0",
+                "0",
+                "0",
+                "3"
+            ],
+            "{out}"
+        );
+        assert!(
+            lines[3].starts_with("netns 4026531840: ListenOverflows 3, ListenDrops 3"),
+            "{out}"
+        );
+    }
+}
