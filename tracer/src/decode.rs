@@ -366,7 +366,32 @@ mod tests {
                 let tw = decode(&raw).expect("valid event");
                 assert_eq!(encode(&tw), raw);
             }
+            for k in [kind::REQ_ARM, kind::REQ_CANCEL, kind::REQ_EXPIRE] {
+                let mut ev = Event::from_bytes(&raw_kind(k, family, raw16, 0, 12)).unwrap();
+                ev.retrans = 2;
+                let raw = ev.to_bytes();
+                let r = decode(&raw).expect("valid event");
+                assert_eq!(encode(&r), raw);
+            }
         }
+    }
+
+    #[test]
+    fn a_request_event_carries_its_listeners_cookie_and_retransmissions() {
+        let mut ev =
+            Event::from_bytes(&raw_kind(kind::REQ_EXPIRE, AF_INET, [0; 16], 0, 12)).unwrap();
+        ev.retrans = 3;
+        let KernelEvent::Request(r) = decode(&ev.to_bytes()).unwrap() else {
+            panic!("a request event");
+        };
+        assert_eq!(
+            (r.op, r.listener, r.id.cookie, r.retrans, r.req),
+            (TimerOp::Expire, 4242, 0, 3, 0xffff_8881_02cf_b780)
+        );
+        assert_eq!(
+            (r.id.sport, r.id.dport, r.id.netns),
+            (59682, 7794, 4_026_531_840)
+        );
     }
 
     #[test]

@@ -5,9 +5,9 @@
 //! ```text
 //! header, 32 bytes:
 //!   0  magic       8 bytes  "TCPLENS\0"
-//!   8  version     u16      3 (versions 1 and 2 are still read)
+//!   8  version     u16      4 (versions 1 to 3 are still read)
 //!  10  header_len  u16      32
-//!  12  event_size  u16      size of one event payload (120; 104 in version 2, 88 in 1)
+//!  12  event_size  u16      size of one event payload (120 in 3 and 4; 104 in 2, 88 in 1)
 //!  14  hz          u16      version 2: the kernel's HZ when TIME_WAIT was tracked; else 0
 //!  16  boot_offset i64      Unix-epoch ns at kernel monotonic 0 on the recording host
 //!  24  reserved    u64      0
@@ -21,7 +21,8 @@
 //! An event payload is `tracer_common::Event` exactly as the kernel wrote it (see
 //! `decode.rs`): state transitions and the raw timewait timer events, with their cookies
 //! and CPUs, so a replay derives TIME_WAIT exactly as the live run did (HZ is learned from
-//! the events, as live). A lost record carries the kernel's loss so far (u64, ring buffer
+//! the events, as live), and, from version 4, the request sockets' timer events (version 3
+//! is the same layout without them). A lost record carries the kernel's loss so far (u64, ring buffer
 //! drops and recursion misses); the last one holds the total. Versions 1 and 2 had no
 //! cookies, namespaces or CPUs: see `legacy.rs`.
 
@@ -37,7 +38,7 @@ use crate::decode::{DecodeError, decode, encode};
 use crate::model::KernelEvent;
 
 pub const MAGIC: [u8; 8] = *b"TCPLENS\0";
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 pub const HEADER_LEN: usize = 32;
 const REC_EVENT: u8 = 1;
 const REC_LOST: u8 = 2;
@@ -159,7 +160,7 @@ impl<R: Read> RecordReader<R> {
         let version = u16::from_le_bytes([h[8], h[9]]);
         let legacy = match version {
             1 | 2 => Some(legacy::Legacy::new(version)),
-            VERSION => None,
+            3 | VERSION => None,
             other => return Err(RecordError::Version(other)),
         };
         let want_size = legacy
@@ -415,10 +416,18 @@ mod tests {
             end.unwrap_err().to_string(),
             "not a tcplens record file (bad magic)"
         );
-        let mut v4 = good.clone();
-        v4[8] = 4;
-        let (_, end) = read_all(&v4);
-        assert!(matches!(end, Err(RecordError::Version(4))));
+        let mut v5 = good.clone();
+        v5[8] = 5;
+        let (_, end) = read_all(&v5);
+        assert_eq!(
+            end.unwrap_err().to_string(),
+            "record file version 5 is not supported (this tcplens reads versions 1 to 4)"
+        );
+        // Version 3 is version 4 without request events: it reads as it is.
+        let mut v3 = good.clone();
+        v3[8] = 3;
+        let (events, end) = read_all(&v3);
+        assert!(end.is_ok() && events == read_all(&good).0);
         let (_, end) = read_all(&good[..20]);
         assert_eq!(
             end.unwrap_err().to_string(),
