@@ -35,41 +35,6 @@ pub struct ListenerRow {
     pub requests: ListenerRequests,
 }
 
-/// A namespace's listen counters in a window.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct NetnsWindow {
-    pub netns: u32,
-    pub listen_overflows: u64,
-    pub listen_drops: u64,
-    pub syncookies_sent: u64,
-    pub syn_retrans: u64,
-    pub req_q_full_drop: u64,
-    pub req_q_full_do_cookies: u64,
-}
-
-impl NetnsWindow {
-    fn between(then: Option<&NetnsCounters>, now: &NetnsCounters) -> Self {
-        let d = |f: fn(&NetnsCounters) -> u64| f(now).saturating_sub(then.map_or(0, f));
-        NetnsWindow {
-            netns: now.netns,
-            listen_overflows: d(|c| c.listen_overflows),
-            listen_drops: d(|c| c.listen_drops),
-            syncookies_sent: d(|c| c.syncookies_sent),
-            syn_retrans: d(|c| c.syn_retrans),
-            req_q_full_drop: d(|c| c.req_q_full_drop),
-            req_q_full_do_cookies: d(|c| c.req_q_full_do_cookies),
-        }
-    }
-
-    fn is_zero(&self) -> bool {
-        *self
-            == NetnsWindow {
-                netns: self.netns,
-                ..NetnsWindow::default()
-            }
-    }
-}
-
 #[derive(Serialize)]
 struct JsonListener<'a> {
     #[serde(flatten)]
@@ -94,7 +59,7 @@ struct JsonReport<'a> {
     time: &'a str,
     window_ns: u64,
     listeners: Vec<JsonListener<'a>>,
-    namespaces: &'a [NetnsWindow],
+    namespaces: &'a [NetnsCounters],
 }
 
 pub struct ListenSink<W: Write> {
@@ -129,7 +94,7 @@ impl<W: Write> ListenSink<W> {
     }
 
     /// The report's rows and namespaces, and the baselines moved to now.
-    fn rows(&mut self, v: &View<'_>, h: &Holders) -> (Vec<ListenerRow>, Vec<NetnsWindow>) {
+    fn rows(&mut self, v: &View<'_>, h: &Holders) -> (Vec<ListenerRow>, Vec<NetnsCounters>) {
         let owners: HashMap<u64, (u32, String)> = h
             .sockets
             .iter()
@@ -191,11 +156,11 @@ impl<W: Write> ListenSink<W> {
         }
         rows.sort_by_key(|r| (r.id.netns, r.id.sport, r.id.saddr));
         let shown: HashSet<u32> = rows.iter().map(|r| r.id.netns).collect();
-        let namespaces: Vec<NetnsWindow> = h
+        let namespaces: Vec<NetnsCounters> = h
             .counters
             .iter()
             .filter(|c| self.filter.netns.is_none_or(|n| n == c.netns))
-            .map(|c| NetnsWindow::between(self.counters_then.get(&c.netns), c))
+            .map(|c| c.since(self.counters_then.get(&c.netns)))
             .filter(|w| shown.contains(&w.netns) || !w.is_zero())
             .collect();
         self.baseline(v, h);
@@ -243,7 +208,7 @@ impl<W: Write> ListenSink<W> {
         now_ns: u64,
         window_ns: u64,
         rows: &[ListenerRow],
-        namespaces: &[NetnsWindow],
+        namespaces: &[NetnsCounters],
     ) -> String {
         let mut s = String::new();
         self.times.time_of_day(now_ns, &mut s);

@@ -513,22 +513,17 @@ impl MetricsSink {
             if self.filter.netns.is_some_and(|n| n != c.netns) {
                 continue;
             }
-            let was = self.reported_netns.get(&c.netns).copied();
-            // A namespace made again under the same inode starts from zero.
-            let since = |f: fn(&NetnsCounters) -> u64| {
-                let before = was.as_ref().map_or(0, f);
-                f(c).checked_sub(before).unwrap_or(f(c))
-            };
+            let new = c.since(self.reported_netns.get(&c.netns));
             let labels = NetnsLabels { netns: c.netns };
             m.listen_overflows
                 .get_or_create(&labels)
-                .inc_by(since(|c| c.listen_overflows));
+                .inc_by(new.listen_overflows);
             m.listen_netns_drops
                 .get_or_create(&labels)
-                .inc_by(since(|c| c.listen_drops));
+                .inc_by(new.listen_drops);
             m.syncookies_sent
                 .get_or_create(&labels)
-                .inc_by(since(|c| c.syncookies_sent));
+                .inc_by(new.syncookies_sent);
             self.reported_netns.insert(c.netns, *c);
         }
     }

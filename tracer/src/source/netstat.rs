@@ -29,7 +29,7 @@ pub enum NetstatError {
 
 /// One namespace's listen-path counters (since the namespace was made; they only grow,
 /// wrapping at the kernel's `unsigned long`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NetnsCounters {
     /// The namespace's inode number.
     pub netns: u32,
@@ -49,6 +49,34 @@ pub struct NetnsCounters {
 }
 
 impl NetnsCounters {
+    /// The counts since `then` (all of them when `None`, or when the namespace was made
+    /// again under the same inode and its counters started over).
+    #[must_use]
+    pub fn since(&self, then: Option<&NetnsCounters>) -> NetnsCounters {
+        let d = |f: fn(&NetnsCounters) -> u64| {
+            let before = then.map_or(0, f);
+            f(self).checked_sub(before).unwrap_or(f(self))
+        };
+        NetnsCounters {
+            netns: self.netns,
+            listen_overflows: d(|c| c.listen_overflows),
+            listen_drops: d(|c| c.listen_drops),
+            syncookies_sent: d(|c| c.syncookies_sent),
+            syn_retrans: d(|c| c.syn_retrans),
+            req_q_full_drop: d(|c| c.req_q_full_drop),
+            req_q_full_do_cookies: d(|c| c.req_q_full_do_cookies),
+        }
+    }
+
+    /// All counts zero.
+    pub fn is_zero(&self) -> bool {
+        *self
+            == NetnsCounters {
+                netns: self.netns,
+                ..NetnsCounters::default()
+            }
+    }
+
     /// The counters in `text` (the contents of a `netstat` file) of namespace `netns`.
     pub fn parse(netns: u32, text: &str) -> Result<NetnsCounters, NetstatError> {
         let tcp_ext = section(text, "TcpExt")?;

@@ -588,18 +588,26 @@ mod tests {
         ));
     }
 
-    /// The real kernel: a socket in a namespace of the test's own is found by a dump and by
-    /// its cookie, and no longer once closed.
-    #[test]
-    fn dump_and_lookup_by_cookie() {
+    /// Runs `f` on a thread in a new network namespace with loopback up (its inode given).
+    fn in_new_netns(f: impl FnOnce(u32) + Send + 'static) {
         std::thread::spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare (root)");
-            let netns = Home::here().unwrap().netns;
             let lo = std::process::Command::new("ip")
                 .args(["link", "set", "lo", "up"])
                 .status()
                 .expect("ip");
             assert!(lo.success());
+            f(Home::here().unwrap().netns);
+        })
+        .join()
+        .expect("namespace thread");
+    }
+
+    /// The real kernel: a socket in a namespace of the test's own is found by a dump and by
+    /// its cookie, and no longer once closed.
+    #[test]
+    fn dump_and_lookup_by_cookie() {
+        in_new_netns(|netns| {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let port = l.local_addr().unwrap().port();
             let listed = dump_here(&[TcpState::Listen], netns).unwrap();
@@ -621,23 +629,14 @@ mod tests {
             );
             drop(l);
             assert_eq!(diag.lookup(Family::Ipv4, tuple, s.id.cookie).unwrap(), None);
-        })
-        .join()
-        .expect("namespace thread");
+        });
     }
 
     /// The real kernel: listeners of both families, with their backlogs, in a namespace
     /// of the test's own.
     #[test]
     fn listeners_of_both_families() {
-        std::thread::spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare (root)");
-            let netns = Home::here().unwrap().netns;
-            let lo = std::process::Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status()
-                .expect("ip");
-            assert!(lo.success());
+        in_new_netns(|netns| {
             let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
             let _client = std::net::TcpStream::connect(v4.local_addr().unwrap()).unwrap();
@@ -656,8 +655,6 @@ mod tests {
                 ]
             );
             assert!(found.iter().all(|q| q.id.netns == netns && q.inode != 0));
-        })
-        .join()
-        .expect("namespace thread");
+        });
     }
 }
