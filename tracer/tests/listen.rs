@@ -117,15 +117,7 @@ fn an_unanswered_request_is_retransmitted_on_the_kernels_timer_then_expires() {
     let mut cap = Capture::everything();
     let listen = listen_in(&ns, "500ms");
     let at = SocketAddrV4::new(SERVER, 7201);
-    let loss = ns.run(move || {
-        sysctl("net/ipv4/tcp_synack_retries", "2");
-        synack_loss(
-            at,
-            40_000,
-            Duration::from_millis(10),
-            Duration::from_secs(30),
-        )
-    });
+    let loss = ns.run(move || two_synack_retries(at, 40_000));
     cap.wait_for(Duration::from_secs(1), |_| false);
     let reqs = requests_from(&cap, SocketAddrV4::new(PEER, 40_000));
     let seen: Vec<(TimerOp, u8)> = reqs.iter().map(|r| (r.op, r.retrans)).collect();

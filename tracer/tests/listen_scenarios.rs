@@ -42,15 +42,7 @@ fn unanswered_synack_is_retransmitted_twice_then_dropped() {
     let ns = NamedNetns::new("lw-synack");
     unanswering_peer(&ns);
     let at = SocketAddrV4::new(SERVER, 7101);
-    let loss = ns.run(move || {
-        sysctl("net/ipv4/tcp_synack_retries", "2");
-        synack_loss(
-            at,
-            40_000,
-            Duration::from_millis(10),
-            Duration::from_secs(30),
-        )
-    });
+    let loss = ns.run(move || two_synack_retries(at, 40_000));
     let counts: Vec<u32> = loss.seen.iter().map(|s| s.0).collect();
     assert_eq!(counts, [0, 1, 2], "{loss:?}");
     // The timeouts, by the test's clock: SYN to first retransmission, first to second,

@@ -409,6 +409,18 @@ pub(crate) fn synack_loss(
     }
 }
 
+/// [`synack_loss`] with `tcp_synack_retries` 2 in the calling thread's namespace, polled
+/// every 10 ms: two SYN-ACK retransmissions, then the request is dropped (within 30 s).
+pub(crate) fn two_synack_retries(at: SocketAddrV4, sport: u16) -> SynAckLoss {
+    super::sysctl("net/ipv4/tcp_synack_retries", "2");
+    synack_loss(
+        at,
+        sport,
+        Duration::from_millis(10),
+        Duration::from_secs(30),
+    )
+}
+
 /// After [`accept_queue_full`]: the kernel's view, taken while the clients whose SYN was
 /// dropped were still pending.
 #[derive(Debug)]
