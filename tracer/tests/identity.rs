@@ -405,8 +405,10 @@ fn the_turn_to_time_wait_shows_within_a_second() {
         .wait_for_line(Duration::from_secs(3), is_turn)
         .expect("a FIN_WAIT2 -> TIME_WAIT line");
     let late = arrived.duration_since(fin.0);
+    // Within the second between flip checks (more under emulation, where the check
+    // itself takes a while).
     assert!(
-        late < Duration::from_secs(1),
+        late < slack(Duration::from_secs(1)),
         "shown {late:?} after the FIN"
     );
     let v: Value = serde_json::from_str(&line).unwrap();

@@ -163,14 +163,29 @@ impl<W: Write> ListenSink<W> {
             .map(|c| c.since(self.counters_then.get(&c.netns)))
             .filter(|w| shown.contains(&w.netns) || !w.is_zero())
             .collect();
-        self.baseline(v, h);
+        let reported: HashSet<u64> = rows.iter().map(|r| r.id.cookie).collect();
+        self.baseline(v, h, Some(&reported));
         (rows, namespaces)
     }
 
-    /// What the next window's counts start from.
-    fn baseline(&mut self, v: &View<'_>, h: &Holders) {
-        self.requests_then
-            .clone_from(v.tracker.requests().listeners());
+    /// What the next window's counts start from: now, for the listeners just `reported`
+    /// (all of them when `None`). A listener the listing missed (made after the dump, its
+    /// SYNs already counted) keeps its window open until a report shows it.
+    fn baseline(&mut self, v: &View<'_>, h: &Holders, reported: Option<&HashSet<u64>>) {
+        self.requests_then = v
+            .tracker
+            .requests()
+            .listeners()
+            .iter()
+            .map(|(&cookie, now)| {
+                let then = if reported.is_none_or(|r| r.contains(&cookie)) {
+                    *now
+                } else {
+                    self.requests_then.get(&cookie).copied().unwrap_or_default()
+                };
+                (cookie, then)
+            })
+            .collect();
         self.drops_then = h.listeners.iter().map(|l| (l.id.cookie, l.drops)).collect();
         self.counters_then = h.counters.iter().map(|c| (c.netns, *c)).collect();
     }
@@ -321,7 +336,7 @@ impl<W: Write> Sink for ListenSink<W> {
     /// The listing taken when tracing began: the first window's counts start from it.
     fn holders(&mut self, now_ns: u64, v: &View<'_>) -> io::Result<()> {
         if let Some(h) = v.holders {
-            self.baseline(v, h);
+            self.baseline(v, h, None);
             self.window_start_ns.get_or_insert(now_ns);
         }
         Ok(())
@@ -485,6 +500,36 @@ mod tests {
         );
         assert!(
             lines[3].starts_with("netns 4026531840: ListenOverflows 3, ListenDrops 3"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_listener_the_listing_missed_keeps_its_counts_for_the_next_report() {
+        let mut s = sink(Format::Json);
+        let t = tracker();
+        let totals = Totals::default();
+        // Dumped just before the listener was made: its SYNs are counted, it is not listed.
+        let missed = Holders::default();
+        let listed = listed(0, 0);
+        for h in [&missed, &listed] {
+            let v = View {
+                totals: &totals,
+                tracker: &t,
+                holders: Some(h),
+            };
+            s.interval(S, &v).unwrap();
+        }
+        let out = String::from_utf8(s.into_inner()).unwrap();
+        let reports: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(reports[0]["listeners"].as_array().map(Vec::len), Some(0));
+        let l = &reports[1]["listeners"][0];
+        assert_eq!(
+            (l["syns"].as_u64(), l["completed"].as_u64()),
+            (Some(2), Some(1)),
             "{out}"
         );
     }

@@ -351,11 +351,12 @@ pub(crate) fn normal_accept(at: SocketAddrV4) -> Accepted {
 pub(crate) struct SynAckLoss {
     /// When the SYN was sent.
     pub sent: Instant,
-    /// Each retransmit count sock_diag showed, with when it was first seen.
+    /// Each retransmit count sock_diag showed, with when the poll that first showed it
+    /// ended (the latest the change can have happened).
     pub seen: Vec<(u32, Instant)>,
-    /// When the request was first seen gone.
+    /// When the poll that first found the request gone ended.
     pub gone: Instant,
-    /// For each change (`seen[1..]`, then gone): when the poll before it started, the
+    /// For each change (`seen[1..]`, then gone): when the poll before it began, the
     /// earliest the change can have happened.
     pub not_before: Vec<Instant>,
 }
@@ -375,8 +376,11 @@ pub(crate) fn synack_loss(
     let mut not_before = Vec::new();
     let mut previous = sent;
     let gone = loop {
-        let now = Instant::now();
+        // A change shows in a poll if it happened before the poll ended (`ss` takes a
+        // while, long under emulation), and after the previous poll began.
+        let began = Instant::now();
         let mine: Vec<Request> = requests().into_iter().filter(|r| r.peer == peer).collect();
+        let now = Instant::now();
         match mine.as_slice() {
             [] => {
                 not_before.push(previous);
@@ -390,7 +394,7 @@ pub(crate) fn synack_loss(
                     }
                     seen.push((r.retrans, now));
                 }
-                previous = now;
+                previous = began;
             }
             more => panic!("several requests from {peer}: {more:?}"),
         }
