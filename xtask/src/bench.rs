@@ -339,18 +339,25 @@ pub(crate) fn sample(mode: Mode, tcplens: &Path, opts: &Opts, tag: &str) -> Resu
     Ok(s)
 }
 
-/// `tcplens: N events read (W timewait), M lost …` on stderr: transitions (N - W) and
-/// lost (ring buffer drops and recursion misses).
+/// `tcplens: N events read (W timewait, R request), M lost …` on stderr (an earlier
+/// tcplens has no `, R request`): transitions (N - W - R) and lost (ring buffer drops and
+/// recursion misses).
 fn tcplens_counts(stderr: &Path) -> Result<(u64, u64)> {
     let text = std::fs::read_to_string(stderr)?;
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("tcplens: ")
             && let Some((read, rest)) = rest.split_once(" events read (")
-            && let Some((tw, rest)) = rest.split_once(" timewait), ")
+            && let Some((timers, rest)) = rest.split_once("), ")
             && let Some((lost, _)) = rest.split_once(" lost")
         {
-            let (read, tw): (u64, u64) = (read.parse()?, tw.parse()?);
-            return Ok((read - tw.min(read), lost.parse()?));
+            let read: u64 = read.parse()?;
+            // "56 timewait" or "56 timewait, 7 request": timer events, not transitions.
+            let mut timer_events = 0u64;
+            for part in timers.split(", ") {
+                let n = part.split_whitespace().next().unwrap_or_default();
+                timer_events += n.parse::<u64>()?;
+            }
+            return Ok((read - timer_events.min(read), lost.parse()?));
         }
     }
     bail!("no totals in {}: {text}", stderr.display())
@@ -686,4 +693,34 @@ pub(crate) fn startup(tcplens: &Path, runs: usize) -> Result<(Duration, Duration
         Duration::from_secs_f64(median(first_seen)),
         Duration::from_secs_f64(median(ready)),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_of_this_and_earlier_tcplens() {
+        let dir = std::env::temp_dir().join(format!("tcplens-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (line, want) in [
+            (
+                "tcplens: 1367 events read (195 timewait, 196 request), 0 lost",
+                (976, 0),
+            ),
+            (
+                "tcplens: 37 events read (5 timewait), 2 lost (ring buffer full 2, recursion 0)",
+                (32, 2),
+            ),
+        ] {
+            let f = dir.join("err");
+            std::fs::write(
+                &f,
+                format!("tcplens: tracing TCP state transitions\n{line}\n"),
+            )
+            .unwrap();
+            assert_eq!(tcplens_counts(&f).unwrap(), want, "{line}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
