@@ -513,6 +513,12 @@ pub fn summary(totals: &Totals, stats: &crate::tracker::TrackerStats) -> String 
             stats.evicted
         ));
     }
+    if stats.requests_untracked > 0 {
+        s.push_str(&format!(
+            "; {} SYNs not followed at the --max-sockets cap",
+            stats.requests_untracked
+        ));
+    }
     s
 }
 
@@ -741,10 +747,11 @@ mod tests {
             mismatched: 0,
             unseen_reused: 3,
             unseen_gone: 1,
+            requests_untracked: 5,
         };
         assert_eq!(
             summary(&Totals::default(), &stats),
-            "0 events read (0 timewait, 0 request), 0 lost; 4 sockets ended unseen (3 addresses reused, 1 gone from sock_diag); 2 sockets evicted at the --max-sockets cap"
+            "0 events read (0 timewait, 0 request), 0 lost; 4 sockets ended unseen (3 addresses reused, 1 gone from sock_diag); 2 sockets evicted at the --max-sockets cap; 5 SYNs not followed at the --max-sockets cap"
         );
     }
 }

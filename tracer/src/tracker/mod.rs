@@ -204,6 +204,8 @@ pub struct TrackerStats {
     pub unseen_reused: u64,
     /// Lives ended `unseen` because sock_diag no longer listed their socket.
     pub unseen_gone: u64,
+    /// Requests (SYNs queued) not followed because `max_sockets` were.
+    pub requests_untracked: u64,
 }
 
 /// Local address and port, remote address and port.
@@ -417,6 +419,7 @@ impl Tracker {
     pub fn request(&mut self, ev: &RequestEvent) {
         self.clock.learn(ev.ts_ns, ev.jiffies);
         self.requests.event(ev);
+        self.stats.requests_untracked = self.requests.untracked;
     }
 
     /// The request sockets followed, and each listener's counts.

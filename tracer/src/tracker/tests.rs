@@ -1214,3 +1214,16 @@ fn a_dual_stack_listeners_request_joins_its_mapped_child() {
     feed(&mut t, &[c]);
     assert_eq!(t.socket(7).expect("child").spans[0].state, NewSynRecv);
 }
+
+#[test]
+fn syns_past_the_cap_are_counted_not_followed() {
+    let mut t = Tracker::new(2);
+    for req in 0..5u64 {
+        let mut ev = rq(TimerOp::Arm, 0x100 + req, 1_000 + req, 0);
+        ev.id.dport = 40_000 + req as u16;
+        t.request(&ev);
+    }
+    assert_eq!(t.requests().len(), 2);
+    assert_eq!(t.stats().requests_untracked, 3);
+    assert_eq!(t.requests().total().syns, 2);
+}
