@@ -105,6 +105,16 @@ fn rst_ends_a_request() {
     assert_eq!(ns.nstat("TcpExtTCPSynRetrans"), 0);
 }
 
+/// Five clients at `listen(fd, 1)`: two are the children in the full accept queue; each of
+/// the other three either still waits in SYN-SENT (its SYN met the full queue: the rule on
+/// loopback, where the handshake runs inside `connect()`) or is ESTABLISHED on its side
+/// only (its SYN came before the queue filled, its final ACK met it: seen under
+/// emulation, where the SYNs queue up before the softirq runs).
+fn assert_clients(view: &QueueFull) {
+    assert_eq!(view.established + view.syn_sent, 5, "{view:?}");
+    assert!(view.established >= 2, "{view:?}");
+}
+
 #[test]
 fn full_accept_queue_drops_syns() {
     let ns = NamedNetns::new("lw-qfull");
@@ -123,9 +133,9 @@ fn full_accept_queue_drops_syns() {
         },
         "{view:?}"
     );
-    assert_eq!((view.established, view.syn_sent), (2, 3), "{view:?}");
-    // Each of the three dropped SYNs, and each SYN a pending client retransmitted before
-    // it was closed, met the full queue.
+    assert_clients(&view);
+    // Each of the three clients past the full queue met it once, and once more for each
+    // SYN or SYN-ACK retransmitted before the pending clients were closed.
     let retransmitted = ns.nstat("TcpExtTCPSynRetrans");
     assert_eq!(ns.nstat("TcpExtListenOverflows"), 3 + retransmitted);
     assert_eq!(ns.nstat("TcpExtListenDrops"), 3 + retransmitted);
@@ -256,7 +266,7 @@ fn full_accept_queue_as_tcplens_reads_it() {
     let ns = NamedNetns::new("lw-qfull-lq");
     let at = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7105);
     let (view, open) = ns.run(move || accept_queue_full(at, 1, 5));
-    assert_eq!((view.established, view.syn_sent), (2, 3), "{view:?}");
+    assert_clients(&view);
     // The listener is still open, its queue still full.
     let ((mine, shown), nstat) = between_equal_nstats(&ns, || {
         (listener_in(&ns, at), ns.run(move || listener_queues(at)))
