@@ -281,7 +281,13 @@ fn a_full_accept_queue_shows_as_ss_and_nstat_count_it() {
         ns.nstat("TcpExtListenDrops"),
     );
     assert!(overflows >= 3, "three SYNs met the full queue: {overflows}");
-    assert_eq!(total(&rows, "drops"), drops, "{}", finished.stdout);
+    // The listener's drops are the namespace's ListenDrops when every overflow was a SYN's
+    // (on loopback, the rule); a final ACK at the full queue counts once more there.
+    if view.established == 2 {
+        assert_eq!(total(&rows, "drops"), drops, "{}", finished.stdout);
+    } else {
+        assert!(total(&rows, "drops") >= drops, "{}", finished.stdout);
+    }
     assert_eq!(
         netns_total(&reports, ns.inode(), "listen_overflows"),
         overflows

@@ -115,6 +115,21 @@ fn assert_clients(view: &QueueFull) {
     assert!(view.established >= 2, "{view:?}");
 }
 
+/// The listener's drops (`sk_drops`) against the namespace's ListenDrops: equal when every
+/// overflow was a SYN's; when a final ACK met the full queue (a client ESTABLISHED on its
+/// side past the two queued), the kernel counts that drop in `sk_drops` once more (4
+/// against 3 seen on 6.1; the helper's 11 against 5 on 6.18 with TCP_DEFER_ACCEPT).
+fn assert_drops(view: &QueueFull, sk_drops: u64, listen_drops: u64) {
+    if view.established == 2 {
+        assert_eq!(sk_drops, listen_drops, "{view:?}");
+    } else {
+        assert!(
+            sk_drops >= listen_drops,
+            "{sk_drops} < {listen_drops}: {view:?}"
+        );
+    }
+}
+
 #[test]
 fn full_accept_queue_drops_syns() {
     let ns = NamedNetns::new("lw-qfull");
@@ -277,7 +292,7 @@ fn full_accept_queue_as_tcplens_reads_it() {
         (shown.accept_queue, shown.backlog)
     );
     assert_eq!((mine.accept_queue, mine.backlog), (2, 1));
-    assert_eq!(u64::from(mine.drops), nstat.listen_drops);
+    assert_drops(&view, u64::from(mine.drops), nstat.listen_drops);
     assert!(nstat.listen_drops >= 3, "{nstat:?}");
     assert_ne!(mine.inode, 0);
     let counted = counters_match_nstat(&ns);
