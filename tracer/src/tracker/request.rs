@@ -138,9 +138,13 @@ impl Requests {
     /// Restarts the peaks from the queues now (an interval report took them), and forgets
     /// the listeners that closed.
     pub fn take_peaks(&mut self) {
-        let closed = std::mem::take(&mut self.closed);
-        self.listeners
-            .retain(|cookie, l| !closed.contains_key(cookie) || l.queued > 0);
+        // A closed listener goes once its last requests ended (and were reported); until
+        // then its identity stays for the reports to come.
+        let closed = &mut self.closed;
+        self.listeners.retain(|cookie, l| {
+            let gone = l.queued == 0 && closed.remove(cookie).is_some();
+            !gone
+        });
         for l in self.listeners.values_mut().chain([&mut self.total]) {
             l.peak = l.queued;
         }

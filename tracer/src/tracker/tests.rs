@@ -1227,3 +1227,26 @@ fn syns_past_the_cap_are_counted_not_followed() {
     assert_eq!(t.stats().requests_untracked, 3);
     assert_eq!(t.requests().total().syns, 2);
 }
+
+#[test]
+fn a_closed_listener_stays_known_until_its_last_request_ends() {
+    let mut t = Tracker::default();
+    let listener = tr(50, 0, Close, Listen, 1);
+    t.observe(&listener, &mut Vec::new());
+    t.request(&rq(TimerOp::Arm, 0xa, 1_000, 0));
+    t.request(&rq(TimerOp::Cancel, 0xa, 2_000, 0));
+    t.request(&rq(TimerOp::Expire, 0xa, 2_010, 0));
+    t.observe(&tr(50, 2_020, Listen, Close, 1), &mut Vec::new());
+    // A report before the expiry settled: the listener is closed, its request waits.
+    t.requests_mut().take_peaks();
+    assert!(t.requests().closed_listener(50).is_some());
+    t.settle(2_010 + SETTLE_NS, &mut Vec::new());
+    assert_eq!(t.requests().listeners()[&50].expired, 1);
+    assert!(
+        t.requests().closed_listener(50).is_some(),
+        "still known for the next report"
+    );
+    t.requests_mut().take_peaks();
+    assert!(t.requests().closed_listener(50).is_none());
+    assert!(!t.requests().listeners().contains_key(&50));
+}
