@@ -19,15 +19,6 @@ use serde_json::Value;
 /// TIME_WAIT lasts at most 60 s plus one bucket.
 const TIME_WAIT_MAX: Duration = Duration::from_millis(62_100);
 
-fn names(life: &Value) -> Vec<&str> {
-    life["states"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["state"].as_str().unwrap())
-        .collect()
-}
-
 fn span_ns(life: &Value, state: &str) -> Option<u64> {
     life["states"]
         .as_array()
@@ -92,7 +83,7 @@ fn a_reused_four_tuple_gives_each_connection_its_time_wait() {
     assert_eq!(cookies.len(), 3, "three sockets, three cookies");
     for (i, life) in servers.iter().enumerate() {
         assert_eq!(
-            names(life),
+            state_names(life),
             [
                 "NEW_SYN_RECV",
                 "SYN_RECV",
@@ -162,7 +153,7 @@ fn under_churn_the_time_waits_are_the_kernels() {
     let mut unshown = 0u64;
     for (cookie, socket) in &by_cookie {
         let first = socket[0];
-        let states = names(first);
+        let states = state_names(first);
         let cut_short = first["role"] == "passive"
             && states.last() == Some(&"FIN_WAIT1")
             && ["unseen", "still_open"].contains(&first["end"].as_str().unwrap());
@@ -180,7 +171,7 @@ fn under_churn_the_time_waits_are_the_kernels() {
             [_, rest] if cut_short && rest["first_seen_mid_life"] == true => {}
             _ => panic!("{} lives of socket {cookie}: {socket:#?}", socket.len()),
         }
-        let timewait = socket.iter().any(|l| names(l).contains(&"TIME_WAIT"));
+        let timewait = socket.iter().any(|l| state_names(l).contains(&"TIME_WAIT"));
         if cut_short && !timewait {
             unshown += 1;
         }
@@ -193,14 +184,14 @@ fn under_churn_the_time_waits_are_the_kernels() {
     );
     let with_tw = by_cookie
         .values()
-        .filter(|socket| socket.iter().any(|l| names(l).contains(&"TIME_WAIT")))
+        .filter(|socket| socket.iter().any(|l| state_names(l).contains(&"TIME_WAIT")))
         .count() as u64;
     // When they differ: the server sockets with no TIME_WAIT (each should have had one).
     let without_tw: Vec<&&Value> = by_cookie
         .values()
         .filter(|socket| {
             socket[0]["role"] == "passive"
-                && !socket.iter().any(|l| names(l).contains(&"TIME_WAIT"))
+                && !socket.iter().any(|l| state_names(l).contains(&"TIME_WAIT"))
         })
         .flat_map(|socket| socket.iter())
         .take(6)
@@ -213,7 +204,7 @@ fn under_churn_the_time_waits_are_the_kernels() {
     let clients = lives.iter().filter(|l| l["role"] == "active").count() as u64;
     assert_eq!(clients, kernel_opens, "client lives vs TcpActiveOpens");
     for life in &lives {
-        let states = names(life);
+        let states = state_names(life);
         let syn_sent = states.iter().filter(|s| **s == "SYN_SENT").count();
         assert!(syn_sent <= 1, "two connections in one life: {life}");
         if let Some(ns) = span_ns(life, "TIME_WAIT") {
@@ -346,7 +337,7 @@ fn equal_four_tuples_in_two_namespaces_stay_apart() {
     }
     for c in &clients {
         assert_eq!(
-            names(c),
+            state_names(c),
             ["SYN_SENT", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"],
             "{c}"
         );
@@ -354,7 +345,7 @@ fn equal_four_tuples_in_two_namespaces_stay_apart() {
     }
     for s in &servers {
         assert_eq!(
-            names(s),
+            state_names(s),
             [
                 "NEW_SYN_RECV",
                 "SYN_RECV",
@@ -443,7 +434,7 @@ fn the_turn_to_time_wait_shows_within_a_second() {
     assert_eq!(client.len(), 1, "{lives:#?}");
     assert_eq!(client[0]["end"], "still_open");
     assert_eq!(
-        names(client[0]),
+        state_names(client[0]),
         [
             "SYN_SENT",
             "ESTABLISHED",
@@ -611,7 +602,7 @@ fn a_recording_replays_the_same_lives() {
         for key in ["end", "role", "sport", "dport", "netns", "owner_pid"] {
             assert_eq!(l[key], r[key], "{key} of {cookie}: {l} vs {r}");
         }
-        assert_eq!(names(l), names(r), "{l} vs {r}");
+        assert_eq!(state_names(l), state_names(r), "{l} vs {r}");
         for (a, b) in l["states"]
             .as_array()
             .unwrap()

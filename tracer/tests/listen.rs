@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use TimerOp::{Arm, Cancel, Expire};
 use common::listen::*;
-use common::{Capture, NamedNetns, Running, http_get, json_lines, start_tcplens, state_ns, sysctl};
+use common::{
+    Capture, NamedNetns, Running, http_get, json_lines, start_tcplens, state_names, state_ns,
+    sysctl,
+};
 use tracer::model::{RequestEvent, TcpState, TimerOp};
 
 /// The request events of the connection from `peer` (the request's remote end).
@@ -360,12 +363,7 @@ fn a_passive_timeline_starts_at_the_syn_and_accept_is_the_servers_handshake() {
         .iter()
         .find(|l| l["role"] == "passive" && l["dport"] == client)
         .unwrap_or_else(|| panic!("the server's timeline in {lives:#?}"));
-    let states: Vec<&str> = life["states"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["state"].as_str().unwrap())
-        .collect();
+    let states = state_names(life);
     assert_eq!(
         states[..3],
         ["NEW_SYN_RECV", "SYN_RECV", "ESTABLISHED"],

@@ -92,12 +92,7 @@ fn close_wait_and_established_durations_owner_and_replay() {
         .find(|l| l["role"] == "active")
         .expect("active life");
     assert!(roles.contains(&"listener"), "{roles:?}");
-    let names: Vec<&str> = passive["states"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["state"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = state_names(passive);
     assert_eq!(
         names,
         [
@@ -130,12 +125,7 @@ fn close_wait_and_established_durations_owner_and_replay() {
     assert_eq!(active["owner_pid"], me);
     // The client closed first: it went into TIME_WAIT, which the end of the test's network
     // namespace cut short (the kernel purges a dying namespace's timewait sockets).
-    let names: Vec<&str> = active["states"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["state"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = state_names(active);
     assert_eq!(
         names,
         [

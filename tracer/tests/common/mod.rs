@@ -343,6 +343,16 @@ pub(crate) fn assert_nothing_lost(stderr: &str) {
     assert!(counts.ends_with(" request), 0 lost"), "{stderr}");
 }
 
+/// The states of a timeline JSON life, in order.
+pub(crate) fn state_names(life: &serde_json::Value) -> Vec<&str> {
+    life["states"]
+        .as_array()
+        .expect("states")
+        .iter()
+        .map(|s| s["state"].as_str().expect("state name"))
+        .collect()
+}
+
 /// One JSON object per line.
 pub(crate) fn json_lines(out: &str) -> Vec<serde_json::Value> {
     out.lines()
