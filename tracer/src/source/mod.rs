@@ -3,6 +3,7 @@
 //! attaching the eBPF programs, the ring buffer, netlink) lives here.
 
 pub mod btf;
+pub mod cgroup;
 pub mod host;
 pub mod kernel;
 pub mod netstat;
