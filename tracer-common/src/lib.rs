@@ -81,12 +81,64 @@ impl SockLayout {
     };
 }
 
+/// Where a full socket keeps its cgroup and its connection's counters, as byte offsets
+/// (all 0 when the kernel's BTF lacks them: then the programs read none of it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnLayout {
+    /// `offsetof(struct sock, sk_cgrp_data.cgroup)`: the socket's cgroup v2 (`struct
+    /// cgroup *`), the cgroup of the task that created it (or its listener's, for an
+    /// accepted socket), for its whole life.
+    pub sk_cgroup: u32,
+    /// `offsetof(struct cgroup, kn)` and `offsetof(struct kernfs_node, id)`: the cgroup id
+    /// (its directory's inode number).
+    pub cgroup_kn: u32,
+    pub kn_id: u32,
+    /// `offsetof(struct cgroup, self.parent)`: the parent cgroup (`self` starts `struct
+    /// cgroup`, so the parent's `self` is the parent).
+    pub cgroup_parent: u32,
+    /// `struct tcp_sock` counters: `bytes_acked`, `bytes_received` (u64), `srtt_us`,
+    /// `rtt_min.s[0].v`, `total_retrans` (u32).
+    pub bytes_acked: u32,
+    pub bytes_received: u32,
+    pub srtt_us: u32,
+    pub rtt_min: u32,
+    pub total_retrans: u32,
+    /// Zero: keeps the size a multiple of 8.
+    #[allow(clippy::pub_underscore_fields)]
+    pub _pad: u32,
+    /// Non-zero: keep only sockets whose cgroup is this one (its id) or below it.
+    pub filter_cgroup: u64,
+}
+
+impl ConnLayout {
+    pub const EMPTY: ConnLayout = ConnLayout {
+        sk_cgroup: 0,
+        cgroup_kn: 0,
+        kn_id: 0,
+        cgroup_parent: 0,
+        bytes_acked: 0,
+        bytes_received: 0,
+        srtt_us: 0,
+        rtt_min: 0,
+        total_retrans: 0,
+        _pad: 0,
+        filter_cgroup: 0,
+    };
+}
+
+/// Deepest cgroup below the `--cgroup` one whose sockets the filter still keeps (cgroup
+/// trees are a handful of levels deep: a Kubernetes container's is 4).
+pub const MAX_CGROUP_DEPTH: u32 = 32;
+
 /// Load-time configuration of the transition program (and the filters of all programs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// `struct sock`'s common part.
     pub sock: SockLayout,
+    /// A full socket's cgroup and counters, and the cgroup filter.
+    pub conn: ConnLayout,
     /// `offsetof(struct sock, sk_protocol)` (a `u16` since Linux 5.6).
     pub sk_protocol: u32,
     /// `offsetof(struct net, ns.inum)`: the namespace's inode number.
@@ -109,6 +161,7 @@ impl Config {
     /// All offsets zero, no filter: what the program holds until the loader fills it in.
     pub const EMPTY: Config = Config {
         sock: SockLayout::EMPTY,
+        conn: ConnLayout::EMPTY,
         sk_protocol: 0,
         net_inum: 0,
         netns: 0,
@@ -237,17 +290,22 @@ pub mod kind {
     pub const REQ_EXPIRE: u8 = 7;
 }
 
-/// One record in the ring buffer. 120 bytes, 8-aligned, no implicit padding: any bit
+/// One record in the ring buffer. 152 bytes, 8-aligned, no implicit padding: any bit
 /// pattern is a valid `Event` (zerocopy's derives check both at compile time), so
 /// userspace reads one straight from the ring's bytes.
 ///
 /// For the timewait kinds, `skaddr` is the `inet_timewait_sock`, the 4-tuple and cookie are
 /// the timewait socket's (its cookie is the full socket's, copied by the kernel),
-/// `oldstate` is 0 and `newstate` is its `tw_substate` (FIN_WAIT2 or TIME_WAIT).
+/// `oldstate` is 0 and `newstate` is its `tw_substate` (FIN_WAIT2 or TIME_WAIT); a
+/// timewait socket has no cgroup (`cgroup` 0: its full socket's carries over).
 ///
 /// For the request kinds, `skaddr` is the `request_sock`, the 4-tuple is the request's,
-/// `cookie` is its **listener's** (a request has none until sock_diag asks), `newstate` is
-/// NEW_SYN_RECV and `retrans` the SYN-ACKs retransmitted so far.
+/// `cookie` and `cgroup` are its **listener's** (a request has no cookie until sock_diag
+/// asks, and no cgroup), `newstate` is NEW_SYN_RECV and `retrans` the SYN-ACKs
+/// retransmitted so far.
+///
+/// The connection's counters (`bytes_acked` … `total_retrans`) are the `tcp_sock`'s as the
+/// transition found them, on `SET_STATE` events when `facts` is 1 (0 everywhere else).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct Event {
@@ -265,6 +323,15 @@ pub struct Event {
     /// Jiffies when the event fired (`bpf_jiffies64()`): with `ts_ns`, what maps the
     /// kernel's tick to monotonic time.
     pub jiffies: u64,
+    /// The socket's cgroup v2 id (read from the socket, so right in softirq too); 0 when
+    /// unknown.
+    pub cgroup: u64,
+    /// `tcp_sock.bytes_acked`: sequence space the peer acked (payload, plus 1 for this
+    /// side's SYN of an active open and 1 for its FIN, once acked).
+    pub bytes_acked: u64,
+    /// `tcp_sock.bytes_received`: sequence space received in order (payload, plus 1 for
+    /// the peer's FIN).
+    pub bytes_received: u64,
     /// Local address: 4 bytes for IPv4 (rest zero), 16 for IPv6; network order.
     pub saddr: [u8; 16],
     /// Remote address, as `saddr`.
@@ -276,6 +343,13 @@ pub struct Event {
     /// The CPU the event fired on: events of one CPU reach the ring in the order they
     /// happened.
     pub cpu: u32,
+    /// `tcp_sock.srtt_us`: the smoothed RTT in µs, times 8 (0: no sample yet).
+    pub srtt_us8: u32,
+    /// `tcp_sock.rtt_min`'s best sample, µs (`u32::MAX`: no sample yet).
+    pub rtt_min_us: u32,
+    /// `tcp_sock.total_retrans`: segments retransmitted (SYN-ACKs of a passive open
+    /// included).
+    pub total_retrans: u32,
     /// Local port, host order.
     pub sport: u16,
     /// Remote port, host order.
@@ -288,14 +362,16 @@ pub struct Event {
     pub kind: u8,
     /// Request kinds: `num_retrans` of the request (0 otherwise).
     pub retrans: u8,
+    /// 1: the connection's counters were read.
+    pub facts: u8,
     /// Zero: makes the size a multiple of 8 with no implicit padding.
     #[allow(clippy::pub_underscore_fields)]
-    pub _pad: [u8; 6],
+    pub _pad: u8,
 }
 
 /// Size of [`Event`] in bytes: what userspace expects of every ring buffer record.
 pub const EVENT_SIZE: usize = core::mem::size_of::<Event>();
-const _: () = assert!(EVENT_SIZE == 120);
+const _: () = assert!(EVENT_SIZE == 152);
 const _: () = assert!(core::mem::align_of::<Event>() == 8);
 
 impl Event {

@@ -38,8 +38,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
-    AF_INET, AF_INET6, Config, Event, HANDLED_RING, Handled, MAX_FILTER_PORTS, MAX_HEAD,
-    SockLayout, kind, tracepoint,
+    AF_INET, AF_INET6, Config, Event, HANDLED_RING, Handled, MAX_CGROUP_DEPTH, MAX_FILTER_PORTS,
+    MAX_HEAD, SockLayout, kind, tracepoint,
 };
 
 /// Default ring size; userspace resizes it with `--ring-size` before load.
@@ -169,20 +169,118 @@ fn on_set_state(ctx: &BtfTracePointContext, cookie: u64) {
         return;
     }
     let fields = Direct(tcp as *const u8);
-    if let Some(s) = read_sock(&fields, &CONFIG.sock, true) {
-        emit(
-            ctx,
-            &fields,
-            &s,
-            sk as u64,
-            cookie,
-            kind::SET_STATE,
-            old as u8,
-            new as u8,
-            0,
-            0,
-        );
+    let Some(s) = read_sock(&fields, &CONFIG.sock, true) else {
+        return;
+    };
+    let cgroup = fields.cgroup();
+    if !in_cgroup(cgroup) {
+        return;
     }
+    let extra = Extra {
+        cgroup: cgroup_id(cgroup),
+        retrans: 0,
+    };
+    emit(
+        ctx,
+        &fields,
+        &s,
+        sk as u64,
+        cookie,
+        kind::SET_STATE,
+        old as u8,
+        new as u8,
+        0,
+        &extra,
+        |ev| conn_facts(&fields, ev),
+    );
+}
+
+/// Copies the connection's counters from a full TCP socket (zeros when the kernel's BTF
+/// lacks them).
+#[inline(always)]
+fn conn_facts(tcp: &Direct, ev: *mut Event) {
+    let c = &CONFIG.conn;
+    // SAFETY: `ev` is the reserved event being filled.
+    unsafe {
+        if get!(c.bytes_acked) == 0 {
+            no_facts(ev);
+            return;
+        }
+        (*ev).bytes_acked = tcp.u64_at(get!(c.bytes_acked));
+        (*ev).bytes_received = tcp.u64_at(get!(c.bytes_received));
+        (*ev).srtt_us8 = tcp.u32_at(get!(c.srtt_us));
+        (*ev).rtt_min_us = tcp.u32_at(get!(c.rtt_min));
+        (*ev).total_retrans = tcp.u32_at(get!(c.total_retrans));
+        (*ev).facts = 1;
+    }
+}
+
+/// An event without the connection's counters (timer events: no full socket).
+#[inline(always)]
+fn no_facts(ev: *mut Event) {
+    // SAFETY: `ev` is the reserved event being filled.
+    unsafe {
+        (*ev).bytes_acked = 0;
+        (*ev).bytes_received = 0;
+        (*ev).srtt_us8 = 0;
+        (*ev).rtt_min_us = 0;
+        (*ev).total_retrans = 0;
+        (*ev).facts = 0;
+    }
+}
+
+impl Direct {
+    /// The socket's `struct cgroup *` (0 when the kernel's BTF has no socket cgroup).
+    #[inline(always)]
+    fn cgroup(&self) -> u64 {
+        let at = get!(CONFIG.conn.sk_cgroup);
+        if at == 0 {
+            return 0;
+        }
+        let cgroup: *const u8 = self.load(at);
+        cgroup as u64
+    }
+}
+
+/// The id of the cgroup at `cgroup` (its directory's inode number); 0 for none.
+#[inline(always)]
+fn cgroup_id(cgroup: u64) -> u64 {
+    if cgroup == 0 {
+        return 0;
+    }
+    let kn = kernel::<u64>(cgroup + u64::from(get!(CONFIG.conn.cgroup_kn))).unwrap_or(0);
+    if kn == 0 {
+        return 0;
+    }
+    kernel::<u64>(kn + u64::from(get!(CONFIG.conn.kn_id))).unwrap_or(0)
+}
+
+/// Whether the cgroup at `cgroup` passes the `--cgroup` filter: it is the wanted cgroup or
+/// lies below it (at most [`MAX_CGROUP_DEPTH`] levels).
+#[inline(always)]
+fn in_cgroup(mut cgroup: u64) -> bool {
+    let want = get!(CONFIG.conn.filter_cgroup);
+    if want == 0 {
+        return true;
+    }
+    let parent = u64::from(get!(CONFIG.conn.cgroup_parent));
+    let mut depth = 0;
+    while depth <= MAX_CGROUP_DEPTH && cgroup != 0 {
+        if cgroup_id(cgroup) == want {
+            return true;
+        }
+        cgroup = kernel::<u64>(cgroup + parent).unwrap_or(0);
+        depth += 1;
+    }
+    false
+}
+
+/// What an event carries besides the socket's identity and states.
+struct Extra {
+    /// The socket's cgroup id.
+    cgroup: u64,
+    /// Request kinds: SYN-ACKs retransmitted.
+    retrans: u8,
 }
 
 /// Where a socket's fields are read: at byte offsets from `SockLayout`.
@@ -336,7 +434,8 @@ fn emit<C: aya_ebpf::EbpfContext>(
     old: u8,
     new: u8,
     expires: u64,
-    retrans: u8,
+    extra: &Extra,
+    facts: impl FnOnce(*mut Event),
 ) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count_lost(ctx);
@@ -364,9 +463,11 @@ fn emit<C: aya_ebpf::EbpfContext>(
         (*ev).oldstate = old;
         (*ev).newstate = new;
         (*ev).kind = ev_kind;
-        (*ev).retrans = retrans;
-        (*ev)._pad = [0; 6];
+        (*ev).retrans = extra.retrans;
+        (*ev).cgroup = extra.cgroup;
+        (*ev)._pad = 0;
     }
+    facts(ev);
     submit(entry, get!(CONFIG.wakeup_bytes));
 }
 

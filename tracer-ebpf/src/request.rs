@@ -9,7 +9,10 @@
 use aya_ebpf::{helpers::bpf_probe_read_kernel_buf, programs::BtfTracePointContext};
 use tracer_common::{RequestLayout, kind};
 
-use super::{Copied, Fields as _, HEAD, emit, kernel, nested, primary, rd, read_sock};
+use super::{
+    CONFIG, Copied, Extra, Fields as _, HEAD, cgroup_id, emit, in_cgroup, kernel, nested, no_facts,
+    primary, rd, read_sock,
+};
 
 /// `TCP_NEW_SYN_RECV`: a request socket's state.
 const NEW_SYN_RECV: u8 = 12;
@@ -48,6 +51,20 @@ pub(crate) fn on_request(
     let retrans = fields.u8_at(get!(REQUEST.num_retrans));
     let listener = fields.u64_at(get!(REQUEST.listener));
     let cookie = kernel::<u64>(listener + u64::from(get!(REQUEST.listener_cookie))).unwrap_or(0);
+    // A request has no cgroup; its listener's is its child's.
+    let at = get!(CONFIG.conn.sk_cgroup);
+    let cgroup = if at == 0 {
+        0
+    } else {
+        kernel::<u64>(listener + u64::from(at)).unwrap_or(0)
+    };
+    if !in_cgroup(cgroup) {
+        return;
+    }
+    let extra = Extra {
+        cgroup: cgroup_id(cgroup),
+        retrans,
+    };
     let send = || {
         emit(
             ctx,
@@ -59,7 +76,8 @@ pub(crate) fn on_request(
             0,
             NEW_SYN_RECV,
             expires,
-            retrans,
+            &extra,
+            no_facts,
         );
     };
     if nested_run {

@@ -12,7 +12,9 @@ use aya_ebpf::{
 };
 use tracer_common::{TimewaitLayout, kind, tracepoint};
 
-use super::{Copied, Fields as _, HEAD, emit, nested, primary, rd, read_sock, request};
+use super::{
+    Copied, Extra, Fields as _, HEAD, emit, nested, no_facts, primary, rd, read_sock, request,
+};
 
 /// The timer's offsets, filled whenever the timer programs run; `handler` all zero (an
 /// address no timer has) until the loader turns timewait tracking on.
@@ -117,9 +119,15 @@ fn on_timer(ctx: &BtfTracePointContext, tp: u32, ev_kind: u8, nested_run: bool) 
     };
     let cookie = fields.u64_at(get!(TIMEWAIT.sock.cookie));
     let substate = fields.u8_at(get!(TIMEWAIT.tw_substate));
+    // A timewait socket has no cgroup: userspace carries its full socket's over (and
+    // applies `--cgroup` to it).
+    let extra = Extra {
+        cgroup: 0,
+        retrans: 0,
+    };
     let send = || {
         emit(
-            ctx, &fields, &s, tw, cookie, ev_kind, 0, substate, expires, 0,
+            ctx, &fields, &s, tw, cookie, ev_kind, 0, substate, expires, &extra, no_facts,
         )
     };
     if nested_run {

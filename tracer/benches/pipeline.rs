@@ -15,10 +15,12 @@ use jiff::tz::TimeZone;
 use tracer::clock::{TimeFormatter, WallClock};
 use tracer::decode::{decode, encode};
 use tracer::model::{
-    Comm, Family, KernelEvent, SocketId, Task, TcpState, TimerOp, TimewaitEvent, Transition, Via,
+    Comm, ConnFacts, Family, KernelEvent, SocketId, Task, TcpState, TimerOp, TimewaitEvent,
+    Transition, Via,
 };
 use tracer::sink::Format;
 use tracer::sink::watch::WatchPrinter;
+use tracer::source::cgroup::CgroupNames;
 use tracer::tracker::Tracker;
 
 const CONNECTIONS: u64 = 200_000;
@@ -121,6 +123,14 @@ fn stream() -> Vec<Transition> {
                     via: Via::Tracepoint,
                     cpu: Some(0),
                     jiffies: 0,
+                    cgroup: 0x1234,
+                    facts: (new == Close).then_some(ConnFacts {
+                        bytes_acked: 1_000,
+                        bytes_received: 10_000,
+                        srtt_us: 40,
+                        min_rtt_us: Some(30),
+                        retrans: 0,
+                    }),
                 });
             }
         }
@@ -191,6 +201,7 @@ fn bench(c: &mut Criterion) {
                 std::io::sink(),
                 format,
                 TimeFormatter::new(clock, TimeZone::UTC),
+                CgroupNames::known([(0x1234, "/system.slice/nginx.service")]),
             );
             let mut t = Tracker::default();
             let mut ended = Vec::new();

@@ -25,6 +25,7 @@ use crate::sink::record::RecordSink;
 use crate::sink::stats::StatsSink;
 use crate::sink::timeline::TimelineSink;
 use crate::sink::watch::{WatchPrinter, WatchSink};
+use crate::source::cgroup::CgroupNames;
 use crate::source::host::{self, Answer, Ask, HostWorker};
 use crate::source::kernel::{DRAIN_INTERVAL, KernelFilter, KernelOptions, KernelSource, Lost};
 use crate::source::record::{Item, RecordReader, RecordWriter};
@@ -86,6 +87,15 @@ impl Input {
         tracker
     }
 
+    /// How cgroup ids are named: by this host's cgroups while tracing it; a recording's ids
+    /// are another moment's (or host's), so a replay shows ids alone.
+    pub fn cgroup_names(&self) -> CgroupNames {
+        match self {
+            Input::Kernel(_) => CgroupNames::host(),
+            Input::File { .. } => CgroupNames::none(),
+        }
+    }
+
     /// The clock that maps the events' monotonic times to wall time.
     pub fn clock(&self) -> WallClock {
         match self {
@@ -124,7 +134,13 @@ pub async fn run(
     let result = match input {
         Input::Kernel(source) => {
             p.timewait &= source.timewait;
+            p.timewait_of_known_only = trace.cgroup.is_some();
             run_live(*source, trace, interval, p).await
+        }
+        Input::File { .. } if trace.cgroup.is_some() => {
+            anyhow::bail!(
+                "--cgroup filters live tracing in the kernel; it does not apply to --from"
+            )
         }
         Input::File { reader, path } => {
             p.filter = Some(trace.filter());
@@ -577,7 +593,12 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
     let input = Input::open(&args.common)?;
     let (out, tty) = stdout();
     let mut sink = WatchSink {
-        printer: WatchPrinter::new(out, args.output.format, formatter(input.clock())),
+        printer: WatchPrinter::new(
+            out,
+            args.output.format,
+            formatter(input.clock()),
+            input.cgroup_names(),
+        ),
         line_flush: tty,
     };
     let tracker = input.tracker(args.common.cap.max_sockets);
@@ -591,7 +612,12 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
 pub async fn timeline(args: &TimelineArgs) -> Result<()> {
     let input = Input::open(&args.common)?;
     let (out, _) = stdout();
-    let mut sink = TimelineSink::new(out, args.output.format, formatter(input.clock()));
+    let mut sink = TimelineSink::new(
+        out,
+        args.output.format,
+        formatter(input.clock()),
+        input.cgroup_names(),
+    );
     let tracker = input.tracker(args.common.cap.max_sockets);
     let mut p = Pipeline::new(tracker, vec![&mut sink]);
     p.owner_pid = args.common.owner.pid;

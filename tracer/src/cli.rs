@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use crate::model::{Family, TcpState};
 use crate::sink::Format;
 use crate::sink::stats::By;
+use crate::source::cgroup::CgroupFilter;
 use crate::source::kernel::{DEFAULT_RING_SIZE, KernelFilter};
 use crate::tracker::DEFAULT_MAX_SOCKETS;
 
@@ -222,6 +223,12 @@ pub struct TraceArgs {
     /// Applied in the kernel.
     #[arg(long, value_name = "INODE|PATH", value_parser = parse_netns)]
     pub netns: Option<u32>,
+    /// Keep only sockets of this cgroup (v2) and the cgroups below it: a container's
+    /// (/sys/fs/cgroup/system.slice/docker-ID.scope), a pod's, a service's. The path is
+    /// absolute or relative to the cgroup2 mount. A socket's cgroup is its creator's (an
+    /// accepted socket's, its listener's). Applied in the kernel.
+    #[arg(long, value_name = "PATH", value_parser = CgroupFilter::resolve)]
+    pub cgroup: Option<CgroupFilter>,
     /// Do not follow sockets into TIME_WAIT (skips the timer tracepoints, which fire for
     /// every kernel timer): the FIN_WAIT2/CLOSING -> CLOSE of the kernel is shown instead.
     #[arg(long)]
@@ -243,6 +250,7 @@ impl TraceArgs {
             lports: self.lport.clone(),
             rports: self.rport.clone(),
             netns: self.netns,
+            cgroup: self.cgroup.clone(),
         }
     }
 }
@@ -369,6 +377,7 @@ mod tests {
                 lports: vec![80, 443],
                 rports: vec![5432],
                 netns: None,
+                cgroup: None,
             }
         );
         assert_eq!(w.trace.ring_size, 8 << 20);

@@ -9,8 +9,8 @@ use thiserror::Error;
 use tracer_common::{AF_INET, AF_INET6, EVENT_SIZE, Event, kind};
 
 use crate::model::{
-    Comm, Family, KernelEvent, RequestEvent, SocketId, Task, TcpState, TimerOp, TimewaitEvent,
-    Transition, Via,
+    Comm, ConnFacts, Family, KernelEvent, RequestEvent, SocketId, Task, TcpState, TimerOp,
+    TimewaitEvent, Transition, Via,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -64,6 +64,7 @@ pub fn decode_event(e: &Event) -> Result<KernelEvent, DecodeError> {
             listener: e.cookie,
             id: SocketId { cookie: 0, ..id },
             retrans: e.retrans,
+            cgroup: e.cgroup,
             expires: e.expires,
             jiffies: e.jiffies,
             cpu: cpu(e.cpu),
@@ -94,6 +95,14 @@ pub fn decode_event(e: &Event) -> Result<KernelEvent, DecodeError> {
         via: Via::Tracepoint,
         cpu: cpu(e.cpu),
         jiffies: e.jiffies,
+        cgroup: e.cgroup,
+        facts: (e.facts != 0).then_some(ConnFacts {
+            bytes_acked: e.bytes_acked,
+            bytes_received: e.bytes_received,
+            srtt_us: e.srtt_us8 >> 3,
+            min_rtt_us: (e.rtt_min_us != u32::MAX).then_some(e.rtt_min_us),
+            retrans: e.total_retrans,
+        }),
     }))
 }
 
@@ -180,10 +189,27 @@ pub fn encode(ev: &KernelEvent) -> [u8; EVENT_SIZE] {
                 ),
             ),
         };
+    let (cgroup, facts) = match ev {
+        KernelEvent::Transition(t) => (t.cgroup, t.facts),
+        KernelEvent::Request(r) => (r.cgroup, None),
+        KernelEvent::Timewait(_) => (0, None),
+    };
+    let f = facts.unwrap_or_default();
     Event {
         ts_ns,
         skaddr,
         cookie: id.cookie,
+        cgroup,
+        bytes_acked: f.bytes_acked,
+        bytes_received: f.bytes_received,
+        // The kernel's srtt_us is 8 times the RTT: the low bits are lost on the way out.
+        srtt_us8: f.srtt_us << 3,
+        rtt_min_us: match facts {
+            Some(f) => f.min_rtt_us.unwrap_or(u32::MAX),
+            None => 0,
+        },
+        total_retrans: f.retrans,
+        facts: u8::from(facts.is_some()),
         pid_tgid: (u64::from(task.pid) << 32) | u64::from(task.tid),
         expires,
         jiffies,
@@ -202,7 +228,7 @@ pub fn encode(ev: &KernelEvent) -> [u8; EVENT_SIZE] {
         newstate,
         kind,
         retrans,
-        _pad: [0; 6],
+        _pad: 0,
     }
     .to_bytes()
 }
@@ -247,7 +273,14 @@ mod tests {
             newstate: new,
             kind: k,
             retrans: 0,
-            _pad: [0; 6],
+            cgroup: 0,
+            bytes_acked: 0,
+            bytes_received: 0,
+            srtt_us8: 0,
+            rtt_min_us: 0,
+            total_retrans: 0,
+            facts: 0,
+            _pad: 0,
         }
         .to_bytes()
     }

@@ -174,6 +174,33 @@ pub struct Transition {
     pub cpu: Option<u32>,
     /// Jiffies when it happened (0 when unknown).
     pub jiffies: u64,
+    /// The socket's cgroup v2 id, read from the socket (0: unknown; a derived transition
+    /// carries its life's).
+    pub cgroup: u64,
+    /// The connection's counters as the transition found them (`None` for derived
+    /// transitions, kernels without them and old recordings).
+    pub facts: Option<ConnFacts>,
+}
+
+/// A TCP connection's counters, read from its `struct tcp_sock` at a transition: at its
+/// last one (→ CLOSE, also when it lives on as a timewait socket, which keeps none of
+/// them) they are final. The byte counts are the kernel's, in sequence space (as `ss -i`
+/// and tcplife show them): see each field.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnFacts {
+    /// `bytes_acked`: what the peer acknowledged: the payload sent, plus 1 for this side's
+    /// SYN when it opened the connection (`connect()`), plus 1 for its FIN once acked.
+    /// Retransmitted bytes count once.
+    pub bytes_acked: u64,
+    /// `bytes_received`: the payload received in order, plus 1 for the peer's FIN.
+    pub bytes_received: u64,
+    /// Smoothed RTT, µs (`srtt_us >> 3`, what `ss -i` shows as rtt; 0: no sample).
+    pub srtt_us: u32,
+    /// The lowest RTT sample, µs (`None`: no sample yet).
+    pub min_rtt_us: Option<u32>,
+    /// Segments retransmitted (`total_retrans`; a passive socket's SYN-ACK retransmissions
+    /// included).
+    pub retrans: u32,
 }
 
 impl Transition {
@@ -280,6 +307,8 @@ pub struct RequestEvent {
     pub id: SocketId,
     /// SYN-ACKs retransmitted so far (`num_retrans`).
     pub retrans: u8,
+    /// The listener's cgroup v2 id (a request has none; its child gets its listener's).
+    pub cgroup: u64,
     /// The timer's expiry, in jiffies.
     pub expires: u64,
     /// Jiffies when the event fired.

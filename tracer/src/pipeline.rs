@@ -5,8 +5,9 @@
 
 use std::io;
 
-use crate::model::{KernelEvent, TcpState, Transition};
+use crate::model::{Comm, KernelEvent, TcpState, Transition};
 use crate::sink::{HolderWant, Sink, View};
+use crate::source::cgroup::CgroupNames;
 use crate::source::host::{Answer, Holders, Snapshot};
 use crate::source::kernel::{KernelFilter, LossSource, Lost, SourceError};
 use crate::tracker::{Owner, Seed, SocketLife, Tracker};
@@ -45,6 +46,9 @@ pub struct Pipeline<'a> {
     pub owner_pid: Option<u32>,
     /// Follow timewait sockets (off: `--no-timewait`, which also skips them on replay).
     pub timewait: bool,
+    /// `--cgroup`: a timewait socket has no cgroup for the kernel to filter on, so its
+    /// events pass; only those of a life already followed (its full socket passed) count.
+    pub timewait_of_known_only: bool,
     /// Follow each socket, and reconcile the tracker with sock_diag while live (off for
     /// `record`: its one sink takes the raw events, and their replay tracks them).
     pub track: bool,
@@ -60,6 +64,7 @@ impl<'a> Pipeline<'a> {
             filter: None,
             owner_pid: None,
             timewait: true,
+            timewait_of_known_only: false,
             track: true,
             totals: Totals::default(),
         }
@@ -69,16 +74,28 @@ impl<'a> Pipeline<'a> {
         self.sinks.iter_mut().try_for_each(|s| f(&mut **s))
     }
 
-    /// Seeds the tracker with the start-up snapshot's sockets that `filter` keeps.
+    /// Seeds the tracker with the start-up snapshot's sockets that `filter` keeps (with
+    /// `--cgroup`, timewait sockets have no cgroup to keep them by: they are left out).
     pub fn seed(&mut self, snapshot: Snapshot, filter: &KernelFilter) {
+        let mut names = filter.cgroup.as_ref().map(|_| CgroupNames::host());
+        let holders = &snapshot.listener_holders;
         let seeds = snapshot
             .sockets
             .into_iter()
             .filter(|s| filter.keeps(s.id.family, s.id.sport, s.id.dport, s.id.netns))
+            .filter(|s| match (&filter.cgroup, names.as_mut()) {
+                (Some(c), Some(names)) => c.keeps(s.cgroup, names),
+                _ => true,
+            })
             .map(|s| Seed {
                 id: s.id,
                 state: s.state,
                 timewait: s.is_timewait(),
+                cgroup: s.cgroup,
+                owner: holders.get(&s.inode).map(|h| Owner {
+                    pid: h.pid,
+                    comm: Comm::from_name(&h.comm),
+                }),
             });
         self.tracker.seed(seeds, snapshot.taken_ns);
     }
@@ -139,10 +156,10 @@ impl<'a> Pipeline<'a> {
         match ev {
             KernelEvent::Transition(t) => self.transition(t)?,
             KernelEvent::Timewait(tw) => {
-                let kept = self
-                    .filter
-                    .as_ref()
-                    .is_none_or(|f| f.keeps(tw.id.family, tw.id.sport, tw.id.dport, tw.id.netns));
+                let kept =
+                    self.filter.as_ref().is_none_or(|f| {
+                        f.keeps(tw.id.family, tw.id.sport, tw.id.dport, tw.id.netns)
+                    }) && (!self.timewait_of_known_only || self.tracker.socket(tw.key()).is_some());
                 if self.timewait && kept {
                     self.tracker.timewait(tw, &mut self.ended);
                 }

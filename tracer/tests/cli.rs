@@ -90,6 +90,11 @@ fn watch_json_as_a_user_runs_it() {
         "comm",
         "owner_pid",
         "owner_comm",
+        "cgroup_id",
+        "cgroup",
+        "container",
+        "runtime",
+        "pod_uid",
         "via",
     ];
     let pid = u64::from(std::process::id());
@@ -158,7 +163,7 @@ fn watch_text_and_sigterm() {
     let (out, rest) = finish(running);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 8, "header and 7 transitions: {out}");
-    assert!(lines[0].starts_with("TIME         PID     COMM"), "{out}");
+    assert!(lines[0].starts_with("TIME         CPU-TASK"), "{out}");
     assert!(
         lines[1].contains("127.0.0.1:21102") && lines[1].contains("CLOSE        -> LISTEN"),
         "{out}"
@@ -280,6 +285,8 @@ fn recording() -> Vec<u8> {
                 via: Via::Tracepoint,
                 cpu: Some(0),
                 jiffies: 0,
+                cgroup: 0,
+                facts: None,
             }))
             .unwrap();
         }

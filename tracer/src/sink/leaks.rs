@@ -363,6 +363,7 @@ mod tests {
             state: CloseWait,
             inode,
             uid: 0,
+            cgroup: 0,
             tw_expires_ms: None,
         }
     }

@@ -753,6 +753,7 @@ mod tests {
                 state: CloseWait,
                 inode: u64::from(sport),
                 uid: 0,
+                cgroup: 0,
                 tw_expires_ms: None,
             },
             Some(Holder {

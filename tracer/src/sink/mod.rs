@@ -12,8 +12,9 @@ pub mod watch;
 
 use std::io;
 
-use crate::model::{KernelEvent, SocketId, TcpState, Transition};
+use crate::model::{ConnFacts, KernelEvent, SocketId, TcpState, Transition};
 use crate::pipeline::Totals;
+use crate::source::cgroup::CgroupName;
 use crate::source::host::Holders;
 use crate::tracker::{Observed, SocketLife, Tracker};
 
@@ -112,6 +113,66 @@ impl From<&SocketId> for JsonId {
             sport: id.sport,
             daddr: id.daddr,
             dport: id.dport,
+        }
+    }
+}
+
+/// A socket's cgroup as every JSON record writes it (flattened): its id, its path under the
+/// cgroup2 root, and the container that path names (`null` when unknown or none).
+#[derive(serde::Serialize)]
+pub struct JsonCgroup<'a> {
+    cgroup_id: Option<u64>,
+    cgroup: Option<&'a str>,
+    container: Option<&'a str>,
+    runtime: Option<&'static str>,
+    pod_uid: Option<&'a str>,
+}
+
+impl<'a> JsonCgroup<'a> {
+    pub fn new(id: u64, name: Option<&'a CgroupName>) -> Self {
+        let container = name.and_then(|n| n.container.as_ref());
+        JsonCgroup {
+            cgroup_id: (id != 0).then_some(id),
+            cgroup: name.map(|n| n.path.as_str()),
+            container: container.map(|c| c.id.as_str()),
+            runtime: container.map(|c| c.runtime.name()),
+            pod_uid: container.and_then(|c| c.pod_uid.as_deref()),
+        }
+    }
+}
+
+/// A socket's cgroup for people: its container (`docker:2a55517bd2c9`, the id's first 12
+/// digits as `docker ps` shows them), else its path, else its id (`cgroup:1234`: a cgroup
+/// removed before tcplens saw it, or a recording's), `-` when unknown.
+pub fn cgroup_label(id: u64, name: Option<&CgroupName>) -> String {
+    match name {
+        Some(CgroupName {
+            container: Some(c), ..
+        }) => format!("{}:{}", c.runtime.name(), &c.id[..c.id.len().min(12)]),
+        Some(n) => escaped(&n.path).into_owned(),
+        None if id != 0 => format!("cgroup:{id}"),
+        None => "-".to_string(),
+    }
+}
+
+/// A connection's counters as JSON records write them (flattened; `null` when not read).
+#[derive(serde::Serialize)]
+pub struct JsonFacts {
+    bytes_acked: Option<u64>,
+    bytes_received: Option<u64>,
+    srtt_us: Option<u32>,
+    min_rtt_us: Option<u32>,
+    retrans: Option<u32>,
+}
+
+impl From<Option<ConnFacts>> for JsonFacts {
+    fn from(f: Option<ConnFacts>) -> Self {
+        JsonFacts {
+            bytes_acked: f.map(|f| f.bytes_acked),
+            bytes_received: f.map(|f| f.bytes_received),
+            srtt_us: f.map(|f| f.srtt_us),
+            min_rtt_us: f.and_then(|f| f.min_rtt_us),
+            retrans: f.map(|f| f.retrans),
         }
     }
 }

@@ -6,14 +6,16 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use super::{Format, Sink, View, human_ns};
+use super::{Format, JsonCgroup, JsonFacts, Sink, View, cgroup_label, human_ns};
 use crate::clock::TimeFormatter;
+use crate::source::cgroup::CgroupNames;
 use crate::tracker::SocketLife;
 
 pub struct TimelineSink<W: Write> {
     out: W,
     format: Format,
     times: TimeFormatter,
+    names: CgroupNames,
     line: String,
     pub printed: u64,
 }
@@ -32,20 +34,27 @@ struct JsonLife<'a> {
     id: super::JsonId,
     owner_pid: Option<u32>,
     owner_comm: Option<std::borrow::Cow<'a, str>>,
+    #[serde(flatten)]
+    cgroup: JsonCgroup<'a>,
     role: &'static str,
     first_seen_mid_life: bool,
     existed_at_start: bool,
     states: Vec<JsonState>,
     end: &'static str,
     lifetime_ns: Option<u64>,
+    /// The connection's counters at its last transition (see `model::ConnFacts`).
+    #[serde(flatten)]
+    facts: JsonFacts,
 }
 
 impl<W: Write> TimelineSink<W> {
-    pub fn new(out: W, format: Format, times: TimeFormatter) -> Self {
+    /// `names`: how cgroup ids are named (the host's cgroups live; none on replay).
+    pub fn new(out: W, format: Format, times: TimeFormatter, names: CgroupNames) -> Self {
         TimelineSink {
             out,
             format,
             times,
+            names,
             line: String::with_capacity(512),
             printed: 0,
         }
@@ -74,19 +83,22 @@ impl<W: Write> TimelineSink<W> {
             id: (&life.id).into(),
             owner_pid: life.owner.map(|o| o.pid),
             owner_comm: life.owner.as_ref().map(|o| o.comm.to_str_lossy()),
+            cgroup: JsonCgroup::new(life.cgroup, self.names.get(life.cgroup)),
             role: life.role.name(),
             first_seen_mid_life: life.first_seen_mid_life,
             existed_at_start: life.existed_at_start,
             states,
             end: life.end.name(),
             lifetime_ns: life.lifetime_ns,
+            facts: life.facts.into(),
         };
         serde_json::to_writer(&mut self.out, &rec).map_err(io::Error::other)?;
         self.out.write_all(b"\n")
     }
 
-    /// `22:10:02.123 127.0.0.1:59682 > 127.0.0.1:7794 netns 4026531840 active python3[13212] closed, lifetime 1.110ms`
+    /// `22:10:02.123 127.0.0.1:59682 > 127.0.0.1:7794 netns 4026531840 active python3[13212] cgroup /user.slice closed, lifetime 1.110ms`
     /// `    SYN_SENT 90ns > ESTABLISHED 1.000us > … > CLOSE`
+    /// `    acked 100002 B, received 5001 B, rtt 39us (min 22us), 0 retransmitted`
     fn text(&mut self, life: &SocketLife) -> io::Result<()> {
         let line = &mut self.line;
         line.clear();
@@ -110,6 +122,10 @@ impl<W: Write> TimelineSink<W> {
                 let _ = write!(line, " {}[{}]", o.comm, o.pid);
             }
             None => line.push_str(" owner?"),
+        }
+        if life.cgroup != 0 {
+            let label = cgroup_label(life.cgroup, self.names.get(life.cgroup));
+            let _ = write!(line, " cgroup {label}");
         }
         if life.existed_at_start {
             line.push_str(" (existed at start)");
@@ -135,6 +151,17 @@ impl<W: Write> TimelineSink<W> {
                 None if !last => line.push_str(" ?"),
                 None => {}
             }
+        }
+        if let Some(f) = life.facts {
+            let _ = write!(
+                line,
+                "\n    acked {} B, received {} B, rtt {}us",
+                f.bytes_acked, f.bytes_received, f.srtt_us
+            );
+            if let Some(min) = f.min_rtt_us {
+                let _ = write!(line, " (min {min}us)");
+            }
+            let _ = write!(line, ", {} retransmitted", f.retrans);
         }
         line.push('\n');
         self.out.write_all(line.as_bytes())
@@ -172,7 +199,7 @@ mod tests {
         use TcpState::*;
         let mut t = Tracker::default();
         let mut ended = Vec::new();
-        for e in [
+        for (i, e) in [
             tr(
                 0xffff_8881_02cf_b780,
                 431_492_173_553,
@@ -202,7 +229,23 @@ mod tests {
                 1,
             ),
             tr(0xffff_8881_02cf_b780, 431_792_291_553, FinWait2, Close, 1),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut e = e;
+            e.cgroup = 7001;
+            if i == 4 {
+                // The client of the README: 100000 bytes out (+ SYN + FIN), 5000 back
+                // (+ the peer's FIN).
+                e.facts = Some(crate::model::ConnFacts {
+                    bytes_acked: 100_002,
+                    bytes_received: 5_001,
+                    srtt_us: 39,
+                    min_rtt_us: Some(22),
+                    retrans: 0,
+                });
+            }
             t.observe(&e, &mut ended);
         }
         let mut life = ended.remove(0);
@@ -217,7 +260,12 @@ mod tests {
         let clock = WallClock {
             boot_offset_ns: 1_795_299_002_123_456_789 - 431_492_173_553,
         };
-        TimelineSink::new(Vec::new(), format, TimeFormatter::new(clock, TimeZone::UTC))
+        TimelineSink::new(
+            Vec::new(),
+            format,
+            TimeFormatter::new(clock, TimeZone::UTC),
+            CgroupNames::known([(7001, "/user.slice/user-1000.slice/session-4.scope")]),
+        )
     }
 
     #[test]
@@ -231,13 +279,16 @@ mod tests {
                 r#"{"sk":"0xffff888102cfb780","cookie":4242,"netns":4026531840,"#,
                 r#""family":"ipv4","saddr":"127.0.0.1","sport":40000,"#,
                 r#""daddr":"127.0.0.1","dport":8080,"owner_pid":13212,"owner_comm":"python3","#,
+                r#""cgroup_id":7001,"cgroup":"/user.slice/user-1000.slice/session-4.scope","#,
+                r#""container":null,"runtime":null,"pod_uid":null,"#,
                 r#""role":"active","first_seen_mid_life":false,"existed_at_start":false,"states":["#,
                 r#"{"state":"SYN_SENT","time":"2026-11-21T22:10:02.123456789Z","ns":90000},"#,
                 r#"{"state":"ESTABLISHED","time":"2026-11-21T22:10:02.123546789Z","ns":300000000},"#,
                 r#"{"state":"FIN_WAIT1","time":"2026-11-21T22:10:02.423546789Z","ns":22000},"#,
                 r#"{"state":"FIN_WAIT2","time":"2026-11-21T22:10:02.423568789Z","ns":6000},"#,
                 r#"{"state":"CLOSE","time":"2026-11-21T22:10:02.423574789Z","ns":null}],"#,
-                r#""end":"closed","lifetime_ns":300118000}"#,
+                r#""end":"closed","lifetime_ns":300118000,"#,
+                r#""bytes_acked":100002,"bytes_received":5001,"srtt_us":39,"min_rtt_us":22,"retrans":0}"#,
                 "\n"
             )
         );
@@ -250,8 +301,10 @@ mod tests {
         let out = String::from_utf8(s.into_inner()).unwrap();
         assert_eq!(
             out,
-            "22:10:02.123 127.0.0.1:40000 > 127.0.0.1:8080 netns 4026531840 active python3[13212] closed, lifetime 300.118ms\n    \
-             SYN_SENT 90.0us > ESTABLISHED 300.000ms > FIN_WAIT1 22.0us > FIN_WAIT2 6.0us > CLOSE\n"
+            "22:10:02.123 127.0.0.1:40000 > 127.0.0.1:8080 netns 4026531840 active python3[13212] \
+             cgroup /user.slice/user-1000.slice/session-4.scope closed, lifetime 300.118ms\n    \
+             SYN_SENT 90.0us > ESTABLISHED 300.000ms > FIN_WAIT1 22.0us > FIN_WAIT2 6.0us > CLOSE\n    \
+             acked 100002 B, received 5001 B, rtt 39us (min 22us), 0 retransmitted\n"
         );
     }
 }

@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use super::{Format, Sink, View};
+use super::{Format, JsonCgroup, Sink, View, cgroup_label};
 use crate::clock::TimeFormatter;
 use crate::model::{Transition, Via};
+use crate::source::cgroup::CgroupNames;
 use crate::tracker::Observed;
 
 /// Prints transitions to `out`. Lines are built in a reused buffer; flushing is the
@@ -17,6 +18,7 @@ pub struct WatchPrinter<W: Write> {
     out: W,
     format: Format,
     times: TimeFormatter,
+    names: CgroupNames,
     line: String,
     scratch: String,
 }
@@ -34,20 +36,28 @@ struct JsonLine<'a> {
     /// The task on the CPU; `null` for a transition no event showed (sock_diag did).
     pid: Option<u32>,
     comm: Option<&'a str>,
+    /// The socket's owner: its listener's for an accepted socket, until its own process
+    /// context shows one.
     owner_pid: Option<u32>,
     owner_comm: Option<&'a str>,
+    #[serde(flatten)]
+    cgroup: JsonCgroup<'a>,
     /// `tracepoint`, or `timewait` for a transition derived from a timewait socket.
     via: &'static str,
 }
 
-pub const TEXT_HEADER: &str = "TIME         PID     COMM             LADDR:LPORT                RADDR:RPORT                OLD          -> NEW          MS";
+/// CPU-TASK is the task on the CPU when the kernel reported the transition (in softirq,
+/// often another process); OWNER is the socket's process.
+pub const TEXT_HEADER: &str = "TIME         CPU-TASK                OWNER                   LADDR:LPORT                RADDR:RPORT                OLD          -> NEW          MS        CGROUP";
 
 impl<W: Write> WatchPrinter<W> {
-    pub fn new(out: W, format: Format, times: TimeFormatter) -> Self {
+    /// `names`: how cgroup ids are named (the host's cgroups live; none on replay).
+    pub fn new(out: W, format: Format, times: TimeFormatter, names: CgroupNames) -> Self {
         WatchPrinter {
             out,
             format,
             times,
+            names,
             line: String::with_capacity(256),
             scratch: String::with_capacity(64),
         }
@@ -76,11 +86,17 @@ impl<W: Write> WatchPrinter<W> {
     fn text(&mut self, t: &Transition, o: &Observed) {
         let line = &mut self.line;
         self.times.time_of_day(t.ts_ns, line);
-        let _ = if t.task.is_known() {
-            write!(line, " {:<7} {:<16}", t.task.pid, t.task.comm)
-        } else {
-            write!(line, " {:<7} {:<16}", "-", "-")
-        };
+        let task = t.task.is_known().then_some((t.task.pid, t.task.comm));
+        let owner = o.owner.map(|o| (o.pid, o.comm));
+        for who in [task, owner] {
+            let start = line.len();
+            let _ = match who {
+                Some((pid, comm)) => write!(line, " {pid}/{comm}"),
+                None => write!(line, " -"),
+            };
+            let width = line[start..].chars().count();
+            line.extend(std::iter::repeat_n(' ', 24usize.saturating_sub(width)));
+        }
         let _ = write!(
             line,
             " {:<26} {:<26} {:<12} -> {:<12} ",
@@ -89,12 +105,19 @@ impl<W: Write> WatchPrinter<W> {
             t.old,
             t.new,
         );
+        let start = line.len();
         match o.old_ns {
             Some(ns) => {
                 let _ = write!(line, "{:.3}", ns as f64 / 1e6);
             }
             None => line.push('-'),
         }
+        let width = line.len() - start;
+        line.extend(std::iter::repeat_n(
+            ' ',
+            10usize.saturating_sub(width).max(1),
+        ));
+        line.push_str(&cgroup_label(t.cgroup, self.names.get(t.cgroup)));
         if t.via == Via::Timewait {
             line.push_str(" (timewait)");
         }
@@ -120,6 +143,7 @@ impl<W: Write> WatchPrinter<W> {
             comm: t.task.is_known().then_some(&*comm),
             owner_pid: o.owner.map(|o| o.pid),
             owner_comm: owner_comm.as_deref(),
+            cgroup: JsonCgroup::new(t.cgroup, self.names.get(t.cgroup)),
             via: t.via.name(),
         };
         // Straight into the output buffer: no intermediate line to re-validate.
@@ -175,7 +199,16 @@ mod tests {
         let clock = WallClock {
             boot_offset_ns: 1_795_299_002_123_456_789 - 431_492_173_553,
         };
-        WatchPrinter::new(Vec::new(), format, TimeFormatter::new(clock, TimeZone::UTC))
+        let names = CgroupNames::known([(
+            7001,
+            "/system.slice/docker-2a55517bd2c9f85d2e1911cb4cd0840a4aa299513af411fb437c0661dd88d11b.scope",
+        )]);
+        WatchPrinter::new(
+            Vec::new(),
+            format,
+            TimeFormatter::new(clock, TimeZone::UTC),
+            names,
+        )
     }
 
     fn sample(family: Family) -> Transition {
@@ -205,6 +238,8 @@ mod tests {
             via: Via::Tracepoint,
             cpu: Some(0),
             jiffies: 0,
+            cgroup: 7001,
+            facts: None,
         }
     }
 
@@ -239,7 +274,11 @@ mod tests {
                 r#""cookie":4242,"netns":4026531840,"#,
                 r#""family":"ipv4","saddr":"127.0.0.1","sport":59682,"daddr":"127.0.0.1","dport":7794,"#,
                 r#""old":"SYN_SENT","new":"ESTABLISHED","old_ns":90000,"#,
-                r#""pid":13212,"comm":"python3","owner_pid":13212,"owner_comm":"python3","via":"tracepoint"}"#,
+                r#""pid":13212,"comm":"python3","owner_pid":13212,"owner_comm":"python3","#,
+                r#""cgroup_id":7001,"#,
+                r#""cgroup":"/system.slice/docker-2a55517bd2c9f85d2e1911cb4cd0840a4aa299513af411fb437c0661dd88d11b.scope","#,
+                r#""container":"2a55517bd2c9f85d2e1911cb4cd0840a4aa299513af411fb437c0661dd88d11b","#,
+                r#""runtime":"docker","pod_uid":null,"via":"tracepoint"}"#,
                 "\n"
             )
         );
@@ -264,6 +303,17 @@ mod tests {
         assert!(v["old_ns"].is_null());
         assert!(v["owner_pid"].is_null());
         assert!(v["owner_comm"].is_null());
+        // A cgroup tcplens cannot name (removed, or a recording's): the id alone.
+        let mut t = sample(Family::Ipv4);
+        t.cgroup = 99;
+        let mut p = printer(Format::Json);
+        p.transition(&t, &o).unwrap();
+        let v: serde_json::Value = serde_json::from_str(output(p).trim()).unwrap();
+        assert_eq!(v["cgroup_id"], 99);
+        assert!(v["cgroup"].is_null() && v["container"].is_null() && v["pod_uid"].is_null());
+        let mut p = printer(Format::Text);
+        p.transition(&t, &o).unwrap();
+        assert!(output(p).trim_end().ends_with(" cgroup:99"));
     }
 
     #[test]
@@ -281,7 +331,11 @@ mod tests {
         assert_eq!(v["owner_pid"], 13212, "the owner is still known");
         let mut p = printer(Format::Text);
         p.transition(&t, &owned(None)).unwrap();
-        assert!(output(p).starts_with("22:10:02.123 -       -                127.0.0.1"));
+        assert!(
+            output(p).starts_with(
+                "22:10:02.123 -                       13212/python3           127.0.0.1"
+            )
+        );
     }
 
     #[test]
@@ -296,15 +350,18 @@ mod tests {
         assert_eq!(lines[0], TEXT_HEADER);
         assert_eq!(
             lines[1],
-            "22:10:02.123 13212   python3          127.0.0.1:59682            127.0.0.1:7794             SYN_SENT     -> ESTABLISHED  0.090"
+            "22:10:02.123 13212/python3           13212/python3           127.0.0.1:59682            127.0.0.1:7794             SYN_SENT     -> ESTABLISHED  0.090     docker:2a55517bd2c9"
         );
         assert_eq!(
             lines[2],
-            "22:10:02.123 13212   python3          [::1]:59682                [2001:db8::2]:7794         SYN_SENT     -> ESTABLISHED  -"
+            "22:10:02.123 13212/python3           13212/python3           [::1]:59682                [2001:db8::2]:7794         SYN_SENT     -> ESTABLISHED  -         docker:2a55517bd2c9"
         );
         // The header's columns line up with the data.
         assert_eq!(lines[0].find("LADDR"), lines[1].find("127.0.0.1:59682"));
         assert_eq!(lines[0].find("OLD"), lines[1].find("SYN_SENT"));
         assert_eq!(lines[0].find("MS"), lines[1].find("0.090"));
+        assert_eq!(lines[0].find("CPU-TASK"), lines[1].find("13212/python3"));
+        assert_eq!(lines[0].find("OWNER"), lines[1].rfind("13212/python3"));
+        assert_eq!(lines[0].find("CGROUP"), lines[1].find("docker:"));
     }
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use btf_rs::{Btf, Type};
 use thiserror::Error;
-use tracer_common::{MAX_HEAD, SockLayout};
+use tracer_common::{ConnLayout, MAX_HEAD, SockLayout};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub const KALLSYMS: &str = "/proc/kallsyms";
@@ -196,6 +196,30 @@ pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, LayoutError> {
     })
 }
 
+/// Where a full socket keeps its cgroup v2 and its connection's counters (`filter_cgroup`
+/// left 0). The offsets moved between kernels (`tcp_sock` was regrouped by cache line in
+/// 6.8; `kernfs_node.id` moved in 6.12), so every one comes from BTF.
+pub fn conn_layout(btf: &KernelBtf) -> Result<ConnLayout, LayoutError> {
+    let tcp = |path: &[&str], size: usize| btf.offset("tcp_sock", path, size..=size);
+    if btf.offset("cgroup", &["self"], 1..=usize::MAX)? != 0 {
+        return Err(err("struct cgroup does not start with its `self` css"));
+    }
+    Ok(ConnLayout {
+        sk_cgroup: btf.offset("sock", &["sk_cgrp_data", "cgroup"], 8..=8)?,
+        cgroup_kn: btf.offset("cgroup", &["kn"], 8..=8)?,
+        kn_id: btf.offset("kernfs_node", &["id"], 8..=8)?,
+        cgroup_parent: btf.offset("cgroup", &["self", "parent"], 8..=8)?,
+        bytes_acked: tcp(&["bytes_acked"], 8)?,
+        bytes_received: tcp(&["bytes_received"], 8)?,
+        srtt_us: tcp(&["srtt_us"], 4)?,
+        // `struct minmax { struct minmax_sample { u32 t; u32 v; } s[3]; }`: the best is s[0].
+        rtt_min: tcp(&["rtt_min", "s"], 24)? + btf.offset("minmax_sample", &["v"], 4..=4)?,
+        total_retrans: tcp(&["total_retrans"], 4)?,
+        _pad: 0,
+        filter_cgroup: 0,
+    })
+}
+
 /// The address of a text symbol in /proc/kallsyms text, read up to its line (the kernel
 /// writes that file slowly). Without CAP_SYSLOG the kernel shows zeros, which count as
 /// missing.
@@ -260,6 +284,9 @@ mod tests {
         assert!(s.sock.sport > s.sock.head, "inet_sport is past sock_common");
         assert_eq!(s.sock.family, 16);
         assert!(s.sock.head > s.sock.cookie && s.sock.head <= MAX_HEAD);
+        // This host's 6.18 (shared/notes): every field found, each where BTF says.
+        let c = conn_layout(&btf).expect("connection layout");
+        assert!(c.sk_cgroup > 0 && c.bytes_acked > 0 && c.rtt_min > 0 && c.total_retrans > 0);
         let t = super::super::timewait::layout_from(&btf, 0xffff_ffff_8200_3430).expect("tw");
         assert_eq!(t.handler, 0xffff_ffff_8200_3430);
         // A timewait socket's common part is the same `struct sock_common`.

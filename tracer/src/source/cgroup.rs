@@ -142,47 +142,110 @@ pub fn cgroup2_mount() -> io::Result<PathBuf> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 mount"))
 }
 
+/// A cgroup as tcplens shows it: its path under the cgroup2 root, and the container it
+/// names (if any).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupName {
+    pub path: String,
+    pub container: Option<Container>,
+}
+
 /// Cgroup ids (a cgroup directory's inode number on 64-bit kernels: what the kernel keeps
-/// in a socket) to their paths, from a walk of the cgroup2 mount, walked again when an id
+/// in a socket) to their names, from a walk of the cgroup2 mount, walked again when an id
 /// is missing (at most once a second: cgroups come and go all the time). A cgroup removed
-/// since keeps the path it had.
-pub struct CgroupIndex {
-    root: PathBuf,
-    paths: HashMap<u64, String>,
+/// since keeps the name it had. Without a cgroup2 mount (or on replay of another host's
+/// file) nothing is named: outputs then show the id alone.
+pub struct CgroupNames {
+    root: Option<PathBuf>,
+    names: HashMap<u64, CgroupName>,
     walked: Option<Instant>,
 }
 
 /// How often a missing id may make the index walk the hierarchy again.
 const REWALK: Duration = Duration::from_secs(1);
 
-impl CgroupIndex {
+impl CgroupNames {
+    /// Names from the cgroup2 hierarchy mounted at `root`.
     pub fn new(root: PathBuf) -> Self {
-        CgroupIndex {
-            root,
-            paths: HashMap::new(),
+        CgroupNames {
+            root: Some(root),
+            names: HashMap::new(),
             walked: None,
         }
     }
 
-    /// The path of cgroup `id` relative to the hierarchy's root (`/` for the root).
-    pub fn path(&mut self, id: u64) -> Option<&str> {
-        if !self.paths.contains_key(&id) && self.walked.is_none_or(|t| t.elapsed() >= REWALK) {
+    /// Names from this host's cgroup2 hierarchy, if it has one.
+    pub fn host() -> Self {
+        match cgroup2_mount() {
+            Ok(root) => Self::new(root),
+            Err(e) => {
+                log::debug!("cgroup names unavailable: {e}");
+                Self::none()
+            }
+        }
+    }
+
+    /// Names these cgroups, by id and path, and nothing else.
+    pub fn known<'a>(paths: impl IntoIterator<Item = (u64, &'a str)>) -> Self {
+        let names = paths
+            .into_iter()
+            .map(|(id, path)| {
+                let name = CgroupName {
+                    path: path.to_string(),
+                    container: container_of(path),
+                };
+                (id, name)
+            })
+            .collect();
+        CgroupNames {
+            root: None,
+            names,
+            walked: None,
+        }
+    }
+
+    /// Names nothing.
+    pub fn none() -> Self {
+        CgroupNames {
+            root: None,
+            names: HashMap::new(),
+            walked: None,
+        }
+    }
+
+    /// Cgroup `id`'s name (its path relative to the hierarchy's root, `/` for the root).
+    pub fn get(&mut self, id: u64) -> Option<&CgroupName> {
+        if id == 0 {
+            return None;
+        }
+        if !self.names.contains_key(&id) && self.walked.is_none_or(|t| t.elapsed() >= REWALK) {
             self.walk();
         }
-        self.paths.get(&id).map(String::as_str)
+        self.names.get(&id)
+    }
+
+    /// Cgroup `id`'s path, when known.
+    pub fn path(&mut self, id: u64) -> Option<&str> {
+        self.get(id).map(|n| n.path.as_str())
     }
 
     fn walk(&mut self) {
+        let Some(root) = &self.root else {
+            return;
+        };
         self.walked = Some(Instant::now());
-        let mut stack = vec![self.root.clone()];
+        let mut stack = vec![root.clone()];
         while let Some(dir) = stack.pop() {
             let Ok(meta) = std::fs::metadata(&dir) else {
                 continue; // removed meanwhile
             };
-            let rel = dir
-                .strip_prefix(&self.root)
-                .map_or_else(|_| "/".to_string(), |r| format!("/{}", r.display()));
-            self.paths.insert(meta.ino(), rel);
+            self.names.entry(meta.ino()).or_insert_with(|| {
+                let path = dir
+                    .strip_prefix(root)
+                    .map_or_else(|_| "/".to_string(), |r| format!("/{}", r.display()));
+                let container = container_of(&path);
+                CgroupName { path, container }
+            });
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
@@ -192,6 +255,71 @@ impl CgroupIndex {
                 }
             }
         }
+    }
+}
+
+/// `--cgroup`: a cgroup v2 directory; the kernel keeps its sockets and those of every
+/// cgroup below it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupFilter {
+    /// Its id (inode number).
+    pub id: u64,
+    /// Its path relative to the cgroup2 root (`/` for the root).
+    pub path: String,
+}
+
+impl CgroupFilter {
+    /// A path to a cgroup v2 directory: absolute (`/sys/fs/cgroup/system.slice`) or
+    /// relative to the cgroup2 mount (`system.slice`, `/system.slice`).
+    pub fn resolve(arg: &str) -> Result<CgroupFilter, String> {
+        let root = cgroup2_mount().map_err(|e| format!("`{arg}`: no cgroup v2 hierarchy ({e})"))?;
+        Self::resolve_in(&root, arg)
+    }
+
+    fn resolve_in(root: &std::path::Path, arg: &str) -> Result<CgroupFilter, String> {
+        let given = std::path::Path::new(arg.trim());
+        let dir = if given.starts_with(root) {
+            given.to_path_buf()
+        } else {
+            root.join(given.strip_prefix("/").unwrap_or(given))
+        };
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| format!("`{arg}`: {e} (cgroup v2 is mounted at {})", root.display()))?;
+        if !dir.starts_with(root) || !dir.join("cgroup.procs").exists() {
+            return Err(format!(
+                "`{arg}` is not a cgroup v2 directory (cgroup v2 is mounted at {})",
+                root.display()
+            ));
+        }
+        let id = std::fs::metadata(&dir)
+            .map_err(|e| format!("`{arg}`: {e}"))?
+            .ino();
+        let path = dir
+            .strip_prefix(root)
+            .map_or_else(|_| "/".to_string(), |r| format!("/{}", r.display()));
+        let path = if path == "/" {
+            path
+        } else {
+            path.trim_end_matches('/').to_string()
+        };
+        Ok(CgroupFilter { id, path })
+    }
+
+    /// Whether the filter keeps a socket of cgroup `id` (the kernel's test, for what
+    /// sock_diag lists): that cgroup or one below it.
+    pub fn keeps(&self, id: u64, names: &mut CgroupNames) -> bool {
+        if id == self.id {
+            return true;
+        }
+        if id == 0 {
+            return false;
+        }
+        names.path(id).is_some_and(|p| {
+            self.path == "/"
+                || p.strip_prefix(self.path.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+        })
     }
 }
 
@@ -320,13 +448,35 @@ mod tests {
         std::fs::create_dir(&dir).expect("mkdir in cgroup2 (root)");
         let id = std::fs::metadata(&dir).unwrap().ino();
         let root_id = std::fs::metadata(&root).unwrap().ino();
-        let mut index = CgroupIndex::new(root);
-        let got = index.path(id).map(str::to_string);
+        let sub = dir.join("sub");
+        std::fs::create_dir(&sub).expect("mkdir below it");
+        let sub_id = std::fs::metadata(&sub).unwrap().ino();
+        let mut names = CgroupNames::new(root.clone());
+        let got = names.path(id).map(str::to_string);
+        let filter = CgroupFilter::resolve_in(&root, &dir.display().to_string());
+        let relative =
+            CgroupFilter::resolve_in(&root, &format!("tcplens-unit-{}", std::process::id()));
+        let not_cgroup = CgroupFilter::resolve_in(&root, "/tcplens-no-such-cgroup");
+        let kept = filter.clone().map(|f| {
+            (
+                f.keeps(id, &mut names),
+                f.keeps(sub_id, &mut names),
+                f.keeps(root_id, &mut names),
+            )
+        });
+        std::fs::remove_dir(&sub).unwrap();
         std::fs::remove_dir(&dir).unwrap();
-        assert_eq!(got, Some(format!("/tcplens-unit-{}", std::process::id())));
-        assert_eq!(index.path(root_id), Some("/"));
+        let want = format!("/tcplens-unit-{}", std::process::id());
+        assert_eq!(got.as_deref(), Some(want.as_str()));
+        assert_eq!(names.path(root_id), Some("/"));
         // Removed since: the path it had.
-        assert!(index.path(id).is_some());
+        assert_eq!(names.path(id), Some(want.as_str()));
+        let filter = filter.expect("the test's cgroup");
+        assert_eq!((filter.id, filter.path.as_str()), (id, want.as_str()));
+        assert_eq!(relative, Ok(filter));
+        // Its own sockets and those below it, not its parent's.
+        assert_eq!(kept, Ok((true, true, false)));
+        assert!(not_cgroup.is_err());
     }
 
     #[test]

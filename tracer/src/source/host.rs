@@ -12,7 +12,7 @@
 //! - The start-up snapshot ([`Ask::Snapshot`]): every socket when tracing began.
 //! - Holders ([`Ask::Holders`]): sockets in some states with the process holding each.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 
 use crate::clock::monotonic_now_ns;
@@ -70,11 +70,13 @@ pub struct Holders {
     pub counters: Vec<NetnsCounters>,
 }
 
-/// The sockets of the start-up snapshot, and when the dump ended (kernel monotonic).
+/// The sockets of the start-up snapshot, and when the dump ended (kernel monotonic), with
+/// the process holding each listener (by inode): the owner of what it will accept.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub sockets: Vec<DiagSocket>,
     pub taken_ns: u64,
+    pub listener_holders: HashMap<u64, Holder>,
 }
 
 pub enum Answer {
@@ -148,9 +150,22 @@ impl HostWorker {
 fn answer(ask: Ask, owners: &mut OwnerIndex) -> Answer {
     let result = match ask {
         Ask::Snapshot => sockdiag::dump(&LISTED_STATES, None).map(|found| {
+            let taken_ns = monotonic_now_ns();
+            let listeners: Vec<u64> = found
+                .sockets
+                .iter()
+                .filter(|s| s.state == TcpState::Listen)
+                .map(|s| s.inode)
+                .collect();
+            owners.resolve(listeners.iter().copied());
+            let listener_holders = listeners
+                .iter()
+                .filter_map(|&inode| Some((inode, owners.holder(inode)?.clone())))
+                .collect();
             Answer::Snapshot(Snapshot {
                 sockets: found.sockets,
-                taken_ns: monotonic_now_ns(),
+                taken_ns,
+                listener_holders,
             })
         }),
         Ask::Listing(states) => listing(&states).map(Answer::Listing),

@@ -14,12 +14,13 @@ use aya_log::EbpfLogger;
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tracer_common::{
-    AF_INET, AF_INET6, CONFIG_GLOBAL, Config, EVENTS_MAP, LOST_MAP, LPORTS_MAP, MAX_FILTER_PORTS,
-    NESTED_MAP, REQUEST_GLOBAL, RPORTS_MAP, RequestLayout, TIMEWAIT_GLOBAL, TimewaitLayout,
-    tracepoint,
+    AF_INET, AF_INET6, CONFIG_GLOBAL, Config, ConnLayout, EVENTS_MAP, LOST_MAP, LPORTS_MAP,
+    MAX_FILTER_PORTS, NESTED_MAP, REQUEST_GLOBAL, RPORTS_MAP, RequestLayout, TIMEWAIT_GLOBAL,
+    TimewaitLayout, tracepoint,
 };
 
-use super::btf::{self, KernelBtf, VMLINUX_BTF};
+use super::btf::{self, KernelBtf, LayoutError, VMLINUX_BTF};
+use super::cgroup::CgroupFilter;
 use super::timewait;
 use crate::model::{Family, SocketId};
 
@@ -102,6 +103,8 @@ pub struct KernelFilter {
     pub rports: Vec<u16>,
     /// Keep only this network namespace (its inode number).
     pub netns: Option<u32>,
+    /// Keep only sockets of this cgroup and those below it.
+    pub cgroup: Option<CgroupFilter>,
 }
 
 impl KernelFilter {
@@ -312,8 +315,26 @@ impl KernelSource {
         let kernel_btf = KernelBtf::open(btf_path)?;
         let offsets = btf::sock_offsets(&kernel_btf)?;
         let f = &opts.filter;
+        let conn = match btf::conn_layout(&kernel_btf) {
+            Ok(conn) => ConnLayout {
+                filter_cgroup: f.cgroup.as_ref().map_or(0, |c| c.id),
+                ..conn
+            },
+            Err(why) if f.cgroup.is_some() => {
+                return Err(SourceError::Layout(LayoutError(format!(
+                    "--cgroup: this kernel does not show a socket's cgroup ({why})"
+                ))));
+            }
+            Err(why) => {
+                log::warn!(
+                    "sockets' cgroups and connection counters unavailable ({why}); running without them"
+                );
+                ConnLayout::EMPTY
+            }
+        };
         let config = Config {
             sock: offsets.sock,
+            conn,
             sk_protocol: offsets.sk_protocol,
             net_inum: offsets.net_inum,
             netns: f.netns.unwrap_or(0),
@@ -573,6 +594,7 @@ mod tests {
             lports: vec![80],
             rports: vec![],
             netns: Some(4_026_531_840),
+            cgroup: None,
         };
         assert!(f.keeps(Family::Ipv4, 80, 5555, 4_026_531_840));
         assert!(!f.keeps(Family::Ipv6, 80, 5555, 4_026_531_840));

@@ -65,6 +65,8 @@ pub struct DiagSocket {
     pub uid: u32,
     /// A timewait socket: milliseconds until its timer runs out.
     pub tw_expires_ms: Option<u32>,
+    /// Its cgroup v2 id (0: none, as for timewait sockets, or not shown).
+    pub cgroup: u64,
 }
 
 impl DiagSocket {
@@ -302,7 +304,27 @@ fn diag_socket(r: &InetResponse, raw: &[u8], netns: u32) -> Option<DiagSocket> {
         inode: u64::from(h.inode),
         uid: h.uid,
         tw_expires_ms: timewait_expires(raw),
+        cgroup: cgroup_id(r),
     })
+}
+
+/// `INET_DIAG_CGROUP_ID` (Linux 5.7+): the socket's cgroup v2 id, which the kernel adds to
+/// every full socket's reply; 0 for timewait and request sockets (they have none).
+const INET_DIAG_CGROUP_ID: u16 = 21;
+
+fn cgroup_id(r: &InetResponse) -> u64 {
+    use netlink_packet_core::Nla as _;
+    r.nlas
+        .iter()
+        .find_map(|n| match n {
+            Nla::Other(a) if a.kind() == INET_DIAG_CGROUP_ID && a.value_len() == 8 => {
+                let mut raw = [0u8; 8];
+                a.emit_value(&mut raw);
+                Some(u64::from_ne_bytes(raw))
+            }
+            _ => None,
+        })
+        .unwrap_or(0)
 }
 
 /// An answer to a non-dump request is one message, without a closing DONE.

@@ -207,6 +207,7 @@ mod tests {
             state,
             inode: 0,
             uid: 0,
+            cgroup: 0,
             tw_expires_ms: left_ms,
         }
     }

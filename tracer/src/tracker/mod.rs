@@ -40,7 +40,7 @@ pub use request::{ListenerRequests, RequestEnd, Requests};
 pub use timewait::{FlipCandidate, SETTLE_NS, TIMEWAIT_LEN_S};
 
 pub use crate::model::SocketId;
-use crate::model::{Comm, RequestEvent, Task, TcpState, TimewaitEvent, Transition, Via};
+use crate::model::{Comm, ConnFacts, RequestEvent, Task, TcpState, TimewaitEvent, Transition, Via};
 
 /// The task of a derived transition no event showed (what sock_diag listed).
 const NO_TASK: Task = Task {
@@ -163,6 +163,11 @@ pub struct SocketLife {
     pub lifetime_ns: Option<u64>,
     /// In the start-up snapshot: the socket existed before tracing began.
     pub existed_at_start: bool,
+    /// The socket's cgroup v2 id (0: unknown), from its events or sock_diag.
+    pub cgroup: u64,
+    /// The connection's counters at its latest transition that showed them: at its end,
+    /// their final values.
+    pub facts: Option<ConnFacts>,
 }
 
 impl SocketLife {
@@ -219,6 +224,11 @@ pub struct Seed {
     pub state: TcpState,
     /// A timewait socket (in the TIME_WAIT or FIN_WAIT2 substate).
     pub timewait: bool,
+    /// Its cgroup v2 id (0: none shown).
+    pub cgroup: u64,
+    /// For a listener: the process holding it, as /proc showed it at start (the owner of
+    /// the connections it will accept).
+    pub owner: Option<Owner>,
 }
 
 /// What sock_diag listed, for [`Tracker::reconcile`]: every socket in `states` of the
@@ -279,6 +289,9 @@ pub struct Tracker {
     counts: [u64; 13],
     /// Full sockets' kernel addresses -> their identity.
     by_sk: HashMap<u64, u64>,
+    /// Listeners: (namespace, local port) -> their identity. An accepted socket's owner is
+    /// its listener's until its own process context shows one.
+    listeners: HashMap<(u32, u16), u64>,
     /// Timewait sockets in the FIN_WAIT2 substate, as far as the events show: the ones
     /// whose turn to TIME_WAIT may come without an event.
     fin_wait2: HashSet<u64>,
@@ -308,6 +321,7 @@ impl Tracker {
             cap: max_sockets.max(1),
             counts: [0; 13],
             by_sk: HashMap::new(),
+            listeners: HashMap::new(),
             fin_wait2: HashSet::new(),
             cancels: VecDeque::new(),
             cpu_cancel: HashMap::new(),
@@ -344,7 +358,7 @@ impl Tracker {
             let life = SocketLife {
                 sk: 0,
                 id,
-                owner: None,
+                owner: s.owner,
                 role: if s.state == TcpState::Listen {
                     Role::Listener
                 } else {
@@ -359,7 +373,12 @@ impl Tracker {
                 end: End::StillOpen,
                 lifetime_ns: None,
                 existed_at_start: true,
+                cgroup: s.cgroup,
+                facts: None,
             };
+            if s.state == TcpState::Listen {
+                self.listeners.insert((id.netns, id.sport), id.cookie);
+            }
             if s.timewait && s.state == TcpState::FinWait2 {
                 self.fin_wait2.insert(id.cookie);
             }
@@ -474,7 +493,11 @@ impl Tracker {
         let tracked = self.entry(t, ended);
         tracked.last_ns = tracked.last_ns.max(t.ts_ns);
         if tracked.tw.is_some() && t.new == TcpState::Close {
-            // The full socket's X -> CLOSE after it became a timewait socket: not the end.
+            // The full socket's X -> CLOSE after it became a timewait socket: not the end,
+            // but its counters' last sight (a timewait socket keeps none).
+            if t.facts.is_some() {
+                tracked.life.facts = t.facts;
+            }
             let life = &tracked.life;
             let observed = Observed {
                 old_ns: None,
@@ -497,7 +520,11 @@ impl Tracker {
             );
         let (mut observed, entered, mismatched) = step(&mut tracked.life, t);
         let after = tracked.state();
+        let listening = (t.new == TcpState::Listen).then_some((t.id.netns, tracked.life.id.sport));
         self.moved(before, after);
+        if let Some(port) = listening {
+            self.listeners.insert(port, id);
+        }
         if child && let Some(tracked) = self.lives.peek_mut(&id) {
             observed.syn_ns = join_request(&mut self.requests, &mut tracked.life, t, entered);
         }
@@ -568,12 +595,15 @@ impl Tracker {
             None => true,
         };
         if replace {
-            let fresh = Tracked {
+            let mut fresh = Tracked {
                 life: start(t),
                 tw: None,
                 seeded_ns: None,
                 last_ns: t.ts_ns,
             };
+            if fresh.life.role == Role::Passive {
+                fresh.life.owner = self.listener_owner(t.id.netns, t.id.sport);
+            }
             match self.lives.get_mut(&id) {
                 Some(seeded) => {
                     // It was there before the snapshot, unless this event is its birth.
@@ -592,6 +622,12 @@ impl Tracker {
             Some(t) => t,
             None => unreachable_entry(id),
         }
+    }
+
+    /// The owner of the listener on local port `port` of namespace `netns`, when known.
+    fn listener_owner(&self, netns: u32, port: u16) -> Option<Owner> {
+        let id = self.listeners.get(&(netns, port))?;
+        self.lives.peek(id)?.life.owner
     }
 
     /// Inserts a new record, evicting the least recently active one when full.
@@ -640,6 +676,10 @@ impl Tracker {
     fn forget(&mut self, id: u64, t: &Tracked) {
         if self.by_sk.get(&t.life.sk) == Some(&id) {
             self.by_sk.remove(&t.life.sk);
+        }
+        let port = (t.life.id.netns, t.life.id.sport);
+        if t.life.role == Role::Listener && self.listeners.get(&port) == Some(&id) {
+            self.listeners.remove(&port);
         }
         self.fin_wait2.remove(&id);
     }
@@ -755,6 +795,7 @@ impl Tracker {
             out.push(life);
         }
         self.by_sk.clear();
+        self.listeners.clear();
         self.fin_wait2.clear();
         self.cancels.clear();
         self.cpu_cancel.clear();
@@ -807,6 +848,8 @@ fn move_to(
         via: Via::Timewait,
         cpu: None,
         jiffies: 0,
+        cgroup: life.cgroup,
+        facts: None,
     };
     derived.push((
         t,
@@ -833,6 +876,12 @@ fn step(life: &mut SocketLife, t: &Transition) -> (Observed, u64, bool) {
     if t.id.dport != 0 {
         life.id.dport = t.id.dport;
         life.id.daddr = t.id.daddr;
+    }
+    if t.cgroup != 0 {
+        life.cgroup = t.cgroup;
+    }
+    if t.facts.is_some() {
+        life.facts = t.facts;
     }
     if task_is_owner(t.old, t.new) {
         life.owner = Some(Owner {
@@ -950,6 +999,8 @@ fn start(t: &Transition) -> SocketLife {
         end: End::StillOpen,
         lifetime_ns: None,
         existed_at_start: false,
+        cgroup: t.cgroup,
+        facts: None,
     }
 }
 

@@ -27,6 +27,8 @@ pub(crate) fn tr(sk: u64, ts: u64, old: TcpState, new: TcpState, pid: u32) -> Tr
         via: Via::Tracepoint,
         cpu: None,
         jiffies: 0,
+        cgroup: 0,
+        facts: None,
     }
 }
 
@@ -390,6 +392,8 @@ fn seed(cookie: u64, state: TcpState, timewait: bool) -> Seed {
         },
         state,
         timewait,
+        cgroup: 0,
+        owner: None,
     }
 }
 
@@ -1086,6 +1090,7 @@ fn rq(op: TimerOp, req: u64, ts: u64, retrans: u8) -> crate::model::RequestEvent
             ..t.id
         },
         retrans,
+        cgroup: 0,
         expires: 0,
         jiffies: 0,
         cpu: Some(0),

@@ -298,5 +298,7 @@ fn timewait_life(ev: &TimewaitEvent, entered: Option<u64>) -> SocketLife {
         end: End::StillOpen,
         lifetime_ns: None,
         existed_at_start: false,
+        cgroup: 0,
+        facts: None,
     }
 }

@@ -122,6 +122,8 @@ impl Legacy {
                     via: Via::Tracepoint,
                     cpu: None,
                     jiffies,
+                    cgroup: 0,
+                    facts: None,
                 }));
             }
             kind::TW_ARM if self.event_size == V2_SIZE => TimerOp::Arm,

@@ -5,9 +5,10 @@
 //! ```text
 //! header, 32 bytes:
 //!   0  magic       8 bytes  "TCPLENS\0"
-//!   8  version     u16      4 (versions 1 to 3 are still read)
+//!   8  version     u16      5 (versions 1 to 4 are still read)
 //!  10  header_len  u16      32
-//!  12  event_size  u16      size of one event payload (120 in 3 and 4; 104 in 2, 88 in 1)
+//!  12  event_size  u16      size of one event payload (152 in 5; 120 in 3 and 4; 104 in 2,
+//!                           88 in 1)
 //!  14  hz          u16      version 2: the kernel's HZ when TIME_WAIT was tracked; else 0
 //!  16  boot_offset i64      Unix-epoch ns at kernel monotonic 0 on the recording host
 //!  24  reserved    u64      0
@@ -22,7 +23,8 @@
 //! `decode.rs`): state transitions and the raw timewait timer events, with their cookies
 //! and CPUs, so a replay derives TIME_WAIT exactly as the live run did (HZ is learned from
 //! the events, as live), and, from version 4, the request sockets' timer events (version 3
-//! is the same layout without them). A lost record carries the kernel's loss so far (u64, ring buffer
+//! is the same layout without them), and, from version 5, each socket's cgroup and its
+//! connection's counters (versions 3 and 4 read with neither). A lost record carries the kernel's loss so far (u64, ring buffer
 //! drops and recursion misses); the last one holds the total. Versions 1 and 2 had no
 //! cookies, namespaces or CPUs: see `legacy.rs`.
 
@@ -38,7 +40,9 @@ use crate::decode::{DecodeError, decode, encode};
 use crate::model::KernelEvent;
 
 pub const MAGIC: [u8; 8] = *b"TCPLENS\0";
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
+/// The event of versions 3 and 4: version 5's without the cgroup and the counters.
+const V4_SIZE: usize = 120;
 pub const HEADER_LEN: usize = 32;
 const REC_EVENT: u8 = 1;
 const REC_LOST: u8 = 2;
@@ -126,6 +130,8 @@ pub struct RecordReader<R: Read> {
     offset: u64,
     /// Versions 1 and 2: their events' layout, and the identities they lack.
     legacy: Option<legacy::Legacy>,
+    /// Size of one event in this file.
+    event_size: usize,
     pub clock: WallClock,
     /// The recording kernel's HZ, when the file says (version 2 with TIME_WAIT).
     pub hz: Option<u32>,
@@ -160,12 +166,14 @@ impl<R: Read> RecordReader<R> {
         let version = u16::from_le_bytes([h[8], h[9]]);
         let legacy = match version {
             1 | 2 => Some(legacy::Legacy::new(version)),
-            3 | VERSION => None,
+            3..=VERSION => None,
             other => return Err(RecordError::Version(other)),
         };
-        let want_size = legacy
-            .as_ref()
-            .map_or(EVENT_SIZE, legacy::Legacy::event_size);
+        let want_size = match (&legacy, version) {
+            (Some(old), _) => old.event_size(),
+            (None, 3 | 4) => V4_SIZE,
+            (None, _) => EVENT_SIZE,
+        };
         let header_len = u16::from_le_bytes([h[10], h[11]]);
         if usize::from(header_len) != HEADER_LEN {
             return Err(RecordError::Header {
@@ -190,6 +198,7 @@ impl<R: Read> RecordReader<R> {
             input,
             offset: HEADER_LEN as u64,
             legacy,
+            event_size: want_size,
             clock: WallClock {
                 boot_offset_ns: i128::from(i64::from_le_bytes(off)),
             },
@@ -218,12 +227,7 @@ impl<R: Read> RecordReader<R> {
         }
         let len = usize::from(u16::from_le_bytes([head[2], head[3]]));
         let (kind, want) = match head[0] {
-            REC_EVENT => (
-                REC_EVENT,
-                self.legacy
-                    .as_ref()
-                    .map_or(EVENT_SIZE, legacy::Legacy::event_size),
-            ),
+            REC_EVENT => (REC_EVENT, self.event_size),
             REC_LOST => (REC_LOST, 8),
             other => {
                 return Err(RecordError::Corrupt {
@@ -252,6 +256,7 @@ impl<R: Read> RecordReader<R> {
             return Ok(Some(Item::Lost(u64::from_le_bytes(n))));
         }
         let decoded = match &mut self.legacy {
+            None if len == V4_SIZE => decode(&widen_v4(&payload[..V4_SIZE])),
             None => decode(&payload),
             Some(old) => old.decode(&payload[..len]),
         };
@@ -262,6 +267,43 @@ impl<R: Read> RecordReader<R> {
                 error,
             })
     }
+}
+
+/// A version 3 or 4 event in today's layout: no cgroup, no counters.
+fn widen_v4(b: &[u8]) -> [u8; EVENT_SIZE] {
+    let u64_at = |off: usize| u64::from_ne_bytes(b[off..off + 8].try_into().unwrap_or([0; 8]));
+    let u32_at = |off: usize| u32::from_ne_bytes(b[off..off + 4].try_into().unwrap_or([0; 4]));
+    let u16_at = |off: usize| u16::from_ne_bytes([b[off], b[off + 1]]);
+    let b16 = |off: usize| <[u8; 16]>::try_from(&b[off..off + 16]).unwrap_or([0; 16]);
+    tracer_common::Event {
+        ts_ns: u64_at(0),
+        skaddr: u64_at(8),
+        cookie: u64_at(16),
+        pid_tgid: u64_at(24),
+        expires: u64_at(32),
+        jiffies: u64_at(40),
+        cgroup: 0,
+        bytes_acked: 0,
+        bytes_received: 0,
+        saddr: b16(48),
+        daddr: b16(64),
+        comm: b16(80),
+        netns: u32_at(96),
+        cpu: u32_at(100),
+        srtt_us8: 0,
+        rtt_min_us: 0,
+        total_retrans: 0,
+        sport: u16_at(104),
+        dport: u16_at(106),
+        family: u16_at(108),
+        oldstate: b[110],
+        newstate: b[111],
+        kind: b[112],
+        retrans: b[113],
+        facts: 0,
+        _pad: 0,
+    }
+    .to_bytes()
 }
 
 #[cfg(test)]
@@ -275,6 +317,20 @@ mod tests {
         KernelEvent::Transition(t)
     }
 
+    /// The second event of `sample_file`: with a cgroup and the connection's counters.
+    fn established() -> crate::model::Transition {
+        let mut t = tr(1, 20, TcpState::SynSent, TcpState::Established, 5);
+        t.cgroup = 4242;
+        t.facts = Some(crate::model::ConnFacts {
+            bytes_acked: 1,
+            bytes_received: 0,
+            srtt_us: 41,
+            min_rtt_us: Some(30),
+            retrans: 2,
+        });
+        t
+    }
+
     fn sample_file() -> Vec<u8> {
         let clock = WallClock {
             boot_offset_ns: 1_795_000_000_000_000_000,
@@ -284,9 +340,47 @@ mod tests {
             .unwrap();
         w.lost(3).unwrap();
         w.lost(3).unwrap(); // unchanged: not written again
-        w.event(&ev(tr(1, 20, TcpState::SynSent, TcpState::Established, 5)))
-            .unwrap();
+        w.event(&ev(established())).unwrap();
         w.out
+    }
+
+    /// `sample_file` as version 4 wrote it: 120-byte events, without the cgroup and the
+    /// counters.
+    fn sample_file_v4() -> Vec<u8> {
+        let v5 = sample_file();
+        let mut out = v5[..32].to_vec();
+        out[8] = 4;
+        out[12..14].copy_from_slice(&120u16.to_le_bytes());
+        let mut at = 32;
+        while at < v5.len() {
+            let len = usize::from(u16::from_le_bytes([v5[at + 2], v5[at + 3]]));
+            let payload = &v5[at + 4..at + 4 + len];
+            if v5[at] == REC_EVENT {
+                let e = tracer_common::Event::from_bytes(payload).unwrap();
+                out.extend_from_slice(&[REC_EVENT, 0]);
+                out.extend_from_slice(&120u16.to_le_bytes());
+                for field in [
+                    e.ts_ns, e.skaddr, e.cookie, e.pid_tgid, e.expires, e.jiffies,
+                ] {
+                    out.extend_from_slice(&field.to_ne_bytes());
+                }
+                for field in [e.saddr, e.daddr, e.comm] {
+                    out.extend_from_slice(&field);
+                }
+                out.extend_from_slice(&e.netns.to_ne_bytes());
+                out.extend_from_slice(&e.cpu.to_ne_bytes());
+                for field in [e.sport, e.dport, e.family] {
+                    out.extend_from_slice(&field.to_ne_bytes());
+                }
+                out.extend_from_slice(&[
+                    e.oldstate, e.newstate, e.kind, e.retrans, 0, 0, 0, 0, 0, 0,
+                ]);
+            } else {
+                out.extend_from_slice(&v5[at..at + 4 + len]);
+            }
+            at += 4 + len;
+        }
+        out
     }
 
     fn read_all(bytes: &[u8]) -> (Vec<Item>, Result<(), RecordError>) {
@@ -307,7 +401,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let bytes = sample_file();
-        assert_eq!(bytes.len(), 32 + 124 + 12 + 124);
+        assert_eq!(bytes.len(), 32 + 156 + 12 + 156);
         let r = RecordReader::new(&bytes[..]).unwrap();
         assert_eq!(r.clock.boot_offset_ns, 1_795_000_000_000_000_000);
         assert_eq!(r.hz, None, "learned from the events");
@@ -318,7 +412,7 @@ mod tests {
             [
                 Item::Event(ev(tr(1, 10, TcpState::Close, TcpState::SynSent, 5))),
                 Item::Lost(3),
-                Item::Event(ev(tr(1, 20, TcpState::SynSent, TcpState::Established, 5))),
+                Item::Event(ev(established())),
             ]
         );
     }
@@ -391,16 +485,16 @@ mod tests {
         assert_eq!(items.len(), 2);
         assert_eq!(
             end.unwrap_err().to_string(),
-            "truncated at byte 168: in a record"
+            "truncated at byte 200: in a record"
         );
         // An unknown record type.
         let mut bad = good.clone();
-        bad[156] = 9;
+        bad[188] = 9;
         let (items, end) = read_all(&bad);
         assert_eq!(items.len(), 1);
         assert_eq!(
             end.unwrap_err().to_string(),
-            "corrupt record at byte 156: unknown record type 9"
+            "corrupt record at byte 188: unknown record type 9"
         );
         // A bad state inside an event payload (its `oldstate`, in the first record).
         let mut bad = good.clone();
@@ -416,18 +510,45 @@ mod tests {
             end.unwrap_err().to_string(),
             "not a tcplens record file (bad magic)"
         );
-        let mut v5 = good.clone();
-        v5[8] = 5;
-        let (_, end) = read_all(&v5);
+        let mut v6 = good.clone();
+        v6[8] = 6;
+        let (_, end) = read_all(&v6);
         assert_eq!(
             end.unwrap_err().to_string(),
-            "record file version 5 is not supported (this tcplens reads versions 1 to 4)"
+            "record file version 6 is not supported (this tcplens reads versions 1 to 5)"
         );
-        // Version 3 is version 4 without request events: it reads as it is.
-        let mut v3 = good.clone();
-        v3[8] = 3;
-        let (events, end) = read_all(&v3);
-        assert!(end.is_ok() && events == read_all(&good).0);
+        // Versions 3 and 4 (3 is 4 without request events): the same events, without
+        // cgroup and counters.
+        let without = |items: Vec<Item>| -> Vec<Item> {
+            items
+                .into_iter()
+                .map(|i| match i {
+                    Item::Event(KernelEvent::Transition(mut t)) => {
+                        t.cgroup = 0;
+                        t.facts = None;
+                        Item::Event(KernelEvent::Transition(t))
+                    }
+                    other => other,
+                })
+                .collect()
+        };
+        let want = without(read_all(&good).0);
+        assert_eq!(want.len(), 3);
+        for version in [3, 4] {
+            let mut old = sample_file_v4();
+            old[8] = version;
+            let (events, end) = read_all(&old);
+            assert!(end.is_ok(), "version {version}: {end:?}");
+            assert_eq!(events, want, "version {version}");
+        }
+        // A version 4 header with version 5's event size is corrupt.
+        let mut mixed = good.clone();
+        mixed[8] = 4;
+        let (_, end) = read_all(&mixed);
+        assert_eq!(
+            end.unwrap_err().to_string(),
+            "corrupt header at byte 12: event size 152, expected 120"
+        );
         let (_, end) = read_all(&good[..20]);
         assert_eq!(
             end.unwrap_err().to_string(),
