@@ -301,7 +301,7 @@ fn replay_needs_no_root_and_reports_corruption_by_offset() {
     let good = dir.join(format!("tcplens-cli-good-{}.rec", std::process::id()));
     let cut = dir.join(format!("tcplens-cli-cut-{}.rec", std::process::id()));
     let bytes = recording();
-    assert_eq!(bytes.len(), 32 + 10 * 124);
+    assert_eq!(bytes.len(), 32 + 10 * (4 + tracer_common::EVENT_SIZE));
     std::fs::write(&good, &bytes).unwrap();
     std::fs::write(&cut, &bytes[..bytes.len() - 40]).unwrap(); // inside the last record
     for p in [&good, &cut] {
@@ -346,7 +346,7 @@ fn replay_needs_no_root_and_reports_corruption_by_offset() {
     );
     assert_eq!(lives[0]["end"], "closed");
     assert_eq!(lives[1]["end"], "still_open");
-    let last_record = 32 + 9 * 124;
+    let last_record = 32 + 9 * (4 + tracer_common::EVENT_SIZE);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains(&format!("truncated at byte {last_record}: in a record"))

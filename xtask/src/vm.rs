@@ -23,7 +23,7 @@ pub(crate) const KERNELS: [(&str, &str); 2] = [
 ];
 
 /// The scenario suites (tracer/tests/*.rs) that run in the VMs.
-pub(crate) const SUITES: [&str; 7] = [
+pub(crate) const SUITES: [&str; 8] = [
     "kernel",
     "timeline",
     "timewait",
@@ -31,6 +31,7 @@ pub(crate) const SUITES: [&str; 7] = [
     "identity",
     "listen",
     "listen_scenarios",
+    "containers",
 ];
 
 /// Host programs the tests call.

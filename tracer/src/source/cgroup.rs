@@ -438,47 +438,6 @@ mod tests {
         }
     }
 
-    /// The real hierarchy: a cgroup made by the test is found by its inode, and the root
-    /// is `/`.
-    #[test]
-    fn cgroup_ids_map_to_their_paths() {
-        use std::os::unix::fs::MetadataExt as _;
-        let root = cgroup2_mount().expect("a cgroup2 mount");
-        let dir = root.join(format!("tcplens-unit-{}", std::process::id()));
-        std::fs::create_dir(&dir).expect("mkdir in cgroup2 (root)");
-        let id = std::fs::metadata(&dir).unwrap().ino();
-        let root_id = std::fs::metadata(&root).unwrap().ino();
-        let sub = dir.join("sub");
-        std::fs::create_dir(&sub).expect("mkdir below it");
-        let sub_id = std::fs::metadata(&sub).unwrap().ino();
-        let mut names = CgroupNames::new(root.clone());
-        let got = names.path(id).map(str::to_string);
-        let filter = CgroupFilter::resolve_in(&root, &dir.display().to_string());
-        let relative =
-            CgroupFilter::resolve_in(&root, &format!("tcplens-unit-{}", std::process::id()));
-        let not_cgroup = CgroupFilter::resolve_in(&root, "/tcplens-no-such-cgroup");
-        let kept = filter.clone().map(|f| {
-            (
-                f.keeps(id, &mut names),
-                f.keeps(sub_id, &mut names),
-                f.keeps(root_id, &mut names),
-            )
-        });
-        std::fs::remove_dir(&sub).unwrap();
-        std::fs::remove_dir(&dir).unwrap();
-        let want = format!("/tcplens-unit-{}", std::process::id());
-        assert_eq!(got.as_deref(), Some(want.as_str()));
-        assert_eq!(names.path(root_id), Some("/"));
-        // Removed since: the path it had.
-        assert_eq!(names.path(id), Some(want.as_str()));
-        let filter = filter.expect("the test's cgroup");
-        assert_eq!((filter.id, filter.path.as_str()), (id, want.as_str()));
-        assert_eq!(relative, Ok(filter));
-        // Its own sockets and those below it, not its parent's.
-        assert_eq!(kept, Ok((true, true, false)));
-        assert!(not_cgroup.is_err());
-    }
-
     #[test]
     fn monitors_services_and_pods_without_a_container_are_none() {
         for path in [

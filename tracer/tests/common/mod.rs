@@ -755,6 +755,17 @@ pub(crate) struct ForkedServer {
 
 impl ForkedServer {
     pub(crate) fn start(port: u16, comm: &'static std::ffi::CStr, hold: Duration) -> ForkedServer {
+        Self::start_in(port, comm, hold, None)
+    }
+
+    /// As [`ForkedServer::start`], the child first moving itself into the cgroup whose
+    /// `cgroup.procs` is open (for writing) at `cgroup_procs`.
+    pub(crate) fn start_in(
+        port: u16,
+        comm: &'static std::ffi::CStr,
+        hold: Duration,
+        cgroup_procs: Option<i32>,
+    ) -> ForkedServer {
         use std::os::fd::FromRawFd;
         let mut fds = [0i32; 2];
         // SAFETY: pipe(2) into a 2-element array.
@@ -769,7 +780,11 @@ impl ForkedServer {
             -1 => panic!("fork: {}", std::io::Error::last_os_error()),
             0 => unsafe {
                 let w = fds[1];
-                close_all_but(&[w]);
+                let cg = cgroup_procs.unwrap_or(-1);
+                close_all_but(&[w, cg]);
+                if cg >= 0 && libc::write(cg, b"0".as_ptr().cast(), 1) != 1 {
+                    libc::_exit(3);
+                }
                 libc::prctl(libc::PR_SET_NAME, comm.as_ptr());
                 let l = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
                 let one: libc::c_int = 1;
@@ -830,6 +845,44 @@ impl ForkedServer {
             "server status {status}"
         );
         Duration::from_nanos(u64::from_ne_bytes(held))
+    }
+}
+
+/// A client in a child process of its own (named `comm`), in the cgroup whose
+/// `cgroup.procs` is open at `cgroup_procs`: it connects to 127.0.0.1:`port`, sends one
+/// byte, closes first (its socket goes on to FIN_WAIT2, then TIME_WAIT once the server
+/// closes) and exits. Returns its pid once it exited. Must be called in the namespace
+/// thread.
+pub(crate) fn forked_client(port: u16, comm: &'static std::ffi::CStr, cgroup_procs: i32) -> u32 {
+    let addr = loopback_v4(port);
+    // SAFETY: the child only makes async-signal-safe syscalls, then _exit()s.
+    match unsafe { libc::fork() } {
+        -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+        0 => unsafe {
+            close_all_but(&[cgroup_procs]);
+            if libc::write(cgroup_procs, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(3);
+            }
+            libc::prctl(libc::PR_SET_NAME, comm.as_ptr());
+            let c = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            let sa = (&raw const addr).cast::<libc::sockaddr>();
+            if libc::connect(c, sa, std::mem::size_of::<libc::sockaddr_in>() as u32) != 0 {
+                libc::_exit(2);
+            }
+            libc::write(c, b"x".as_ptr().cast(), 1);
+            libc::close(c);
+            libc::_exit(0);
+        },
+        pid => {
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(pid, &raw mut status, 0) };
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "client status {status}"
+            );
+            pid as u32
+        }
     }
 }
 
