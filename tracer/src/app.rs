@@ -552,6 +552,7 @@ fn formatter(clock: WallClock) -> TimeFormatter {
 fn metrics(
     serve: Option<std::net::SocketAddr>,
     filter: KernelFilter,
+    names: CgroupNames,
 ) -> Result<Option<MetricsSink>> {
     let Some(addr) = serve else {
         return Ok(None);
@@ -560,7 +561,9 @@ fn metrics(
     let bound = crate::sink::metrics::serve(addr, metrics.clone())
         .with_context(|| format!("serving metrics on {addr}"))?;
     say(format_args!("metrics on http://{bound}/metrics"));
-    Ok(Some(MetricsSink::new(metrics, filter, monotonic_now_ns())))
+    Ok(Some(
+        MetricsSink::new(metrics, filter, monotonic_now_ns()).with_names(names),
+    ))
 }
 
 /// The command's own sink, plus the metrics sink when there is one.
@@ -573,7 +576,7 @@ fn sinks<'a>(own: &'a mut dyn Sink, metrics: &'a mut Option<MetricsSink>) -> Vec
 }
 
 pub async fn serve(args: &ServeArgs) -> Result<()> {
-    let mut metrics = metrics(Some(args.listen), args.trace.filter())?;
+    let mut metrics = metrics(Some(args.listen), args.trace.filter(), CgroupNames::host())?;
     let input = Input::Kernel(Box::new(open_kernel(&args.trace)?));
     let tracker = input.tracker(args.cap.max_sockets);
     let mut none = NoOutput;
@@ -589,8 +592,12 @@ struct NoOutput;
 impl Sink for NoOutput {}
 
 pub async fn watch(args: &WatchArgs) -> Result<()> {
-    let mut metrics = metrics(args.metrics.serve, args.common.trace.filter())?;
     let input = Input::open(&args.common)?;
+    let mut metrics = metrics(
+        args.metrics.serve,
+        args.common.trace.filter(),
+        input.cgroup_names(),
+    )?;
     let (out, tty) = stdout();
     let mut sink = WatchSink {
         printer: WatchPrinter::new(
@@ -627,14 +634,19 @@ pub async fn timeline(args: &TimelineArgs) -> Result<()> {
 }
 
 pub async fn stats(args: &StatsArgs) -> Result<()> {
-    let mut metrics = metrics(args.base.metrics.serve, args.base.common.trace.filter())?;
     let input = Input::open(&args.base.common)?;
+    let mut metrics = metrics(
+        args.base.metrics.serve,
+        args.base.common.trace.filter(),
+        input.cgroup_names(),
+    )?;
     let (out, _) = stdout();
     let mut sink = StatsSink::new(
         out,
         args.base.output.format,
         formatter(input.clock()),
         args.by,
+        input.cgroup_names(),
     );
     let tracker = input.tracker(args.base.common.cap.max_sockets);
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
@@ -671,7 +683,7 @@ pub async fn record(args: &RecordArgs) -> Result<()> {
 
 /// `leaks`: returns whether any report listed a socket.
 pub async fn leaks(args: &LeaksArgs) -> Result<bool> {
-    let mut metrics = metrics(args.metrics.serve, args.trace.filter())?;
+    let mut metrics = metrics(args.metrics.serve, args.trace.filter(), CgroupNames::host())?;
     let start_ns = monotonic_now_ns();
     let source = open_kernel(&args.trace)?;
     let (out, _) = stdout();

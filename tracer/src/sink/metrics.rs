@@ -5,6 +5,14 @@
 //! Per event only cached counter and histogram handles are touched (atomics). Gauges are
 //! refreshed from the tracker at most once a second, and the CLOSE_WAIT holders whenever
 //! the host thread lists them (every few seconds: sock_diag plus /proc, as for `leaks`).
+//!
+//! Per container (the container a socket's cgroup names), with bounded cardinality: live
+//! sockets per state for the [`TOP_CONTAINERS`] containers with the most (the rest as
+//! `other`), and counters of the connections that ended, their bytes and retransmits, for
+//! up to [`TOP_CONTAINERS`] containers at once (a container gets its series when first
+//! seen while a slot is free, the rest count as `other`; a container with nothing live for
+//! [`CONTAINER_IDLE`] gives its series and slot up). Sockets outside containers are
+//! `container="none"`.
 
 use std::collections::HashMap;
 use std::io;
@@ -24,6 +32,7 @@ use super::leaks::leaks;
 use super::{HolderWant, Sink, View};
 use crate::model::{TcpState, Transition};
 use crate::pipeline::Totals;
+use crate::source::cgroup::{CgroupNames, Container};
 use crate::source::host::Holders;
 use crate::source::kernel::{KernelFilter, Lost};
 use crate::source::netstat::NetnsCounters;
@@ -32,6 +41,10 @@ use crate::tracker::{End, ListenerRequests, Observed, Role, SocketLife, Tracker}
 /// `tcplens_close_wait_sockets{pid,comm}` keeps the processes with the most sockets; the
 /// rest are summed into `comm="other"`.
 pub const TOP_HOLDERS: usize = 10;
+/// Containers with series of their own at once (the rest share `other`).
+pub const TOP_CONTAINERS: usize = 20;
+/// A container with no live socket this long frees its series.
+pub const CONTAINER_IDLE: Duration = Duration::from_mins(10);
 const GAUGE_EVERY: Duration = Duration::from_secs(1);
 /// The listeners exported one by one (by namespace and port); a host with more keeps the
 /// first ones.
@@ -73,6 +86,43 @@ struct ListenerLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NetnsLabels {
     netns: u32,
+}
+
+/// A container, as its cgroup path names it: `container` is the short id (12 digits, as
+/// `docker ps` shows it), `none` outside containers, `other` past the cap.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ContainerLabels {
+    container: String,
+    runtime: &'static str,
+    pod_uid: String,
+}
+
+impl ContainerLabels {
+    fn of(c: Option<&Container>) -> Self {
+        match c {
+            Some(c) => ContainerLabels {
+                container: c.id[..c.id.len().min(12)].to_string(),
+                runtime: c.runtime.name(),
+                pod_uid: c.pod_uid.clone().unwrap_or_default(),
+            },
+            None => Self::named("none"),
+        }
+    }
+
+    fn named(name: &str) -> Self {
+        ContainerLabels {
+            container: name.to_string(),
+            runtime: "",
+            pod_uid: String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ContainerStateLabels {
+    #[prometheus(flatten)]
+    container: ContainerLabels,
+    state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -120,6 +170,11 @@ pub struct Metrics {
     listen_overflows: Family<NetnsLabels, Counter>,
     listen_netns_drops: Family<NetnsLabels, Counter>,
     syncookies_sent: Family<NetnsLabels, Counter>,
+    container_sockets: Family<ContainerStateLabels, Gauge>,
+    container_connections: Family<ContainerLabels, Counter>,
+    container_bytes_acked: Family<ContainerLabels, Counter>,
+    container_bytes_received: Family<ContainerLabels, Counter>,
+    container_retransmits: Family<ContainerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -154,6 +209,11 @@ impl Metrics {
             listen_overflows: Family::default(),
             listen_netns_drops: Family::default(),
             syncookies_sent: Family::default(),
+            container_sockets: Family::default(),
+            container_connections: Family::default(),
+            container_bytes_acked: Family::default(),
+            container_bytes_received: Family::default(),
+            container_retransmits: Family::default(),
         };
         let mut r = m.registry;
         r.register(
@@ -258,6 +318,31 @@ impl Metrics {
             m.syncookies_sent.clone(),
         );
         r.register(
+            "container_sockets",
+            "Live sockets per state of the containers with the most (the top 20, the rest as other; none: outside containers)",
+            m.container_sockets.clone(),
+        );
+        r.register(
+            "container_connections",
+            "Connections that ended, per container (up to 20 at once, the rest as other)",
+            m.container_connections.clone(),
+        );
+        r.register(
+            "container_bytes_acked",
+            "Bytes the peers acked of connections that ended, per container (sequence space: SYN and FIN count 1)",
+            m.container_bytes_acked.clone(),
+        );
+        r.register(
+            "container_bytes_received",
+            "Bytes received by connections that ended, per container (sequence space: the peer's FIN counts 1)",
+            m.container_bytes_received.clone(),
+        );
+        r.register(
+            "container_retransmits",
+            "Segments retransmitted by connections that ended, per container",
+            m.container_retransmits.clone(),
+        );
+        r.register(
             "evictions",
             "Sockets evicted at the tracker's cap",
             m.evictions.clone(),
@@ -332,6 +417,10 @@ pub struct MetricsSink {
     /// The request totals, and each namespace's listen counters, last exported.
     reported_requests: ListenerRequests,
     reported_netns: HashMap<u32, NetnsCounters>,
+    names: CgroupNames,
+    /// Containers holding series of the ended-connection counters: when each last had a
+    /// live socket.
+    slots: HashMap<ContainerLabels, Instant>,
 }
 
 impl MetricsSink {
@@ -350,6 +439,111 @@ impl MetricsSink {
             reported_evicted: 0,
             reported_requests: ListenerRequests::default(),
             reported_netns: HashMap::new(),
+            names: CgroupNames::none(),
+            slots: HashMap::new(),
+        }
+    }
+
+    /// How cgroup ids are named (the host's cgroups live; none on replay, where every
+    /// socket counts as `unknown`).
+    #[must_use]
+    pub fn with_names(mut self, names: CgroupNames) -> Self {
+        self.names = names;
+        self
+    }
+
+    /// The container labels of a socket of cgroup `id` (`unknown` when the cgroup cannot be
+    /// named).
+    fn container(&mut self, id: u64) -> ContainerLabels {
+        match self.names.get(id) {
+            Some(n) => ContainerLabels::of(n.container.as_ref()),
+            None => ContainerLabels::named("unknown"),
+        }
+    }
+
+    /// The series a container's counters go to: its own while it holds a slot (or gets a
+    /// free one), `other` otherwise.
+    fn slot(&mut self, labels: ContainerLabels) -> ContainerLabels {
+        if let Some(seen) = self.slots.get_mut(&labels) {
+            *seen = Instant::now();
+            return labels;
+        }
+        if self.slots.len() < TOP_CONTAINERS {
+            self.slots.insert(labels.clone(), Instant::now());
+            return labels;
+        }
+        ContainerLabels::named("other")
+    }
+
+    /// The per-container gauges from the tracker: the containers with the most live
+    /// sockets; slots of containers idle for [`CONTAINER_IDLE`] are freed.
+    fn containers(&mut self, tracker: &Tracker) {
+        let mut live: HashMap<u64, [i64; 13]> = HashMap::new();
+        for life in tracker.sockets() {
+            if let Some(state) = life.state() {
+                live.entry(life.cgroup).or_insert([0; 13])[state as usize] += 1;
+            }
+        }
+        let mut by_container: HashMap<ContainerLabels, [i64; 13]> = HashMap::new();
+        for (id, counts) in live {
+            let labels = self.container(id);
+            let sum = by_container.entry(labels).or_insert([0; 13]);
+            for (s, n) in sum.iter_mut().zip(counts) {
+                *s += n;
+            }
+        }
+        let now = Instant::now();
+        for labels in by_container.keys() {
+            if let Some(seen) = self.slots.get_mut(labels) {
+                *seen = now;
+            }
+        }
+        let m = &self.metrics;
+        self.slots.retain(|labels, seen| {
+            let keep = now.duration_since(*seen) < CONTAINER_IDLE;
+            if !keep {
+                for family in [
+                    &m.container_connections,
+                    &m.container_bytes_acked,
+                    &m.container_bytes_received,
+                    &m.container_retransmits,
+                ] {
+                    family.remove(labels);
+                }
+            }
+            keep
+        });
+        let mut ranked: Vec<(ContainerLabels, [i64; 13])> = by_container.into_iter().collect();
+        ranked.sort_by(|a, b| {
+            let total = |c: &[i64; 13]| c.iter().sum::<i64>();
+            total(&b.1)
+                .cmp(&total(&a.1))
+                .then_with(|| a.0.container.cmp(&b.0.container))
+        });
+        if ranked.len() > TOP_CONTAINERS {
+            let rest = ranked.split_off(TOP_CONTAINERS);
+            let mut other = [0i64; 13];
+            for (_, counts) in rest {
+                for (s, n) in other.iter_mut().zip(counts) {
+                    *s += n;
+                }
+            }
+            ranked.push((ContainerLabels::named("other"), other));
+        }
+        m.container_sockets.clear();
+        for (labels, counts) in ranked {
+            for (n, &count) in counts.iter().enumerate() {
+                if let Some(state) = TcpState::from_kernel(n as u8)
+                    && count > 0
+                {
+                    m.container_sockets
+                        .get_or_create(&ContainerStateLabels {
+                            container: labels.clone(),
+                            state: state.name(),
+                        })
+                        .set(count);
+                }
+            }
         }
     }
 
@@ -531,6 +725,7 @@ impl MetricsSink {
     fn refresh(&mut self, now_ns: u64, v: &View<'_>, force: bool) {
         if force || self.last_gauges.is_none_or(|t| t.elapsed() >= GAUGE_EVERY) {
             self.gauges(v.totals, v.tracker);
+            self.containers(v.tracker);
             self.last_gauges = Some(Instant::now());
         }
         if let Some(holders) = v.holders {
@@ -580,11 +775,26 @@ impl Sink for MetricsSink {
     }
 
     fn life_ended(&mut self, life: &SocketLife) -> io::Result<()> {
-        if !matches!(life.end, End::StillOpen | End::Evicted)
-            && life.role != Role::Listener
-            && let Some(ns) = life.lifetime_ns
-        {
+        if matches!(life.end, End::StillOpen | End::Evicted) || life.role == Role::Listener {
+            return Ok(());
+        }
+        if let Some(ns) = life.lifetime_ns {
             self.metrics.lifetime.observe(ns as f64 / 1e9);
+        }
+        let labels = self.container(life.cgroup);
+        let labels = self.slot(labels);
+        let m = &self.metrics;
+        m.container_connections.get_or_create(&labels).inc();
+        if let Some(f) = life.facts {
+            m.container_bytes_acked
+                .get_or_create(&labels)
+                .inc_by(f.bytes_acked);
+            m.container_bytes_received
+                .get_or_create(&labels)
+                .inc_by(f.bytes_received);
+            m.container_retransmits
+                .get_or_create(&labels)
+                .inc_by(u64::from(f.retrans));
         }
         Ok(())
     }
@@ -848,6 +1058,8 @@ mod tests {
             "tcplens_close_wait_oldest_seconds",
             "tcplens_events_lost",
             "tcplens_ended_unseen",
+            "tcplens_container_sockets",
+            "tcplens_container_connections",
             "tcplens_tracked_sockets",
             "tcplens_evictions",
         ] {
@@ -984,5 +1196,99 @@ mod tests {
                 (None, "other".into(), 3 + 2 + 1, 4, true)
             ]
         );
+    }
+
+    /// Per container: live sockets (top N + other) and the ended connections' counters,
+    /// a slot per container up to the cap, the rest as `other`.
+    #[test]
+    fn container_series_are_bounded() {
+        let docker = "/system.slice/docker-2a55517bd2c9f85d2e1911cb4cd0840a4aa299513af411fb437c0661dd88d11b.scope";
+        let pod = "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod2ca4a155_3599_498d_bb9d_4446693fa3ea.slice/crio-0ba8ac17e4e7a31fb82279503552fe94e64bab4745bf6fd2ff231e7c8ca8bed0.scope";
+        // 25 more containers, each with one connection.
+        let more: Vec<(u64, String)> = (0..25u64)
+            .map(|i| {
+                (
+                    8000 + i,
+                    format!("/system.slice/docker-{i:02x}{}.scope", "b".repeat(62)),
+                )
+            })
+            .collect();
+        let names = CgroupNames::known(
+            [(7001, docker), (7002, pod), (7003, "/user.slice")]
+                .into_iter()
+                .chain(more.iter().map(|(id, p)| (*id, p.as_str()))),
+        );
+        let metrics = Arc::new(Metrics::new());
+        let mut sink =
+            MetricsSink::new(metrics.clone(), KernelFilter::default(), 0).with_names(names);
+        let mut t = Tracker::default();
+        let mut ended = Vec::new();
+        let mut sk = 0;
+        // Two connections in the docker container, one in the pod, one outside
+        // containers, then the 25 others; and one socket left open in the pod.
+        let cgroups = [7001, 7001, 7002, 7003]
+            .into_iter()
+            .chain(more.iter().map(|(id, _)| *id));
+        for cgroup in cgroups {
+            sk += 1;
+            for (old, new, ts) in [
+                (Close, SynSent, 0),
+                (SynSent, Established, 10),
+                (Established, Close, 20),
+            ] {
+                let mut e = tr(sk, ts, old, new, 1);
+                e.cgroup = cgroup;
+                if new == Close {
+                    e.facts = Some(crate::model::ConnFacts {
+                        bytes_acked: 1_001,
+                        bytes_received: 2_000,
+                        srtt_us: 50,
+                        min_rtt_us: Some(40),
+                        retrans: 3,
+                    });
+                }
+                let o = t.observe(&e, &mut ended);
+                sink.transition(&e, &o).unwrap();
+            }
+        }
+        let mut open = tr(99, 0, Close, SynSent, 1);
+        open.cgroup = 7002;
+        t.observe(&open, &mut ended);
+        for life in ended.drain(..) {
+            sink.life_ended(&life).unwrap();
+        }
+        sink.finish(
+            100,
+            &View {
+                totals: &Totals::default(),
+                tracker: &t,
+                holders: None,
+            },
+        )
+        .unwrap();
+        let text = metrics.encode();
+        for line in [
+            r#"tcplens_container_connections_total{container="2a55517bd2c9",runtime="docker",pod_uid=""} 2"#,
+            r#"tcplens_container_bytes_acked_total{container="2a55517bd2c9",runtime="docker",pod_uid=""} 2002"#,
+            r#"tcplens_container_bytes_received_total{container="2a55517bd2c9",runtime="docker",pod_uid=""} 4000"#,
+            r#"tcplens_container_retransmits_total{container="2a55517bd2c9",runtime="docker",pod_uid=""} 6"#,
+            r#"tcplens_container_connections_total{container="0ba8ac17e4e7",runtime="cri-o",pod_uid="2ca4a155-3599-498d-bb9d-4446693fa3ea"} 1"#,
+            r#"tcplens_container_connections_total{container="none",runtime="",pod_uid=""} 1"#,
+            // 3 slots taken: 17 of the 25 get theirs, 8 count as other.
+            r#"tcplens_container_connections_total{container="other",runtime="",pod_uid=""} 8"#,
+            r#"tcplens_container_sockets{container="0ba8ac17e4e7",runtime="cri-o",pod_uid="2ca4a155-3599-498d-bb9d-4446693fa3ea",state="SYN_SENT"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("tcplens_container_connections_total{"))
+            .count();
+        assert_eq!(series, TOP_CONTAINERS + 1, "{text}");
+        let sockets = text
+            .lines()
+            .filter(|l| l.starts_with("tcplens_container_sockets{"))
+            .count();
+        assert_eq!(sockets, 1, "only the open socket is live: {text}");
     }
 }

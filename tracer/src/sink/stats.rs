@@ -1,7 +1,8 @@
 //! `stats`: HDR histograms of time spent in each state, of the connect and accept
 //! handshakes (accept: the server's, from the SYN queued to ESTABLISHED, when the request
-//! was seen) and of connection lifetimes, with what became of the SYNs queued at listeners,
-//! printed every `--interval` (then reset) and at exit.
+//! was seen), of connection lifetimes and, per connection at its end, of its smoothed RTT
+//! and the bytes it had acked and received, with what became of the SYNs queued at
+//! listeners, printed every `--interval` (then reset) and at exit.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -14,6 +15,7 @@ use super::{Format, Sink, View, human_ns};
 use crate::clock::TimeFormatter;
 use crate::model::{TcpState, Transition};
 use crate::pipeline::Totals;
+use crate::source::cgroup::CgroupNames;
 use crate::tracker::{End, ListenerRequests, Observed, Role, SocketLife, Tracker};
 
 /// Highest recordable value: a day, in ns (larger values are clamped to it).
@@ -30,6 +32,10 @@ pub enum By {
     Rport,
     /// The socket's owner process (`unknown` until one is seen).
     Process,
+    /// The socket's cgroup (its path; `unknown` when the kernel did not show it).
+    Cgroup,
+    /// The container the socket's cgroup names (`runtime:id`; `none` outside containers).
+    Container,
 }
 
 impl By {
@@ -38,9 +44,14 @@ impl By {
             By::Lport => "lport",
             By::Rport => "rport",
             By::Process => "process",
+            By::Cgroup => "cgroup",
+            By::Container => "container",
         }
     }
 }
+
+/// Highest recordable byte count per connection (larger ones are clamped to it).
+const MAX_BYTES: u64 = 1 << 50;
 
 /// A histogram of nanoseconds (3 significant digits, from 1 ns): its counts grow only as
 /// far as the largest value recorded, and are 32-bit (saturating), so a group holds a few
@@ -65,10 +76,22 @@ pub struct Group {
     pub connect: Option<Hist>,
     pub accept: Option<Hist>,
     pub lifetime: Option<Hist>,
+    /// Per connection, at its end: its smoothed RTT (ns), the bytes it had acked and
+    /// received (bytes; see `model::ConnFacts`).
+    pub srtt: Option<Hist>,
+    pub bytes_acked: Option<Hist>,
+    pub bytes_received: Option<Hist>,
 }
 
 fn record(h: &mut Option<Hist>, ns: u64) {
     record_ns(h.get_or_insert_with(new_histogram), ns);
+}
+
+fn record_bytes(h: &mut Option<Hist>, bytes: u64) {
+    // Auto-resizing: it fails only if the counts could not be indexed.
+    let _ = h
+        .get_or_insert_with(new_histogram)
+        .record(bytes.min(MAX_BYTES));
 }
 
 impl Group {
@@ -77,7 +100,54 @@ impl Group {
             && self.connect.is_none()
             && self.accept.is_none()
             && self.lifetime.is_none()
+            && self.srtt.is_none()
+            && self.bytes_acked.is_none()
+            && self.bytes_received.is_none()
     }
+}
+
+/// Summary of a histogram of byte counts (JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BytesSummary {
+    pub count: u64,
+    pub min: u64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    pub mean: u64,
+}
+
+impl BytesSummary {
+    pub fn of(h: &Hist) -> BytesSummary {
+        let s = Summary::of(h);
+        BytesSummary {
+            count: s.count,
+            min: s.min_ns,
+            p50: s.p50_ns,
+            p90: s.p90_ns,
+            p99: s.p99_ns,
+            p999: s.p999_ns,
+            max: s.max_ns,
+            mean: s.mean_ns,
+        }
+    }
+}
+
+/// A byte count for people: `512B`, `97.7KiB`, `1.5MiB`, `2.0GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n}B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1}{}", UNITS[unit])
 }
 
 /// Summary of one histogram, as printed and as in JSON.
@@ -143,6 +213,11 @@ struct JsonWindow<'a> {
     connect_ns: Option<Summary>,
     accept_ns: Option<Summary>,
     lifetime_ns: Option<Summary>,
+    /// Connections that ended in the window: their smoothed RTT, and the bytes they had
+    /// acked and received, at their end.
+    srtt_ns: Option<Summary>,
+    bytes_acked: Option<BytesSummary>,
+    bytes_received: Option<BytesSummary>,
     /// Sockets in each state at the time of the report (TIME_WAIT included), when known.
     live: &'a BTreeMap<&'static str, u64>,
     /// Request sockets (SYNs queued at listeners) in the window.
@@ -175,6 +250,15 @@ impl JsonRequests {
     }
 }
 
+/// What a socket is grouped by.
+#[derive(Clone, Copy)]
+struct Keyed<'a> {
+    sport: u16,
+    dport: u16,
+    owner: Option<&'a crate::tracker::Owner>,
+    cgroup: u64,
+}
+
 /// One report's window, as every format prints it.
 struct Report<'a> {
     now_ns: u64,
@@ -193,6 +277,7 @@ pub struct StatsSink<W: Write> {
     format: Format,
     times: TimeFormatter,
     by: Option<By>,
+    names: CgroupNames,
     groups: BTreeMap<String, Group>,
     window_start_ns: Option<u64>,
     /// The request totals at the start of the window.
@@ -200,12 +285,20 @@ pub struct StatsSink<W: Write> {
 }
 
 impl<W: Write> StatsSink<W> {
-    pub fn new(out: W, format: Format, times: TimeFormatter, by: Option<By>) -> Self {
+    /// `names`: how cgroup ids are named (the host's cgroups live; none on replay).
+    pub fn new(
+        out: W,
+        format: Format,
+        times: TimeFormatter,
+        by: Option<By>,
+        names: CgroupNames,
+    ) -> Self {
         StatsSink {
             out,
             format,
             times,
             by,
+            names,
             groups: BTreeMap::new(),
             window_start_ns: None,
             requests_then: ListenerRequests::default(),
@@ -220,13 +313,23 @@ impl<W: Write> StatsSink<W> {
         &self.groups
     }
 
-    fn key(&self, sport: u16, dport: u16, owner: Option<&crate::tracker::Owner>) -> String {
+    fn key(&mut self, s: Keyed<'_>) -> String {
         match self.by {
             None => String::new(),
-            Some(By::Lport) => sport.to_string(),
-            Some(By::Rport) => dport.to_string(),
-            Some(By::Process) => match owner {
+            Some(By::Lport) => s.sport.to_string(),
+            Some(By::Rport) => s.dport.to_string(),
+            Some(By::Process) => match s.owner {
                 Some(o) => format!("{}[{}]", o.comm, o.pid),
+                None => "unknown".into(),
+            },
+            Some(By::Cgroup) => match self.names.get(s.cgroup) {
+                Some(n) => super::escaped(&n.path).into_owned(),
+                None if s.cgroup != 0 => format!("cgroup:{}", s.cgroup),
+                None => "unknown".into(),
+            },
+            Some(By::Container) => match self.names.get(s.cgroup) {
+                Some(n) if n.container.is_some() => super::cgroup_label(s.cgroup, Some(n)),
+                Some(_) => "none".into(),
                 None => "unknown".into(),
             },
         }
@@ -306,6 +409,9 @@ impl<W: Write> StatsSink<W> {
             connect_ns: g.connect.as_ref().map(Summary::of),
             accept_ns: g.accept.as_ref().map(Summary::of),
             lifetime_ns: g.lifetime.as_ref().map(Summary::of),
+            srtt_ns: g.srtt.as_ref().map(Summary::of),
+            bytes_acked: g.bytes_acked.as_ref().map(BytesSummary::of),
+            bytes_received: g.bytes_received.as_ref().map(BytesSummary::of),
             live: &w.live,
             requests: w.requests,
         };
@@ -376,25 +482,34 @@ impl<W: Write> StatsSink<W> {
                 .map(|(st, h)| (st.name(), h))
                 .chain(g.connect.as_ref().map(|h| ("connect", h)))
                 .chain(g.accept.as_ref().map(|h| ("accept", h)))
-                .chain(g.lifetime.as_ref().map(|h| ("lifetime", h)));
+                .chain(g.lifetime.as_ref().map(|h| ("lifetime", h)))
+                .chain(g.srtt.as_ref().map(|h| ("rtt", h)));
+            let bytes = g
+                .bytes_acked
+                .as_ref()
+                .map(|h| ("bytes acked", h))
+                .into_iter()
+                .chain(g.bytes_received.as_ref().map(|h| ("bytes received", h)));
             for (name, h) in rows.clone() {
-                let m = Summary::of(h);
+                summary_row(&mut s, name, h, human_ns);
+            }
+            if g.bytes_acked.is_some() || g.bytes_received.is_some() {
                 let _ = writeln!(
                     s,
-                    "{name:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-                    m.count,
-                    human_ns(m.min_ns),
-                    human_ns(m.p50_ns),
-                    human_ns(m.p90_ns),
-                    human_ns(m.p99_ns),
-                    human_ns(m.p999_ns),
-                    human_ns(m.max_ns),
-                    human_ns(m.mean_ns),
+                    "{:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                    "PER CONNECTION", "COUNT", "MIN", "P50", "P90", "P99", "P99.9", "MAX", "MEAN"
                 );
+            }
+            for (name, h) in bytes.clone() {
+                summary_row(&mut s, name, h, human_bytes);
             }
             for (name, h) in rows {
                 let _ = writeln!(s, "\n{name}");
-                log2_chart(h, &mut s);
+                log2_chart(h, &mut s, human_ns);
+            }
+            for (name, h) in bytes {
+                let _ = writeln!(s, "\n{name}");
+                log2_chart(h, &mut s, human_bytes);
             }
         }
         s.push('\n');
@@ -402,8 +517,25 @@ impl<W: Write> StatsSink<W> {
     }
 }
 
-/// A bcc-style power-of-two bar chart drawn from the HDR data.
-pub fn log2_chart(h: &Hist, out: &mut String) {
+/// One row of summaries, values shown by `human`.
+fn summary_row(s: &mut String, name: &str, h: &Hist, human: fn(u64) -> String) {
+    let m = Summary::of(h);
+    let _ = writeln!(
+        s,
+        "{name:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        m.count,
+        human(m.min_ns),
+        human(m.p50_ns),
+        human(m.p90_ns),
+        human(m.p99_ns),
+        human(m.p999_ns),
+        human(m.max_ns),
+        human(m.mean_ns),
+    );
+}
+
+/// A bcc-style power-of-two bar chart drawn from the HDR data, values shown by `human`.
+pub fn log2_chart(h: &Hist, out: &mut String, human: fn(u64) -> String) {
     let mut buckets = [0u64; 64];
     for v in h.iter_recorded() {
         let value = v.value_iterated_to().max(1);
@@ -422,8 +554,8 @@ pub fn log2_chart(h: &Hist, out: &mut String) {
         let _ = writeln!(
             out,
             "  {:>10} -> {:<10} : {:<8} |{:<40}|",
-            human_ns(from),
-            human_ns(to),
+            human(from),
+            human(to),
             count,
             "*".repeat(bar.min(40))
         );
@@ -444,7 +576,12 @@ impl<W: Write> Sink for StatsSink<W> {
         let Some(ns) = o.old_ns else {
             return Ok(()); // unknown durations never enter a histogram
         };
-        let key = self.key(o.sport, o.dport, o.owner.as_ref());
+        let key = self.key(Keyed {
+            sport: o.sport,
+            dport: o.dport,
+            owner: o.owner.as_ref(),
+            cgroup: t.cgroup,
+        });
         let g = self.group(key);
         record_ns(g.states.entry(t.old).or_insert_with(new_histogram), ns);
         match (t.old, t.new) {
@@ -471,9 +608,22 @@ impl<W: Write> Sink for StatsSink<W> {
         if matches!(life.end, End::StillOpen | End::Evicted) || life.role == Role::Listener {
             return Ok(());
         }
+        let key = self.key(Keyed {
+            sport: life.id.sport,
+            dport: life.id.dport,
+            owner: life.owner.as_ref(),
+            cgroup: life.cgroup,
+        });
+        let g = self.group(key);
         if let Some(ns) = life.lifetime_ns {
-            let key = self.key(life.id.sport, life.id.dport, life.owner.as_ref());
-            record(&mut self.group(key).lifetime, ns);
+            record(&mut g.lifetime, ns);
+        }
+        if let Some(f) = life.facts {
+            if f.srtt_us > 0 {
+                record(&mut g.srtt, u64::from(f.srtt_us) * 1_000);
+            }
+            record_bytes(&mut g.bytes_acked, f.bytes_acked);
+            record_bytes(&mut g.bytes_received, f.bytes_received);
         }
         Ok(())
     }
@@ -505,6 +655,7 @@ mod tests {
             format,
             TimeFormatter::new(clock, TimeZone::UTC),
             by,
+            CgroupNames::none(),
         )
     }
 
@@ -705,6 +856,105 @@ mod tests {
         assert!(
             chart[3].contains("2.097ms -> 4.194ms") && chart[3].contains(": 2 "),
             "{chart:?}"
+        );
+    }
+
+    /// Per connection at its end: RTT and bytes; grouped by container (and by cgroup).
+    #[test]
+    fn rtt_and_bytes_per_connection_by_container() {
+        let docker = "/system.slice/docker-2a55517bd2c9f85d2e1911cb4cd0840a4aa299513af411fb437c0661dd88d11b.scope";
+        let names = || CgroupNames::known([(7001, docker), (7002, "/system.slice/nginx.service")]);
+        let clock = WallClock {
+            boot_offset_ns: 1_795_299_000_000_000_000,
+        };
+        let times = || TimeFormatter::new(clock, TimeZone::UTC);
+        let mut by_container = StatsSink::new(
+            Vec::new(),
+            Format::Json,
+            times(),
+            Some(By::Container),
+            names(),
+        );
+        let mut by_cgroup =
+            StatsSink::new(Vec::new(), Format::Text, times(), Some(By::Cgroup), names());
+        let mut t = Tracker::default();
+        let mut ended = Vec::new();
+        // Three connections in the container (10, 20, 30 KB out; RTT 40, 50, 60 us), one
+        // in nginx's service, one whose cgroup tcplens cannot name.
+        for (sk, cgroup, kb) in [
+            (1, 7001, 10),
+            (2, 7001, 20),
+            (3, 7001, 30),
+            (4, 7002, 1),
+            (5, 99, 2),
+        ] {
+            for (old, new, ts) in [
+                (Close, SynSent, 0),
+                (SynSent, Established, 10),
+                (Established, Close, 20),
+            ] {
+                let mut e = tr(sk, ts, old, new, 1);
+                e.cgroup = cgroup;
+                if new == Close {
+                    e.facts = Some(crate::model::ConnFacts {
+                        bytes_acked: kb * 1000 + 1,
+                        bytes_received: 500,
+                        srtt_us: 30 + 10 * kb as u32 / 10,
+                        min_rtt_us: Some(20),
+                        retrans: 0,
+                    });
+                }
+                let o = t.observe(&e, &mut ended);
+                by_container.transition(&e, &o).unwrap();
+                by_cgroup.transition(&e, &o).unwrap();
+            }
+        }
+        for life in ended.drain(..) {
+            by_container.life_ended(&life).unwrap();
+            by_cgroup.life_ended(&life).unwrap();
+        }
+        assert_eq!(
+            by_container.groups().keys().collect::<Vec<_>>(),
+            ["docker:2a55517bd2c9", "none", "unknown"]
+        );
+        let g = &by_container.groups()["docker:2a55517bd2c9"];
+        let acked = BytesSummary::of(g.bytes_acked.as_ref().unwrap());
+        // 3 significant digits: 10001 is kept as 10000, 20001 within 20000..20020.
+        assert_eq!((acked.count, acked.min, acked.max), (3, 10_000, 30_015));
+        assert!((20_000..20_020).contains(&acked.p50), "{acked:?}");
+        let rtt = Summary::of(g.srtt.as_ref().unwrap());
+        assert_eq!((rtt.count, rtt.min_ns), (3, 40_000));
+        assert!((60_000..60_032).contains(&rtt.max_ns), "{rtt:?}");
+        by_container
+            .finish(100, &view(&Totals::default(), &t))
+            .unwrap();
+        let out = String::from_utf8(by_container.into_inner()).unwrap();
+        let windows: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let docker_window = windows
+            .iter()
+            .find(|w| w["group"] == "docker:2a55517bd2c9")
+            .unwrap();
+        assert_eq!(docker_window["by"], "container");
+        assert_eq!(docker_window["bytes_acked"]["count"], 3);
+        assert_eq!(docker_window["bytes_received"]["min"], 500);
+        assert_eq!(docker_window["srtt_ns"]["min_ns"], 40_000);
+        by_cgroup
+            .finish(100, &view(&Totals::default(), &t))
+            .unwrap();
+        let text = String::from_utf8(by_cgroup.into_inner()).unwrap();
+        assert!(
+            text.contains("\ncgroup /system.slice/nginx.service\n"),
+            "{text}"
+        );
+        assert!(text.contains("\ncgroup cgroup:99\n"), "{text}");
+        let row = text.lines().find(|l| l.starts_with("bytes acked")).unwrap();
+        assert_eq!(
+            row.split_whitespace().collect::<Vec<_>>()[2..5],
+            ["3", "9.8KiB", "19.5KiB"],
+            "{text}"
         );
     }
 }
