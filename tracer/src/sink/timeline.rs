@@ -98,7 +98,7 @@ impl<W: Write> TimelineSink<W> {
 
     /// `22:10:02.123 127.0.0.1:59682 > 127.0.0.1:7794 netns 4026531840 active python3[13212] cgroup /user.slice closed, lifetime 1.110ms`
     /// `    SYN_SENT 90ns > ESTABLISHED 1.000us > … > CLOSE`
-    /// `    acked 100002 B, received 5001 B, rtt 39us (min 22us), 0 retransmitted`
+    /// `    acked 100002 B, received 5001 B, rtt 39.0us (min 22.0us), 0 retransmitted`
     fn text(&mut self, life: &SocketLife) -> io::Result<()> {
         let line = &mut self.line;
         line.clear();
@@ -155,11 +155,13 @@ impl<W: Write> TimelineSink<W> {
         if let Some(f) = life.facts {
             let _ = write!(
                 line,
-                "\n    acked {} B, received {} B, rtt {}us",
-                f.bytes_acked, f.bytes_received, f.srtt_us
+                "\n    acked {} B, received {} B, rtt {}",
+                f.bytes_acked,
+                f.bytes_received,
+                human_ns(u64::from(f.srtt_us) * 1_000)
             );
             if let Some(min) = f.min_rtt_us {
-                let _ = write!(line, " (min {min}us)");
+                let _ = write!(line, " (min {})", human_ns(u64::from(min) * 1_000));
             }
             let _ = write!(line, ", {} retransmitted", f.retrans);
         }
@@ -304,7 +306,7 @@ mod tests {
             "22:10:02.123 127.0.0.1:40000 > 127.0.0.1:8080 netns 4026531840 active python3[13212] \
              cgroup /user.slice/user-1000.slice/session-4.scope closed, lifetime 300.118ms\n    \
              SYN_SENT 90.0us > ESTABLISHED 300.000ms > FIN_WAIT1 22.0us > FIN_WAIT2 6.0us > CLOSE\n    \
-             acked 100002 B, received 5001 B, rtt 39us (min 22us), 0 retransmitted\n"
+             acked 100002 B, received 5001 B, rtt 39.0us (min 22.0us), 0 retransmitted\n"
         );
     }
 }

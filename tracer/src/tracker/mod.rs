@@ -880,7 +880,8 @@ fn step(life: &mut SocketLife, t: &Transition) -> (Observed, u64, bool) {
     if t.cgroup != 0 {
         life.cgroup = t.cgroup;
     }
-    if t.facts.is_some() {
+    // A listener is no connection: its counters stay zero.
+    if t.facts.is_some() && life.role != Role::Listener {
         life.facts = t.facts;
     }
     if task_is_owner(t.old, t.new) {

@@ -568,6 +568,103 @@ fn time_wait_carries_the_life_on_and_expires() {
     assert_eq!(ended.len(), 1);
 }
 
+/// The counters at the full socket's hidden X -> CLOSE (its timewait socket keeps none)
+/// are the life's; its cgroup carries over to the derived transitions and the end.
+#[test]
+fn counters_and_cgroup_carry_through_time_wait() {
+    let facts = |acked| crate::model::ConnFacts {
+        bytes_acked: acked,
+        bytes_received: 5_001,
+        srtt_us: 40,
+        min_rtt_us: Some(20),
+        retrans: 1,
+    };
+    let mut t = Tracker::default();
+    let mut ended = Vec::new();
+    for (i, mut e) in [
+        tr(1, 100, Close, SynSent, 7),
+        tr(1, 200, SynSent, Established, 9),
+        tr(1, 1_000, Established, FinWait1, 7),
+        tr(1, 1_200, FinWait1, FinWait2, 9),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        e.cgroup = 4242;
+        e.facts = Some(facts(i as u64));
+        t.observe(&e, &mut ended);
+    }
+    t.timewait(&twe(TimerOp::Arm, 5_000, TimeWait), &mut ended);
+    let mut close = tr(1, 5_010, FinWait2, Close, 0);
+    close.cgroup = 4242;
+    close.facts = Some(facts(100_002));
+    assert!(t.observe(&close, &mut ended).hidden);
+    let to_tw: Vec<_> = t.take_derived().map(|(tr, _)| tr.cgroup).collect();
+    assert_eq!(
+        to_tw,
+        [4242],
+        "the derived → TIME_WAIT has the socket's cgroup"
+    );
+    t.timewait(&twe(TimerOp::Cancel, 6_000, TimeWait), &mut ended);
+    t.timewait(&twe(TimerOp::Expire, 6_010, TimeWait), &mut ended);
+    let life = &ended[0];
+    assert_eq!(life.end, End::TimeWaitExpired);
+    assert_eq!((life.cgroup, life.facts), (4242, Some(facts(100_002))));
+}
+
+/// An accepted socket's owner is its listener's from its first event (the task on the
+/// CPU is the client's), until its own process context says otherwise; a listener has no
+/// counters.
+#[test]
+fn an_accepted_socket_inherits_its_listeners_owner() {
+    let mut t = Tracker::default();
+    let mut listen = tr(50, 100, Close, Listen, 30);
+    listen.id.sport = 8080;
+    listen.facts = Some(crate::model::ConnFacts::default());
+    let mut child = |ts, old, new, pid| {
+        let mut e = tr(51, ts, old, new, pid);
+        e.id.sport = 8080;
+        e
+    };
+    let (observed, _) = feed(
+        &mut t,
+        &[
+            listen,
+            child(200, Listen, SynRecv, 40),
+            child(300, SynRecv, Established, 40),
+            child(400, Established, CloseWait, 40),
+        ],
+    );
+    let owners: Vec<_> = observed.iter().map(|o| o.owner.map(|o| o.pid)).collect();
+    assert_eq!(owners, [Some(30), Some(30), Some(30), Some(30)]);
+    // Its process (a worker the listener was handed to) closes it: that is its owner.
+    let (observed, ended) = feed(
+        &mut t,
+        &[
+            child(500, CloseWait, LastAck, 31),
+            child(600, LastAck, Close, 40),
+        ],
+    );
+    assert_eq!(observed[1].owner.map(|o| o.pid), Some(31));
+    assert_eq!(ended[0].owner.map(|o| o.pid), Some(31));
+    // Another namespace's listener on the same port lends nothing.
+    let mut other = tr(52, 700, Listen, SynRecv, 40);
+    other.id.netns = NETNS + 1;
+    other.id.sport = 8080;
+    let (observed, _) = feed(&mut t, &[other]);
+    assert_eq!(observed[0].owner, None);
+    // The listener closes: none of it is left, and it had no counters.
+    let mut close = tr(50, 800, Listen, Close, 30);
+    close.id.sport = 8080;
+    close.facts = Some(crate::model::ConnFacts::default());
+    let (_, ended) = feed(&mut t, &[close]);
+    assert_eq!((ended[0].role, ended[0].facts), (Role::Listener, None));
+    let mut late = tr(53, 900, Listen, SynRecv, 40);
+    late.id.sport = 8080;
+    let (observed, _) = feed(&mut t, &[late]);
+    assert_eq!(observed[0].owner, None, "no listener, no owner");
+}
+
 #[test]
 fn the_next_event_on_the_cancels_cpu_tells_a_kill() {
     let mut t = Tracker::default();
