@@ -621,7 +621,7 @@ fn an_accepted_socket_inherits_its_listeners_owner() {
     let mut listen = tr(50, 100, Close, Listen, 30);
     listen.id.sport = 8080;
     listen.facts = Some(crate::model::ConnFacts::default());
-    let mut child = |ts, old, new, pid| {
+    let child = |ts, old, new, pid| {
         let mut e = tr(51, ts, old, new, pid);
         e.id.sport = 8080;
         e
