@@ -181,8 +181,8 @@ pub struct FormatArg {
 pub struct PidArg {
     /// Only sockets of this process: for `leaks`, the ones it holds a descriptor of;
     /// otherwise the ones it owns, learned from connect(), listen() and its close() or
-    /// shutdown() (an accepted socket counts from its process's first close() or shutdown()
-    /// on).
+    /// shutdown() (an accepted socket is its listener's owner's until its own process
+    /// closes it).
     #[arg(short = 'p', long = "pid")]
     pub pid: Option<u32>,
 }
