@@ -698,7 +698,8 @@ pub async fn leaks(args: &LeaksArgs) -> Result<bool> {
             filter: args.trace.filter(),
             pid: args.owner.pid,
         },
-    );
+    )
+    .with_names(CgroupNames::host());
     let input = Input::Kernel(Box::new(source));
     let tracker = input.tracker(args.cap.max_sockets);
     let mut p = Pipeline::new(tracker, sinks(&mut sink, &mut metrics));
@@ -723,6 +724,7 @@ pub async fn listen(args: &ListenArgs) -> Result<()> {
         args.output.format,
         formatter(WallClock::now()),
         args.trace.filter(),
+        CgroupNames::host(),
     );
     let input = Input::Kernel(Box::new(source));
     let tracker = input.tracker(args.cap.max_sockets);

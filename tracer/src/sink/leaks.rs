@@ -11,9 +11,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 
-use super::{Format, HolderWant, Sink, View, escaped, human_ns};
+use super::{Format, HolderWant, JsonCgroup, Sink, View, cgroup_label, escaped, human_ns};
 use crate::clock::TimeFormatter;
 use crate::model::TcpState;
+use crate::source::cgroup::{CgroupName, CgroupNames};
 use crate::source::kernel::KernelFilter;
 use crate::source::procs::Holder;
 use crate::source::sockdiag::DiagSocket;
@@ -127,6 +128,8 @@ struct JsonSocket<'a> {
     cmdline: Option<&'a str>,
     fd: Option<u32>,
     inode: u64,
+    #[serde(flatten)]
+    cgroup: JsonCgroup<'a>,
 }
 
 #[derive(Serialize)]
@@ -163,6 +166,7 @@ pub struct LeaksSink<W: Write> {
     previous: HashMap<Option<u32>, usize>,
     /// Whether any report listed a socket (`--fail-on-leak`).
     pub found_any: bool,
+    names: CgroupNames,
 }
 
 impl<W: Write> LeaksSink<W> {
@@ -174,7 +178,15 @@ impl<W: Write> LeaksSink<W> {
             query,
             previous: HashMap::new(),
             found_any: false,
+            names: CgroupNames::none(),
         }
+    }
+
+    /// How the sockets' cgroup ids are named (and `--cgroup` applied to the listing).
+    #[must_use]
+    pub fn with_names(mut self, names: CgroupNames) -> Self {
+        self.names = names;
+        self
     }
 
     pub fn into_inner(self) -> W {
@@ -198,6 +210,7 @@ impl<W: Write> LeaksSink<W> {
                         .keeps(s.id.family, s.id.sport, s.id.dport, s.id.netns)
                     && q.pid
                         .is_none_or(|pid| h.as_ref().is_some_and(|h| h.pid == pid))
+                    && q.filter.keeps_cgroup(s.cgroup, &mut self.names)
             })
             .cloned()
             .collect();
@@ -232,6 +245,10 @@ impl<W: Write> LeaksSink<W> {
     ) -> io::Result<()> {
         let mut time = String::new();
         self.times.rfc3339(now_ns, &mut time);
+        let named: Vec<Option<CgroupName>> = list
+            .iter()
+            .map(|l| self.names.get(l.socket.cgroup).cloned())
+            .collect();
         let rec = JsonReport {
             time,
             state: self.query.state.name(),
@@ -240,7 +257,8 @@ impl<W: Write> LeaksSink<W> {
             lost_events,
             sockets: list
                 .iter()
-                .map(|l| JsonSocket {
+                .zip(&named)
+                .map(|(l, name)| JsonSocket {
                     cookie: l.socket.id.cookie,
                     netns: l.socket.id.netns,
                     family: l.socket.id.family.name(),
@@ -256,6 +274,7 @@ impl<W: Write> LeaksSink<W> {
                     cmdline: l.holder.as_ref().map(|h| h.cmdline.as_str()),
                     fd: l.holder.as_ref().map(|h| h.fd),
                     inode: l.socket.inode,
+                    cgroup: JsonCgroup::new(l.socket.cgroup, name.as_ref()),
                 })
                 .collect(),
             by_process: procs,
@@ -277,8 +296,8 @@ impl<W: Write> LeaksSink<W> {
         if !list.is_empty() {
             let _ = writeln!(
                 s,
-                "{:<12} {:<7} {:<16} {:<5} {:<10} {:<10} {:<26} RADDR:RPORT",
-                "AGE", "PID", "COMM", "FD", "INODE", "NETNS", "LADDR:LPORT"
+                "{:<12} {:<7} {:<16} {:<5} {:<10} {:<10} {:<26} {:<26} CGROUP",
+                "AGE", "PID", "COMM", "FD", "INODE", "NETNS", "LADDR:LPORT", "RADDR:RPORT"
             );
         }
         for l in list {
@@ -291,9 +310,10 @@ impl<W: Write> LeaksSink<W> {
                 Some(h) => (h.pid.to_string(), escaped(&h.comm), h.fd.to_string()),
                 None => ("-".into(), "-".into(), "-".into()),
             };
+            let cgroup = cgroup_label(l.socket.cgroup, self.names.get(l.socket.cgroup));
             let _ = writeln!(
                 s,
-                "{age:<12} {pid:<7} {comm:<16} {fd:<5} {:<10} {:<10} {:<26} {}",
+                "{age:<12} {pid:<7} {comm:<16} {fd:<5} {:<10} {:<10} {:<26} {:<26} {cgroup}",
                 l.socket.inode,
                 l.socket.id.netns,
                 SocketAddr::new(l.socket.id.saddr, l.socket.id.sport),

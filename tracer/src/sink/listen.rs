@@ -16,6 +16,7 @@ use serde::Serialize;
 use super::{Format, HolderWant, JsonId, Sink, View, escaped, human_ns};
 use crate::clock::TimeFormatter;
 use crate::model::{Family, SocketId, TcpState};
+use crate::source::cgroup::CgroupNames;
 use crate::source::host::Holders;
 use crate::source::kernel::KernelFilter;
 use crate::source::netstat::NetnsCounters;
@@ -67,6 +68,7 @@ pub struct ListenSink<W: Write> {
     format: Format,
     times: TimeFormatter,
     filter: KernelFilter,
+    names: CgroupNames,
     window_start_ns: Option<u64>,
     /// At the previous report (or the start): each listener's request counts and drops,
     /// by cookie, and each namespace's counters.
@@ -76,12 +78,20 @@ pub struct ListenSink<W: Write> {
 }
 
 impl<W: Write> ListenSink<W> {
-    pub fn new(out: W, format: Format, times: TimeFormatter, filter: KernelFilter) -> Self {
+    /// `names`: to apply `--cgroup` to the listeners sock_diag lists.
+    pub fn new(
+        out: W,
+        format: Format,
+        times: TimeFormatter,
+        filter: KernelFilter,
+        names: CgroupNames,
+    ) -> Self {
         ListenSink {
             out,
             format,
             times,
             filter,
+            names,
             window_start_ns: None,
             requests_then: HashMap::new(),
             drops_then: HashMap::new(),
@@ -123,7 +133,10 @@ impl<W: Write> ListenSink<W> {
         let mut rows: Vec<ListenerRow> = h
             .listeners
             .iter()
-            .filter(|l| self.filter.keeps_listener(&l.id))
+            .filter(|l| {
+                self.filter.keeps_listener(&l.id)
+                    && self.filter.keeps_cgroup(l.cgroup, &mut self.names)
+            })
             .map(|l| {
                 let cookie = l.id.cookie;
                 let drops_then = self.drops_then.get(&cookie).copied().unwrap_or(0);
@@ -374,6 +387,7 @@ mod tests {
             format,
             TimeFormatter::new(clock, TimeZone::UTC),
             KernelFilter::default(),
+            CgroupNames::none(),
         )
     }
 
@@ -386,6 +400,7 @@ mod tests {
             listeners: vec![ListenerQueue {
                 id,
                 inode: 77,
+                cgroup: 0,
                 accept_queue: 2,
                 backlog: 1,
                 drops,

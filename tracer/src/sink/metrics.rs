@@ -612,6 +612,7 @@ impl MetricsSink {
                     && self
                         .filter
                         .keeps(s.id.family, s.id.sport, s.id.dport, s.id.netns)
+                    && self.filter.keeps_cgroup(s.cgroup, &mut self.names)
             })
             .cloned()
             .collect();
@@ -680,7 +681,10 @@ impl MetricsSink {
         let mut listeners: Vec<_> = holders
             .listeners
             .iter()
-            .filter(|l| self.filter.keeps_listener(&l.id))
+            .filter(|l| {
+                self.filter.keeps_listener(&l.id)
+                    && self.filter.keeps_cgroup(l.cgroup, &mut self.names)
+            })
             .collect();
         listeners.sort_by_key(|l| (l.id.netns, l.id.sport, l.id.saddr));
         let queued = tracker.requests().listeners();

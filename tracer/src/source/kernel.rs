@@ -20,7 +20,7 @@ use tracer_common::{
 };
 
 use super::btf::{self, KernelBtf, LayoutError, VMLINUX_BTF};
-use super::cgroup::CgroupFilter;
+use super::cgroup::{CgroupFilter, CgroupNames};
 use super::timewait;
 use crate::model::{Family, SocketId};
 
@@ -118,6 +118,11 @@ impl KernelFilter {
     /// no remote port; `-D` applies to its connections).
     pub fn keeps_listener(&self, id: &SocketId) -> bool {
         self.keeps_local(id.family, id.sport, id.netns)
+    }
+
+    /// `--cgroup`'s test, for what sock_diag lists (the socket's cgroup id, 0 for none).
+    pub fn keeps_cgroup(&self, cgroup: u64, names: &mut CgroupNames) -> bool {
+        self.cgroup.as_ref().is_none_or(|c| c.keeps(cgroup, names))
     }
 
     fn keeps_local(&self, family: Family, sport: u16, netns: u32) -> bool {

@@ -83,6 +83,8 @@ pub struct ListenerQueue {
     pub id: SocketId,
     /// The socket's inode (`socket:[inode]` in `/proc/<pid>/fd`).
     pub inode: u64,
+    /// Its cgroup v2 id (0: not shown).
+    pub cgroup: u64,
     /// Children waiting for accept() (`idiag_rqueue` = `sk_ack_backlog`; `ss` Recv-Q).
     /// The queue is full when this exceeds `backlog`.
     pub accept_queue: u32,
@@ -362,6 +364,7 @@ fn listener_queue(
     Ok(Some(ListenerQueue {
         id: s.id,
         inode: s.inode,
+        cgroup: s.cgroup,
         accept_queue: r.header.recv_queue,
         backlog: r.header.send_queue,
         drops,
