@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
+use tracer::model::TcpState;
 use tracer::source::cgroup::{CgroupFilter, CgroupNames, cgroup2_mount};
+use tracer::source::sockdiag::dump_here;
 
 /// stdout of a successful run that lost nothing.
 fn finish(f: Finished) -> String {
@@ -105,10 +107,17 @@ fn each_socket_carries_its_own_cgroup_and_the_filter_keeps_one() {
         "watch", "--format", "json", "--netns", &netns, "--cgroup", &a.rel,
     ]);
     let (a_fd, b_fd) = (a.procs.as_raw_fd(), b.procs.as_raw_fd());
-    let (server_a, server_b, client_in_a) = ns.run(move || {
+    let ns_inode = u32::try_from(ns.inode()).unwrap();
+    let (server_a, server_b, client_in_a, listed) = ns.run(move || {
         let hold = Duration::from_millis(50);
         let server_a = ForkedServer::start_in(PORT_A, c"t14-server-a", hold, Some(a_fd));
         let server_b = ForkedServer::start_in(PORT_B, c"t14-server-b", hold, Some(b_fd));
+        // What sock_diag says of the listeners (the start-up snapshot's and `leaks`' source).
+        let listed: Vec<(u16, u64)> = dump_here(&[TcpState::Listen], ns_inode)
+            .expect("sock_diag")
+            .into_iter()
+            .map(|s| (s.id.sport, s.cgroup))
+            .collect();
         // This thread (in the test's own cgroup) is server A's client.
         let mut c = TcpStream::connect(("127.0.0.1", PORT_A)).expect("connect");
         c.write_all(b"hello").unwrap();
@@ -120,7 +129,7 @@ fn each_socket_carries_its_own_cgroup_and_the_filter_keeps_one() {
         let client = forked_client(PORT_B, c"t14-client-a", a_fd);
         let b_pid = server_b.pid;
         server_b.finish();
-        (a_pid, b_pid, client)
+        (a_pid, b_pid, client, listed)
     });
     // Listeners A and B (2 each), their children (5 each), the test's client of A and the
     // A client of B (5 each: SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, TIME_WAIT; the
@@ -129,6 +138,13 @@ fn each_socket_carries_its_own_cgroup_and_the_filter_keeps_one() {
     let lines = json_lines(&finish(all.stop()));
     let kept = json_lines(&finish(only_a.stop()));
 
+    let mut listed = listed;
+    listed.sort_unstable();
+    assert_eq!(
+        listed,
+        [(PORT_A, a.id), (PORT_B, b.id)],
+        "INET_DIAG_CGROUP_ID"
+    );
     let pid = u64::from(std::process::id());
     let by_cookie = |lines: &[Value]| {
         let mut m: HashMap<u64, Vec<Value>> = HashMap::new();
