@@ -154,6 +154,7 @@ pub struct Metrics {
     connect: Histogram,
     accept: Histogram,
     lifetime: Histogram,
+    rtt: Histogram,
     close_wait: Family<HolderLabels, Gauge>,
     close_wait_oldest: Family<OldestLabels, Gauge<f64, AtomicU64>>,
     lost: Family<ReasonLabels, Counter>,
@@ -193,6 +194,7 @@ impl Metrics {
             connect: duration_histogram(),
             accept: duration_histogram(),
             lifetime: duration_histogram(),
+            rtt: duration_histogram(),
             close_wait: Family::default(),
             close_wait_oldest: Family::default(),
             lost: Family::default(),
@@ -241,6 +243,11 @@ impl Metrics {
             "connection_lifetime_seconds",
             "Lifetime of connections seen whole",
             m.lifetime.clone(),
+        );
+        r.register(
+            "connection_rtt_seconds",
+            "Smoothed RTT of connections at their end",
+            m.rtt.clone(),
         );
         r.register(
             "close_wait_sockets",
@@ -790,6 +797,9 @@ impl Sink for MetricsSink {
         let m = &self.metrics;
         m.container_connections.get_or_create(&labels).inc();
         if let Some(f) = life.facts {
+            if f.srtt_us > 0 {
+                m.rtt.observe(f64::from(f.srtt_us) / 1e6);
+            }
             m.container_bytes_acked
                 .get_or_create(&labels)
                 .inc_by(f.bytes_acked);
@@ -1281,9 +1291,17 @@ mod tests {
             // 3 slots taken: 17 of the 25 get theirs, 8 count as other.
             r#"tcplens_container_connections_total{container="other",runtime="",pod_uid=""} 8"#,
             r#"tcplens_container_sockets{container="0ba8ac17e4e7",runtime="cri-o",pod_uid="2ca4a155-3599-498d-bb9d-4446693fa3ea",state="SYN_SENT"} 1"#,
+            // Every one of the 29 connections ended with a 50 us smoothed RTT.
+            "tcplens_connection_rtt_seconds_count 29",
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");
         }
+        let rtt_sum: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("tcplens_connection_rtt_seconds_sum "))
+            .and_then(|v| v.parse().ok())
+            .expect("the RTT histogram's sum");
+        assert!((rtt_sum - 29.0 * 50e-6).abs() < 1e-12, "{rtt_sum}");
         let series = text
             .lines()
             .filter(|l| l.starts_with("tcplens_container_connections_total{"))
