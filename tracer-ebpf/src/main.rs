@@ -80,6 +80,21 @@ fn rd<T: Copy>(p: *const T) -> T {
 
 const HEAD: usize = MAX_HEAD as usize;
 
+/// Per CPU, per timer program (tracepoint x primary/nested): the copy of a timewait or
+/// request socket's head. Off the stack: before Linux 6.13 the verifier limits a program's
+/// stack and its callees' together to 512 bytes.
+#[map]
+static HEADS: PerCpuArray<[u8; HEAD]> = PerCpuArray::with_max_entries(2 * tracepoint::COUNT, 0);
+
+/// This CPU's head buffer of the timer program (`tp`, `nested_run`); a program never
+/// interrupts itself, and no two programs share a slot.
+#[inline(always)]
+fn head_buffer(tp: u32, nested_run: bool) -> Option<&'static mut [u8; HEAD]> {
+    let ptr = HEADS.get_ptr_mut(2 * tp + u32::from(nested_run))?;
+    // SAFETY: this CPU's slot of this program, see above.
+    Some(unsafe { &mut *ptr })
+}
+
 mod request;
 mod timer;
 

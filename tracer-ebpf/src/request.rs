@@ -10,8 +10,8 @@ use aya_ebpf::{helpers::bpf_probe_read_kernel_buf, programs::BtfTracePointContex
 use tracer_common::{RequestLayout, kind};
 
 use super::{
-    CONFIG, Copied, Extra, Fields as _, HEAD, cgroup_id, emit, in_cgroup, kernel, nested, no_facts,
-    primary, rd, read_sock,
+    CONFIG, Copied, Extra, Fields as _, HEAD, cgroup_id, emit, head_buffer, in_cgroup, kernel,
+    nested, no_facts, primary, rd, read_sock,
 };
 
 /// `TCP_NEW_SYN_RECV`: a request socket's state.
@@ -34,7 +34,9 @@ pub(crate) fn on_request(
 ) {
     let ev_kind = tw_kind + (kind::REQ_ARM - kind::TW_ARM);
     let req = timer - u64::from(get!(REQUEST.rsk_timer));
-    let mut head = [0u8; HEAD];
+    let Some(head) = head_buffer(tp, nested_run) else {
+        return;
+    };
     let size = (get!(REQUEST.sock.head) as usize).min(HEAD);
     let Some(dst) = head.get_mut(..size) else {
         return;
@@ -43,7 +45,7 @@ pub(crate) fn on_request(
     if unsafe { bpf_probe_read_kernel_buf(req as *const u8, dst) }.is_err() {
         return;
     }
-    let fields = Copied(&head);
+    let fields = Copied(head);
     // A request's local port is `skc_num`, in host order.
     let Some(s) = read_sock(&fields, &REQUEST.sock, false) else {
         return;

@@ -13,7 +13,8 @@ use aya_ebpf::{
 use tracer_common::{TimewaitLayout, kind, tracepoint};
 
 use super::{
-    Copied, Extra, Fields as _, HEAD, emit, nested, no_facts, primary, rd, read_sock, request,
+    Copied, Extra, Fields as _, HEAD, emit, head_buffer, nested, no_facts, primary, rd, read_sock,
+    request,
 };
 
 /// The timer's offsets, filled whenever the timer programs run; `handler` all zero (an
@@ -104,7 +105,9 @@ fn on_timer(ctx: &BtfTracePointContext, tp: u32, ev_kind: u8, nested_run: bool) 
     // The timewait socket around the timer: a copy of its head (the verifier follows no
     // pointer arithmetic from the timer back to it).
     let tw = timer_address(ctx) - u64::from(get!(TIMEWAIT.tw_timer));
-    let mut head = [0u8; HEAD];
+    let Some(head) = head_buffer(tp, nested_run) else {
+        return;
+    };
     let size = (get!(TIMEWAIT.sock.head) as usize).min(HEAD);
     let Some(dst) = head.get_mut(..size) else {
         return;
@@ -113,7 +116,7 @@ fn on_timer(ctx: &BtfTracePointContext, tp: u32, ev_kind: u8, nested_run: bool) 
     if unsafe { bpf_probe_read_kernel_buf(tw as *const u8, dst) }.is_err() {
         return;
     }
-    let fields = Copied(&head);
+    let fields = Copied(head);
     let Some(s) = read_sock(&fields, &TIMEWAIT.sock, true) else {
         return;
     };

@@ -145,11 +145,19 @@ fn each_socket_carries_its_own_cgroup_and_the_filter_keeps_one() {
         [(PORT_A, a.id), (PORT_B, b.id)],
         "INET_DIAG_CGROUP_ID"
     );
-    let pid = u64::from(std::process::id());
+    // A passive child's first line (LISTEN -> SYN_RECV) has no cookie on kernels that set
+    // that state before giving the child its own (6.1: it still carries its listener's,
+    // which tcplens does not repeat); its address joins it to its next line, which has.
     let by_cookie = |lines: &[Value]| {
         let mut m: HashMap<u64, Vec<Value>> = HashMap::new();
-        for l in lines {
-            m.entry(l["cookie"].as_u64().expect("cookie"))
+        for (i, l) in lines.iter().enumerate() {
+            let cookie = l["cookie"].as_u64().or_else(|| {
+                lines[i + 1..]
+                    .iter()
+                    .find(|n| n["sk"] == l["sk"])
+                    .and_then(|n| n["cookie"].as_u64())
+            });
+            m.entry(cookie.unwrap_or_else(|| panic!("no cookie: {l}")))
                 .or_default()
                 .push(l.clone());
         }
@@ -199,12 +207,16 @@ fn each_socket_carries_its_own_cgroup_and_the_filter_keeps_one() {
     assert_eq!(line_a["cgroup"], a.rel.as_str(), "{line_a}");
     assert!(line_a["container"].is_null() && line_a["pod_uid"].is_null());
 
-    // Child A's handshake and the client's FIN ran in the client's (this test's) context,
-    // in softirq on loopback: the task is the test, the socket's cgroup is still A's, and
-    // its owner is server A's from its very first event on.
-    let child_a: Vec<&Value> = lines
+    // Child A's handshake ran in softirq on top of another task than server A (asleep in
+    // accept(): the client's connect() on loopback, or ksoftirqd): its cgroup is still the
+    // socket's, A, and its owner server A's from its very first event on. (By socket: on
+    // 6.1 its first line has no peer yet.)
+    let child_a: Vec<&Value> = a_sockets
         .iter()
-        .filter(|l| l["sport"] == PORT_A && l["dport"] != 0)
+        .map(|c| &sockets[c])
+        .find(|ls| ls.iter().any(|l| l["dport"] != 0))
+        .expect("child A")
+        .iter()
         .collect();
     let step = |old: &str, new: &str| {
         *child_a
@@ -218,7 +230,15 @@ fn each_socket_carries_its_own_cgroup_and_the_filter_keeps_one() {
         ("ESTABLISHED", "CLOSE_WAIT"),
     ] {
         let l = step(old, new);
-        assert_eq!(l["pid"], pid, "in the client's context: {l}");
+        if new != "CLOSE_WAIT" {
+            // (The client's FIN may wait in the socket's backlog and run in server A's
+            // read().)
+            assert_ne!(
+                l["pid"],
+                u64::from(server_a),
+                "not in server A's context: {l}"
+            );
+        }
         assert_eq!(l["cgroup_id"], a.id, "{l}");
         assert_eq!(l["owner_pid"], u64::from(server_a), "inherited: {l}");
         assert_eq!(l["owner_comm"], "t14-server-a", "{l}");
@@ -228,7 +248,7 @@ fn each_socket_carries_its_own_cgroup_and_the_filter_keeps_one() {
         .iter()
         .find(|l| l["sport"] == PORT_B && l["new"] == "SYN_RECV")
         .expect("child B");
-    assert_eq!(child_b_first["pid"], u64::from(client_in_a));
+    assert_ne!(child_b_first["pid"], u64::from(server_b));
     assert_eq!(child_b_first["owner_pid"], u64::from(server_b));
     assert_eq!(child_b_first["cgroup_id"], b.id);
     // The A client's TIME_WAIT (derived from its timewait socket's timer) keeps its cgroup.
@@ -244,7 +264,7 @@ fn each_socket_carries_its_own_cgroup_and_the_filter_keeps_one() {
     // `--cgroup A`: exactly the lines of A's sockets, TIME_WAIT included.
     let want: Vec<&Value> = lines.iter().filter(|l| l["cgroup_id"] == a.id).collect();
     let got: Vec<&Value> = kept.iter().collect();
-    let key = |l: &&Value| (l["cookie"].clone(), l["old"].clone(), l["new"].clone());
+    let key = |l: &&Value| (l["sk"].clone(), l["old"].clone(), l["new"].clone());
     assert_eq!(
         got.iter().map(key).collect::<Vec<_>>(),
         want.iter().map(key).collect::<Vec<_>>(),
