@@ -196,6 +196,11 @@ fn each_socket_carries_its_own_cgroup_and_the_filter_keeps_one() {
     }
     let client_a = *client_a.first().unwrap();
     assert_eq!(cgroup_of[&client_a], a.id);
+    assert_eq!(
+        sockets[&client_a][0]["owner_pid"],
+        u64::from(client_in_a),
+        "its connect(), in its own context"
+    );
     for (c, id) in &cgroup_of {
         if !a_sockets.contains(c) && !b_sockets.contains(c) && *c != client_a {
             assert_eq!(*id, mine, "the test's own client: {:#?}", sockets[c]);
