@@ -136,7 +136,7 @@ mod tests {
         );
         assert_eq!(
             error_of(&["stats", "--by", "colour"]),
-            "invalid value 'colour' for '--by <BY>' [possible values: lport, rport, process]"
+            "invalid value 'colour' for '--by <BY>' [possible values: lport, rport, process, cgroup, container]"
         );
     }
 }

@@ -1026,7 +1026,18 @@ mod tests {
             tr(7, 2_000_000, SynSent, Established, 1),
             tr(7, 1_002_000_000, Established, FinWait1, 1),
             tr(7, 1_002_100_000, FinWait1, FinWait2, 1),
-            tr(7, 1_002_200_000, FinWait2, Close, 1),
+            {
+                // Its counters at the end: the per-container counters and the RTT.
+                let mut close = tr(7, 1_002_200_000, FinWait2, Close, 1);
+                close.facts = Some(crate::model::ConnFacts {
+                    bytes_acked: 2,
+                    bytes_received: 1,
+                    srtt_us: 30,
+                    min_rtt_us: Some(20),
+                    retrans: 0,
+                });
+                close
+            },
             tr(8, 0, Close, SynSent, 1),
             tr(1, 1_500_000_000, Listen, SynRecv, 10),
             tr(1, 1_500_100_000, SynRecv, Established, 10),
@@ -1079,6 +1090,35 @@ mod tests {
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
+        // Every metric the shipped Grafana dashboard queries is one of these.
+        let dashboard: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../deploy/grafana/tcplens-dashboard.json"
+        ))
+        .expect("the dashboard is JSON");
+        let mut queried = 0;
+        for target in dashboard["panels"]
+            .as_array()
+            .expect("panels")
+            .iter()
+            .flat_map(|p| p["targets"].as_array().expect("targets"))
+        {
+            let expr = target["expr"].as_str().expect("expr");
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("tcplens_"))
+            {
+                let family = ["_bucket", "_count", "_sum", "_total"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name);
+                assert!(
+                    names.contains(&family),
+                    "{family} (in {expr:?}) is not exported"
+                );
+                queried += 1;
+            }
+        }
+        assert!(queried >= 16, "{queried} metrics queried");
         assert!(
             text.contains("tcplens_transitions_total{old=\"SYN_SENT\",new=\"ESTABLISHED\"} 1"),
             "{text}"
