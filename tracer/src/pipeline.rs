@@ -77,16 +77,16 @@ impl<'a> Pipeline<'a> {
     /// Seeds the tracker with the start-up snapshot's sockets that `filter` keeps (with
     /// `--cgroup`, timewait sockets have no cgroup to keep them by: they are left out).
     pub fn seed(&mut self, snapshot: Snapshot, filter: &KernelFilter) {
-        let mut names = filter.cgroup.as_ref().map(|_| CgroupNames::host());
+        let mut names = if filter.cgroup.is_some() {
+            CgroupNames::host()
+        } else {
+            CgroupNames::none()
+        };
         let holders = &snapshot.listener_holders;
         let seeds = snapshot
             .sockets
             .into_iter()
-            .filter(|s| filter.keeps(s.id.family, s.id.sport, s.id.dport, s.id.netns))
-            .filter(|s| match (&filter.cgroup, names.as_mut()) {
-                (Some(c), Some(names)) => c.keeps(s.cgroup, names),
-                _ => true,
-            })
+            .filter(|s| filter.keeps_listed(&s.id, s.cgroup, &mut names))
             .map(|s| Seed {
                 id: s.id,
                 state: s.state,

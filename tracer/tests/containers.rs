@@ -19,18 +19,6 @@ use tracer::model::TcpState;
 use tracer::source::cgroup::{CgroupFilter, CgroupNames, cgroup2_mount};
 use tracer::source::sockdiag::dump_here;
 
-/// stdout of a successful run that lost nothing.
-fn finish(f: Finished) -> String {
-    assert!(
-        f.status.success(),
-        "tcplens failed: {}: {}",
-        f.status,
-        f.stderr
-    );
-    assert_nothing_lost(&f.stderr);
-    f.stdout
-}
-
 /// A cgroup the test makes under the cgroup2 root, removed (once empty) when dropped.
 struct TestCgroup {
     dir: PathBuf,
@@ -135,8 +123,8 @@ fn each_socket_carries_its_own_cgroup_and_the_filter_keeps_one() {
     // A client of B (5 each: SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, TIME_WAIT; the
     // full socket's CLOSE as it turns timewait is not a step of the TCP view).
     settle_lines(&all, 2 * 2 + 2 * 5 + 2 * 5);
-    let lines = json_lines(&finish(all.stop()));
-    let kept = json_lines(&finish(only_a.stop()));
+    let lines = json_lines(&succeeded(all.stop()));
+    let kept = json_lines(&succeeded(only_a.stop()));
 
     let mut listed = listed;
     listed.sort_unstable();
@@ -398,7 +386,7 @@ fn bytes_and_rtt_at_the_end_of_a_connection_are_the_kernels() {
         (port, client_info, server_info)
     });
     std::thread::sleep(slack(Duration::from_millis(500)));
-    let lives = json_lines(&finish(timeline.stop()));
+    let lives = json_lines(&succeeded(timeline.stop()));
     let client = life_of(&lives, client_port, PORT);
     let server = life_of(&lives, PORT, client_port);
     assert_eq!(client["role"], "active");
@@ -554,7 +542,7 @@ fn retransmits_at_the_end_are_the_kernels() {
     assert_eq!(got.len(), 1000);
     drop(s);
     std::thread::sleep(slack(Duration::from_millis(500)));
-    let lives = json_lines(&finish(timeline.stop()));
+    let lives = json_lines(&succeeded(timeline.stop()));
     let client = life_of(&lives, client_port, PORT);
     assert!(
         retrans >= 3,

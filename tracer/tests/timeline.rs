@@ -10,18 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-/// stdout of a successful run that lost nothing.
-fn finish(f: Finished) -> String {
-    assert!(
-        f.status.success(),
-        "tcplens failed: {}: {}",
-        f.status,
-        f.stderr
-    );
-    assert_nothing_lost(&f.stderr);
-    f.stdout
-}
-
 fn run_from(args: &[&str]) -> String {
     let out = Command::new(TCPLENS)
         .args(args)
@@ -80,7 +68,7 @@ fn close_wait_and_established_durations_owner_and_replay() {
     }
 
     // Timeline: the passive socket and the client, with measured durations.
-    let lives = on_port(&json_lines(&finish(timeline.stop())), PORT);
+    let lives = on_port(&json_lines(&succeeded(timeline.stop())), PORT);
     let roles: Vec<&str> = lives.iter().map(|l| l["role"].as_str().unwrap()).collect();
     assert_eq!(lives.len(), 3, "{lives:#?}");
     let passive = lives
@@ -150,7 +138,7 @@ fn close_wait_and_established_durations_owner_and_replay() {
     }
 
     // Stats (-L PORT: the server side): CLOSE_WAIT in its histogram.
-    let live = json_lines(&finish(stats.stop()));
+    let live = json_lines(&succeeded(stats.stop()));
     assert_eq!(live.len(), 1, "one window at exit: {live:?}");
     let s = &live[0];
     assert_eq!(s["lost_events"], 0);
@@ -168,7 +156,7 @@ fn close_wait_and_established_durations_owner_and_replay() {
     // Record, then replay without the kernel: the same figures. Each tcplens instance
     // has its own program on the tracepoint, which timestamps the event when it runs, so
     // two instances' times of one event differ by the microseconds between their runs.
-    finish(record.stop());
+    succeeded(record.stop());
     let replayed = json_lines(&run_from(&[
         "stats", "--from", &file_s, "--format", "json", "-L", &port,
     ]));
@@ -260,7 +248,7 @@ fn a_connection_older_than_tcplens_existed_at_start() {
     ]);
     drop(client);
     drop(server); // ESTABLISHED -> CLOSE_WAIT -> LAST_ACK -> CLOSE, seen on the tracepoint
-    let lives = on_port(&json_lines(&finish(timeline.wait())), PORT);
+    let lives = on_port(&json_lines(&succeeded(timeline.wait())), PORT);
     drop(listener);
     drop(done_tx);
     holder.join().unwrap();
@@ -312,7 +300,7 @@ fn pid_filter_keeps_one_process_sockets() {
     .unwrap();
     a.finish();
     b.finish();
-    let lives = json_lines(&finish(timeline.wait()));
+    let lives = json_lines(&succeeded(timeline.wait()));
     let owners: Vec<_> = lives
         .iter()
         .map(|l| (l["owner_pid"].clone(), l["role"].clone()))

@@ -206,11 +206,9 @@ impl<W: Write> LeaksSink<W> {
             .iter()
             .filter(|(s, h)| {
                 s.state == q.state
-                    && q.filter
-                        .keeps(s.id.family, s.id.sport, s.id.dport, s.id.netns)
                     && q.pid
                         .is_none_or(|pid| h.as_ref().is_some_and(|h| h.pid == pid))
-                    && q.filter.keeps_cgroup(s.cgroup, &mut self.names)
+                    && q.filter.keeps_listed(&s.id, s.cgroup, &mut self.names)
             })
             .cloned()
             .collect();

@@ -138,8 +138,8 @@ impl<W: Write> ListenSink<W> {
             .listeners
             .iter()
             .filter(|l| {
-                self.filter.keeps_listener(&l.id)
-                    && self.filter.keeps_cgroup(l.cgroup, &mut self.names)
+                self.filter
+                    .keeps_listed_listener(&l.id, l.cgroup, &mut self.names)
             })
             .map(|l| {
                 let cookie = l.id.cookie;

@@ -616,10 +616,7 @@ impl MetricsSink {
             .iter()
             .filter(|(s, _)| {
                 s.state == TcpState::CloseWait
-                    && self
-                        .filter
-                        .keeps(s.id.family, s.id.sport, s.id.dport, s.id.netns)
-                    && self.filter.keeps_cgroup(s.cgroup, &mut self.names)
+                    && self.filter.keeps_listed(&s.id, s.cgroup, &mut self.names)
             })
             .cloned()
             .collect();
@@ -689,8 +686,8 @@ impl MetricsSink {
             .listeners
             .iter()
             .filter(|l| {
-                self.filter.keeps_listener(&l.id)
-                    && self.filter.keeps_cgroup(l.cgroup, &mut self.names)
+                self.filter
+                    .keeps_listed_listener(&l.id, l.cgroup, &mut self.names)
             })
             .collect();
         listeners.sort_by_key(|l| (l.id.netns, l.id.sport, l.id.saddr));
@@ -959,7 +956,7 @@ mod tests {
     use crate::model::SocketId;
     use crate::source::procs::Holder;
     use crate::source::sockdiag::DiagSocket;
-    use crate::tracker::tests::tr;
+    use crate::tracker::tests::{ended_connection, tr};
     use TcpState::*;
 
     fn cw(sport: u16, pid: u32, comm: &str) -> (DiagSocket, Option<Holder>) {
@@ -1285,22 +1282,14 @@ mod tests {
             .chain(more.iter().map(|(id, _)| *id));
         for cgroup in cgroups {
             sk += 1;
-            for (old, new, ts) in [
-                (Close, SynSent, 0),
-                (SynSent, Established, 10),
-                (Established, Close, 20),
-            ] {
-                let mut e = tr(sk, ts, old, new, 1);
-                e.cgroup = cgroup;
-                if new == Close {
-                    e.facts = Some(crate::model::ConnFacts {
-                        bytes_acked: 1_001,
-                        bytes_received: 2_000,
-                        srtt_us: 50,
-                        min_rtt_us: Some(40),
-                        retrans: 3,
-                    });
-                }
+            let facts = crate::model::ConnFacts {
+                bytes_acked: 1_001,
+                bytes_received: 2_000,
+                srtt_us: 50,
+                min_rtt_us: Some(40),
+                retrans: 3,
+            };
+            for e in ended_connection(sk, cgroup, facts) {
                 let o = t.observe(&e, &mut ended);
                 sink.transition(&e, &o).unwrap();
             }

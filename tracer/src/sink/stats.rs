@@ -642,7 +642,7 @@ mod tests {
     use super::*;
     use crate::clock::WallClock;
     use crate::model::TimerOp;
-    use crate::tracker::tests::{request_of, tr};
+    use crate::tracker::tests::{ended_connection, request_of, tr};
     use TcpState::*;
     use jiff::tz::TimeZone;
 
@@ -888,22 +888,14 @@ mod tests {
             (4, 7002, 1),
             (5, 99, 2),
         ] {
-            for (old, new, ts) in [
-                (Close, SynSent, 0),
-                (SynSent, Established, 10),
-                (Established, Close, 20),
-            ] {
-                let mut e = tr(sk, ts, old, new, 1);
-                e.cgroup = cgroup;
-                if new == Close {
-                    e.facts = Some(crate::model::ConnFacts {
-                        bytes_acked: kb * 1000 + 1,
-                        bytes_received: 500,
-                        srtt_us: 30 + 10 * kb as u32 / 10,
-                        min_rtt_us: Some(20),
-                        retrans: 0,
-                    });
-                }
+            let facts = crate::model::ConnFacts {
+                bytes_acked: kb * 1000 + 1,
+                bytes_received: 500,
+                srtt_us: 30 + 10 * kb as u32 / 10,
+                min_rtt_us: Some(20),
+                retrans: 0,
+            };
+            for e in ended_connection(sk, cgroup, facts) {
                 let o = t.observe(&e, &mut ended);
                 by_container.transition(&e, &o).unwrap();
                 by_cgroup.transition(&e, &o).unwrap();

@@ -206,11 +206,7 @@ impl CgroupNames {
 
     /// Names nothing.
     pub fn none() -> Self {
-        CgroupNames {
-            root: None,
-            names: HashMap::new(),
-            walked: None,
-        }
+        Self::known([])
     }
 
     /// Cgroup `id`'s name (its path relative to the hierarchy's root, `/` for the root).
@@ -240,9 +236,7 @@ impl CgroupNames {
                 continue; // removed meanwhile
             };
             self.names.entry(meta.ino()).or_insert_with(|| {
-                let path = dir
-                    .strip_prefix(root)
-                    .map_or_else(|_| "/".to_string(), |r| format!("/{}", r.display()));
+                let path = relative(root, &dir);
                 let container = container_of(&path);
                 CgroupName { path, container }
             });
@@ -256,6 +250,12 @@ impl CgroupNames {
             }
         }
     }
+}
+
+/// A cgroup directory's path relative to the cgroup2 root `root` (`/` for the root).
+fn relative(root: &std::path::Path, dir: &std::path::Path) -> String {
+    dir.strip_prefix(root)
+        .map_or_else(|_| "/".to_string(), |r| format!("/{}", r.display()))
 }
 
 /// `--cgroup`: a cgroup v2 directory; the kernel keeps its sockets and those of every
@@ -295,15 +295,10 @@ impl CgroupFilter {
         let id = std::fs::metadata(&dir)
             .map_err(|e| format!("`{arg}`: {e}"))?
             .ino();
-        let path = dir
-            .strip_prefix(root)
-            .map_or_else(|_| "/".to_string(), |r| format!("/{}", r.display()));
-        let path = if path == "/" {
-            path
-        } else {
-            path.trim_end_matches('/').to_string()
-        };
-        Ok(CgroupFilter { id, path })
+        Ok(CgroupFilter {
+            id,
+            path: relative(root, &dir),
+        })
     }
 
     /// Whether the filter keeps a socket of cgroup `id` (the kernel's test, for what

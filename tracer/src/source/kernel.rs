@@ -120,8 +120,24 @@ impl KernelFilter {
         self.keeps_local(id.family, id.sport, id.netns)
     }
 
-    /// `--cgroup`'s test, for what sock_diag lists (the socket's cgroup id, 0 for none).
-    pub fn keeps_cgroup(&self, cgroup: u64, names: &mut CgroupNames) -> bool {
+    /// The kernel's test, for a socket sock_diag lists (with its cgroup id, 0 for none).
+    pub fn keeps_listed(&self, id: &SocketId, cgroup: u64, names: &mut CgroupNames) -> bool {
+        self.keeps(id.family, id.sport, id.dport, id.netns) && self.keeps_cgroup(cgroup, names)
+    }
+
+    /// As [`KernelFilter::keeps_listed`], for a listener (see
+    /// [`KernelFilter::keeps_listener`]).
+    pub fn keeps_listed_listener(
+        &self,
+        id: &SocketId,
+        cgroup: u64,
+        names: &mut CgroupNames,
+    ) -> bool {
+        self.keeps_listener(id) && self.keeps_cgroup(cgroup, names)
+    }
+
+    /// `--cgroup`'s test (0: no cgroup, kept only without `--cgroup`).
+    fn keeps_cgroup(&self, cgroup: u64, names: &mut CgroupNames) -> bool {
         self.cgroup.as_ref().is_none_or(|c| c.keeps(cgroup, names))
     }
 

@@ -3,6 +3,25 @@ use crate::model::{Family, Task, TimerOp};
 use proptest::prelude::*;
 use std::net::Ipv4Addr;
 
+/// A connection of socket `sk` in cgroup `cgroup`: connect, then an abort to CLOSE (at
+/// 0, 10 and 20 ns) whose event carries `facts`, the connection's counters at its end.
+pub(crate) fn ended_connection(
+    sk: u64,
+    cgroup: u64,
+    facts: crate::model::ConnFacts,
+) -> [Transition; 3] {
+    let mut events = [
+        tr(sk, 0, Close, SynSent, 1),
+        tr(sk, 10, SynSent, Established, 1),
+        tr(sk, 20, Established, Close, 1),
+    ];
+    for e in &mut events {
+        e.cgroup = cgroup;
+    }
+    events[2].facts = Some(facts);
+    events
+}
+
 /// A transition of socket `sk` (whose cookie is `sk` too), on no particular CPU.
 pub(crate) fn tr(sk: u64, ts: u64, old: TcpState, new: TcpState, pid: u32) -> Transition {
     Transition {

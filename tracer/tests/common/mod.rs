@@ -343,6 +343,18 @@ pub(crate) fn assert_nothing_lost(stderr: &str) {
     assert!(counts.ends_with(" request), 0 lost"), "{stderr}");
 }
 
+/// stdout of a successful run that lost nothing.
+pub(crate) fn succeeded(f: Finished) -> String {
+    assert!(
+        f.status.success(),
+        "tcplens failed: {}: {}",
+        f.status,
+        f.stderr
+    );
+    assert_nothing_lost(&f.stderr);
+    f.stdout
+}
+
 /// The states of a timeline JSON life, in order.
 pub(crate) fn state_names(life: &serde_json::Value) -> Vec<&str> {
     life["states"]
