@@ -357,10 +357,6 @@ struct Report {
     flipped: bool,
     /// A failed holder listing was said.
     said_failure: bool,
-    /// A report waiting for its holder listing was overtaken by the next interval: that
-    /// listing, when it comes, is the new report's (not a listing between reports, which
-    /// the sinks would take as their start).
-    overtaken: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -373,7 +369,6 @@ impl Report {
     /// The interval ticked at `now_ns`. (A report still waiting is overtaken.)
     fn due(&mut self, now_ns: u64, p: &mut Pipeline<'_>, host: &mut HostWorker) -> io::Result<()> {
         self.due = Some(now_ns);
-        self.overtaken |= self.waiting == Some(Waiting::Holders);
         self.waiting = None;
         self.flipped = false;
         self.go(p, host)
@@ -387,13 +382,7 @@ impl Report {
         p: &mut Pipeline<'_>,
         host: &mut HostWorker,
     ) -> io::Result<()> {
-        let mut waiting = self.waiting.take();
-        if waiting.is_none()
-            && matches!(answer, Answer::Holders(_) | Answer::Failed(_))
-            && std::mem::take(&mut self.overtaken)
-        {
-            waiting = Some(Waiting::Holders);
-        }
+        let waiting = self.waiting.take();
         match (answer, waiting) {
             (Answer::Holders(h), Some(Waiting::Holders)) => {
                 if let Some(at) = self.due.take() {
