@@ -11,8 +11,8 @@ use jiff::tz::TimeZone;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::{
-    CommonArgs, LeaksArgs, ListenArgs, RecordArgs, ServeArgs, StatsArgs, TimelineArgs, TraceArgs,
-    WatchArgs,
+    CommonArgs, LeaksArgs, ListenArgs, RecordArgs, ServeArgs, StatsArgs, TimelineArgs, TopArgs,
+    TraceArgs, WatchArgs,
 };
 use crate::clock::{TimeFormatter, WallClock, monotonic_now_ns};
 use crate::decode::decode;
@@ -24,6 +24,8 @@ use crate::sink::metrics::{Metrics, MetricsSink};
 use crate::sink::record::RecordSink;
 use crate::sink::stats::StatsSink;
 use crate::sink::timeline::TimelineSink;
+use crate::sink::top::model::TopModel;
+use crate::sink::top::{Link, TopSink, term};
 use crate::sink::watch::{WatchPrinter, WatchSink};
 use crate::source::cgroup::CgroupNames;
 use crate::source::host::{self, Answer, Ask, HostWorker};
@@ -206,9 +208,13 @@ async fn run_live(
     let mut reported_lost = 0;
     let mut failed: Option<io::Error> = None;
 
-    say(format_args!(
-        "tracing TCP state transitions; Ctrl-C to stop"
-    ));
+    // A screen says it by drawing.
+    let wake = p.link.as_ref().map(|l| l.wake.clone());
+    if wake.is_none() {
+        say(format_args!(
+            "tracing TCP state transitions; Ctrl-C to stop"
+        ));
+    }
     if let Err(e) = p.started(Some(monotonic_now_ns())) {
         failed = Some(e);
     }
@@ -229,7 +235,7 @@ async fn run_live(
             }
         }
     };
-    while failed.is_none() {
+    while failed.is_none() && !p.quit_asked() {
         tokio::select! {
             batch = events.next_batch(|b| feed(p, &mut failed, b)) => {
                 batch?;
@@ -299,6 +305,12 @@ async fn run_live(
             () = tick(&mut ticks) => {
                 p.totals.read_lost(lost)?;
                 if let Err(e) = report.due(monotonic_now_ns(), p, &mut host) {
+                    failed = Some(e);
+                }
+            }
+            // A key: the screen takes it at the flush point.
+            () = woken(wake.as_deref()) => {
+                if let Err(e) = p.batch_done() {
                     failed = Some(e);
                 }
             }
@@ -490,6 +502,13 @@ async fn tick(ticks: &mut Option<tokio::time::Interval>) {
         Some(t) => {
             t.tick().await;
         }
+        None => std::future::pending().await,
+    }
+}
+
+async fn woken(wake: Option<&tokio::sync::Notify>) {
+    match wake {
+        Some(w) => w.notified().await,
         None => std::future::pending().await,
     }
 }
@@ -732,6 +751,134 @@ pub async fn listen(args: &ListenArgs) -> Result<()> {
     run(input, &args.trace, Some(args.interval), &mut p).await?;
     report(&p);
     Ok(())
+}
+
+/// `top`: the dashboard, live or over a recording, until `q`, Ctrl-C, SIGTERM or
+/// `--duration`; then the usual summary on stderr.
+pub async fn top(args: &TopArgs) -> Result<()> {
+    term::check()?;
+    let common = &args.common;
+    let input = Input::open(common)?;
+    if matches!(input, Input::File { .. }) && common.trace.cgroup.is_some() {
+        anyhow::bail!("--cgroup filters live tracing in the kernel; it does not apply to --from");
+    }
+    let mut model = TopModel::new(common.trace.filter(), input.cgroup_names());
+    model.owner_pid = common.owner.pid;
+    let tracker = input.tracker(common.cap.max_sockets);
+    let times = formatter(input.clock());
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let (terminal, guard, keys) = term::enter(wake.clone()).context("setting up the terminal")?;
+    // While the screen is up nothing else may write on the terminal: it shows lost
+    // events itself, and the summary follows at exit.
+    let level = log::max_level();
+    log::set_max_level(log::LevelFilter::Off);
+    let mut sink = TopSink::new(model, terminal, Some(keys), times);
+    let link = Link {
+        wake,
+        control: sink.control.clone(),
+    };
+    let mut p = Pipeline::new(tracker, vec![&mut sink]);
+    p.owner_pid = common.owner.pid;
+    p.link = Some(link.clone());
+    let result = match input {
+        Input::File { reader, path } => {
+            p.filter = Some(common.trace.filter());
+            p.timewait = !common.trace.no_timewait;
+            replay_paced(*reader, &path, args, &mut p, &link).await
+        }
+        kernel @ Input::Kernel(_) => run(kernel, &common.trace, Some(args.interval), &mut p).await,
+    };
+    drop(guard);
+    log::set_max_level(level);
+    report(&p);
+    result
+}
+
+/// Replays a recording on the screen: an interval at a time, at the recorded pace, or
+/// as the keys step it (`--step`, `n`, space). The end waits for `q`.
+async fn replay_paced(
+    mut reader: RecordReader<BufReader<File>>,
+    path: &str,
+    args: &TopArgs,
+    p: &mut Pipeline<'_>,
+    link: &Link,
+) -> Result<()> {
+    let control = &link.control;
+    control.stepping.set(args.step);
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    p.started(None)?;
+    let step = args.interval.as_nanos() as u64;
+    let mut next_tick: Option<u64> = None;
+    let mut last_ts = 0;
+    // The recorded time shown at a wall-clock instant: the pace's reference.
+    let mut origin: Option<(tokio::time::Instant, u64)> = None;
+    let outcome = loop {
+        if p.quit_asked() {
+            break Ok(());
+        }
+        let t = match reader.next_item() {
+            Ok(Some(Item::Event(t))) => t,
+            Ok(Some(Item::Lost(n))) => {
+                p.totals.lost = Lost {
+                    ring_full: n,
+                    recursion: 0,
+                };
+                continue;
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        p.totals.events += 1;
+        let ts = t.ts_ns();
+        let due = *next_tick.get_or_insert(ts + step);
+        if ts >= due {
+            // Show the interval that ended at `due`, when its time comes.
+            loop {
+                if p.quit_asked() {
+                    break;
+                }
+                if control.stepping.get() {
+                    origin = None;
+                    if control.steps.get() > 0 {
+                        control.steps.set(control.steps.get() - 1);
+                        break;
+                    }
+                } else {
+                    let (at, from) = *origin.get_or_insert((tokio::time::Instant::now(), due));
+                    let target = at + Duration::from_nanos(due - from);
+                    tokio::select! {
+                        () = tokio::time::sleep_until(target) => break,
+                        () = link.wake.notified() => {}
+                        _ = sigterm.recv() => control.quit.set(true),
+                    }
+                    p.batch_done()?;
+                    continue;
+                }
+                tokio::select! {
+                    () = link.wake.notified() => {}
+                    _ = sigterm.recv() => control.quit.set(true),
+                }
+                p.batch_done()?;
+            }
+            p.interval(due, None)?;
+            next_tick = Some(due + step * ((ts - due) / step + 1));
+        }
+        last_ts = last_ts.max(ts);
+        p.event(&t)?;
+    };
+    if outcome.is_ok() && !p.quit_asked() {
+        control.ended.set(true);
+        p.interval(last_ts, None)?;
+        while !p.quit_asked() {
+            tokio::select! {
+                () = link.wake.notified() => {}
+                _ = sigterm.recv() => control.quit.set(true),
+            }
+            p.batch_done()?;
+        }
+    }
+    p.finish(last_ts, None)?;
+    outcome.with_context(|| format!("{path}: {} events read before the error", p.totals.events))
 }
 
 fn create(path: &Path) -> Result<File> {

@@ -44,6 +44,10 @@ pub enum Command {
     /// completed, expired, aborted, SYN-ACKs retransmitted), the accept queue and backlog,
     /// drops, and each namespace's listen counters.
     Listen(ListenArgs),
+    /// A live dashboard on the terminal: sockets per state with their recent history,
+    /// a table per process, container or listener (sortable, filterable), time-in-state
+    /// percentiles of the selected row, and the oldest CLOSE_WAIT sockets with pid and fd.
+    Top(TopArgs),
     /// A Prometheus/OpenMetrics endpoint: transitions, sockets per state, time-in-state
     /// histograms, CLOSE_WAIT holders, lost events.
     Serve(ServeArgs),
@@ -59,6 +63,20 @@ pub struct ServeArgs {
     pub listen: std::net::SocketAddr,
     #[command(flatten)]
     pub cap: CapArg,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Refresh the screen (rates, sparklines, the leaks pane) this often; keys redraw at
+    /// once.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub interval: Duration,
+    /// With --from: start paused; `n` replays the next interval as fast as it reads, space
+    /// goes on at the recorded speed.
+    #[arg(long, requires = "from")]
+    pub step: bool,
 }
 
 /// `--serve ADDR` of the commands that can export metrics alongside their own output.

@@ -6,6 +6,7 @@
 use std::io;
 
 use crate::model::{Comm, KernelEvent, TcpState, Transition};
+use crate::sink::top::Link;
 use crate::sink::{HolderWant, Sink, View};
 use crate::source::cgroup::CgroupNames;
 use crate::source::host::{Answer, Holders, Snapshot};
@@ -53,6 +54,8 @@ pub struct Pipeline<'a> {
     /// `record`: its one sink takes the raw events, and their replay tracks them).
     pub track: bool,
     pub totals: Totals,
+    /// A screen (`top`): its keys wake the loops, and may stop them.
+    pub link: Option<Link>,
 }
 
 impl<'a> Pipeline<'a> {
@@ -67,6 +70,7 @@ impl<'a> Pipeline<'a> {
             timewait_of_known_only: false,
             track: true,
             totals: Totals::default(),
+            link: None,
         }
     }
 
@@ -270,6 +274,11 @@ impl<'a> Pipeline<'a> {
     /// Holders listed between intervals (for [`HolderWant::Periodically`] sinks).
     pub fn holders(&mut self, now_ns: u64, holders: &Holders) -> io::Result<()> {
         self.each_viewed(Some(holders), |s, v| s.holders(now_ns, v))
+    }
+
+    /// The screen asked to stop (`q`).
+    pub fn quit_asked(&self) -> bool {
+        self.link.as_ref().is_some_and(|l| l.control.quit.get())
     }
 
     /// Tracing stopped at `now_ns`: sinks finish against the tracker as it stands, then

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod record;
 pub mod stats;
 pub mod timeline;
+pub mod top;
 pub mod watch;
 
 use std::io;

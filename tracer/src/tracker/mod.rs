@@ -429,6 +429,13 @@ impl Tracker {
         self.lives.iter().map(|(_, t)| &t.life)
     }
 
+    /// The tracked sockets with the state each counts in (see [`Tracker::state_counts`]:
+    /// a timewait socket sock_diag saw turn TIME_WAIT counts as TIME_WAIT before its
+    /// timer says so).
+    pub fn sockets_in_states(&self) -> impl Iterator<Item = (&SocketLife, Option<TcpState>)> {
+        self.lives.iter().map(|(_, t)| (&t.life, t.state()))
+    }
+
     /// The tracked socket with this identity (cookie), if any.
     pub fn socket(&self, id: u64) -> Option<&SocketLife> {
         self.lives.peek(&id).map(|t| &t.life)
