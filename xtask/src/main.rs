@@ -411,8 +411,9 @@ fn test(extra: &[String]) -> Result<()> {
             "the real-kernel tests load eBPF programs and create network namespaces: run `cargo xtask test` as root"
         );
     }
-    // The metrics end-to-end test scrapes tcplens with a real Prometheus server.
-    apt_tools(&[("prometheus", "prometheus")])?;
+    // The metrics end-to-end test scrapes tcplens with a real Prometheus server; top's
+    // runs it in a real terminal, tmux's.
+    apt_tools(&[("prometheus", "prometheus"), ("tmux", "tmux")])?;
     step("cargo test (unit and real-kernel tests)");
     let mut args = vec![
         "test",

@@ -162,7 +162,7 @@ impl<B: Backend> Sink for TopSink<B> {
     }
 
     fn started(&mut self, start_ns: Option<u64>) -> io::Result<()> {
-        self.model.start_ns = start_ns;
+        self.model.started(start_ns);
         self.draw()
     }
 

@@ -287,6 +287,13 @@ impl TopModel {
         }
     }
 
+    /// Tracing began at `start_ns` (live), or with the first event (a replay, `None`): the
+    /// first rate window starts there.
+    pub fn started(&mut self, start_ns: Option<u64>) {
+        self.start_ns = start_ns;
+        self.window_start_ns = start_ns;
+    }
+
     /// The key of a socket of namespace `netns`, local port `sport`, in the listeners'
     /// view: its listener's, when it listens or was accepted on a listening port.
     fn listener_key(&self, netns: u32, sport: u16, listener: bool) -> Option<GroupKey> {
