@@ -216,5 +216,96 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// Sockets `top` tracks in its frame benchmark.
+const TOP_SOCKETS: u64 = 100_000;
+
+/// One `top` frame (a refresh: sockets per state and per group recounted from the
+/// tracker, rates, the rows of the view; then the screen drawn into a 160x48 buffer) with
+/// 100 000 sockets tracked: 500 processes in 50 cgroups, each connection established,
+/// every tenth in CLOSE_WAIT. The bound is 5 ms a frame.
+fn top_frame(c: &mut Criterion) {
+    use TcpState::{Close, CloseWait, Established, SynSent};
+    use ratatui::Terminal;
+    use ratatui::backend::TestBackend;
+    use tracer::pipeline::Totals;
+    use tracer::sink::View;
+    use tracer::sink::top::TopSink;
+    use tracer::sink::top::model::TopModel;
+    use tracer::source::kernel::KernelFilter;
+
+    let mut tracker = Tracker::new(2 * TOP_SOCKETS as usize);
+    tracker.count_groups();
+    let names: Vec<(u64, String)> = (0..50)
+        .map(|i| (0x1000 + i, format!("/system.slice/docker-{i:064x}.scope")))
+        .collect();
+    let model = TopModel::new(
+        KernelFilter::default(),
+        CgroupNames::known(names.iter().map(|(id, p)| (*id, p.as_str()))),
+    );
+    let terminal = Terminal::new(TestBackend::new(160, 48)).expect("test terminal");
+    let clock = WallClock::now();
+    let mut top = TopSink::new(
+        model,
+        terminal,
+        None,
+        TimeFormatter::new(clock, TimeZone::UTC),
+    );
+    let mut ended = Vec::new();
+    let mut ts = 1_000_000_000u64;
+    for n in 0..TOP_SOCKETS {
+        let pid = 1000 + (n % 500) as u32;
+        let mut steps = vec![(Close, SynSent), (SynSent, Established)];
+        if n % 10 == 0 {
+            steps.push((Established, CloseWait));
+        }
+        for (old, new) in steps {
+            ts += 1_000;
+            let t = Transition {
+                ts_ns: ts,
+                sk: 0xffff_8881_0000_0000 + n * 2048,
+                id: SocketId {
+                    cookie: n + 1,
+                    netns: 4_026_531_840,
+                    family: Family::Ipv4,
+                    saddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    sport: 1024 + (n % 60_000) as u16,
+                    daddr: IpAddr::V4(Ipv4Addr::new(10, 0, (n >> 8) as u8, n as u8)),
+                    dport: 443,
+                },
+                old,
+                new,
+                task: Task {
+                    pid,
+                    tid: pid,
+                    comm: Comm::from_name(&format!("app{pid}")),
+                },
+                via: Via::Tracepoint,
+                cpu: Some(0),
+                jiffies: 0,
+                cgroup: 0x1000 + u64::from(pid % 50),
+                facts: None,
+            };
+            let o = tracker.observe(&t, &mut ended);
+            tracer::sink::Sink::transition(&mut top, &t, &o).ok();
+        }
+    }
+    assert_eq!(tracker.live(), TOP_SOCKETS as usize);
+    let totals = Totals::default();
+    let view = View {
+        totals: &totals,
+        tracker: &tracker,
+        holders: None,
+    };
+    let mut g = c.benchmark_group("top");
+    g.sample_size(20);
+    g.bench_function("frame_100k_sockets", |b| {
+        b.iter(|| {
+            ts += 1_000_000_000;
+            top.refresh(ts, &view).ok();
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, top_frame);
 criterion_main!(benches);

@@ -764,7 +764,9 @@ pub async fn top(args: &TopArgs) -> Result<()> {
     }
     let mut model = TopModel::new(common.trace.filter(), input.cgroup_names());
     model.owner_pid = common.owner.pid;
-    let tracker = input.tracker(common.cap.max_sockets);
+    let mut tracker = input.tracker(common.cap.max_sockets);
+    // A frame reads sockets per group from these, not from every socket.
+    tracker.count_groups();
     let times = formatter(input.clock());
     let wake = Arc::new(tokio::sync::Notify::new());
     let (terminal, guard, keys) = term::enter(wake.clone()).context("setting up the terminal")?;

@@ -287,6 +287,8 @@ pub struct Tracker {
     /// Live sockets per state (kernel state number): kept up to date as lives are added,
     /// changed and removed, so that reading them costs nothing.
     counts: [u64; 13],
+    /// The same per owner, cgroup and listener, when asked for ([`Tracker::count_groups`]).
+    groups: Option<Box<GroupCounts>>,
     /// Full sockets' kernel addresses -> their identity.
     by_sk: HashMap<u64, u64>,
     /// Listeners: (namespace, local port) -> their identity. An accepted socket's owner is
@@ -322,6 +324,7 @@ impl Tracker {
             counts: [0; 13],
             by_sk: HashMap::new(),
             listeners: HashMap::new(),
+            groups: None,
             fin_wait2: HashSet::new(),
             cancels: VecDeque::new(),
             cpu_cancel: HashMap::new(),
@@ -403,6 +406,37 @@ impl Tracker {
         self.counts
     }
 
+    /// Keeps live sockets per state for each owner, cgroup and listener too (what `top`
+    /// shows without walking every socket at each refresh); counts those tracked now.
+    pub fn count_groups(&mut self) {
+        let mut g = GroupCounts::default();
+        for (_, t) in &self.lives {
+            let tally = t.tally();
+            if let Some(state) = tally.state {
+                g.count(&tally, state, 1);
+            }
+        }
+        self.groups = Some(Box::new(g));
+    }
+
+    /// The per-group counts, when [`Tracker::count_groups`] asked for them.
+    pub fn group_counts(&self) -> Option<&GroupCounts> {
+        self.groups.as_deref()
+    }
+
+    /// The per-group counts recomputed from every life.
+    #[cfg(test)]
+    pub(crate) fn recount_groups(&self) -> GroupCounts {
+        let mut g = GroupCounts::default();
+        for (_, t) in &self.lives {
+            let tally = t.tally();
+            if let Some(state) = tally.state {
+                g.count(&tally, state, 1);
+            }
+        }
+        g
+    }
+
     /// The counts recomputed from every life: what [`Tracker::state_counts`] must equal.
     #[cfg(test)]
     pub(crate) fn recount(&self) -> [u64; 13] {
@@ -427,6 +461,17 @@ impl Tracker {
     /// The tracked sockets, most recently active first.
     pub fn sockets(&self) -> impl Iterator<Item = &SocketLife> {
         self.lives.iter().map(|(_, t)| &t.life)
+    }
+
+    /// The listener on local port `port` of namespace `netns`, when followed.
+    pub fn listener(&self, netns: u32, port: u16) -> Option<&SocketLife> {
+        let id = self.listeners.get(&(netns, port))?;
+        self.lives.peek(id).map(|t| &t.life)
+    }
+
+    /// The listeners followed: (namespace, local port).
+    pub fn listening(&self) -> impl Iterator<Item = (u32, u16)> + '_ {
+        self.listeners.keys().copied()
     }
 
     /// The tracked sockets with the state each counts in (see [`Tracker::state_counts`]:
@@ -519,14 +564,14 @@ impl Tracker {
             }
             return observed;
         }
-        let before = tracked.state();
+        let before = tracked.tally();
         let child = tracked.life.role == Role::Passive
             && matches!(
                 (t.old, t.new),
                 (TcpState::Listen, TcpState::SynRecv) | (TcpState::SynRecv, TcpState::Established)
             );
         let (mut observed, entered, mismatched) = step(&mut tracked.life, t);
-        let after = tracked.state();
+        let after = tracked.tally();
         let listening = (t.new == TcpState::Listen).then_some((t.id.netns, tracked.life.id.sport));
         self.moved(before, after);
         if let Some(port) = listening {
@@ -614,11 +659,11 @@ impl Tracker {
             match self.lives.get_mut(&id) {
                 Some(seeded) => {
                     // It was there before the snapshot, unless this event is its birth.
-                    let before = seeded.state();
+                    let before = seeded.tally();
                     let existed = fresh.life.first_seen_mid_life;
                     *seeded = fresh;
                     seeded.life.existed_at_start = existed;
-                    let after = seeded.state();
+                    let after = seeded.tally();
                     self.fin_wait2.remove(&id);
                     self.moved(before, after);
                 }
@@ -652,30 +697,33 @@ impl Tracker {
 
     /// Adds a record (the caller made room), counted in its state.
     fn put_new(&mut self, id: u64, tracked: Tracked) {
-        self.count(tracked.state(), 1);
+        self.count(tracked.tally(), 1);
         self.lives.put(id, tracked);
     }
 
     /// Takes a record out, uncounted and unindexed.
     fn remove(&mut self, id: u64) -> Option<Tracked> {
         let t = self.lives.pop(&id)?;
-        self.count(t.state(), -1);
+        self.count(t.tally(), -1);
         self.forget(id, &t);
         Some(t)
     }
 
-    /// A record changed in place, from state `before` to `after`.
-    fn moved(&mut self, before: Option<TcpState>, after: Option<TcpState>) {
+    /// A record changed in place, from `before` to `after` (its state, or a group).
+    fn moved(&mut self, before: Tally, after: Tally) {
         if after != before {
             self.count(before, -1);
             self.count(after, 1);
         }
     }
 
-    fn count(&mut self, state: Option<TcpState>, delta: i64) {
-        if let Some(state) = state {
+    fn count(&mut self, tally: Tally, delta: i64) {
+        if let Some(state) = tally.state {
             let n = &mut self.counts[state as usize];
             *n = n.saturating_add_signed(delta);
+            if let Some(g) = self.groups.as_deref_mut() {
+                g.count(&tally, state, delta);
+            }
         }
     }
 
@@ -750,6 +798,7 @@ impl Tracker {
                 (_, now) => {
                     self.stats.mismatched += 1;
                     if let Some(t) = self.lives.peek_mut(&id) {
+                        let before = t.tally();
                         self.fin_wait2.remove(&id);
                         move_to(
                             &mut t.life,
@@ -761,8 +810,8 @@ impl Tracker {
                         if now == TcpState::FinWait2 && t.tw.is_some() {
                             self.fin_wait2.insert(id);
                         }
-                        let after = t.state();
-                        self.moved(Some(state), after);
+                        let after = t.tally();
+                        self.moved(before, after);
                     }
                 }
             }
@@ -807,11 +856,67 @@ impl Tracker {
         self.cancels.clear();
         self.cpu_cancel.clear();
         self.counts = [0; 13];
+        if let Some(g) = self.groups.as_deref_mut() {
+            *g = GroupCounts::default();
+        }
         out
     }
 }
 
+/// What a record is counted by: its state, and the groups it belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tally {
+    state: Option<TcpState>,
+    owner: u32,
+    cgroup: u64,
+    listener: Option<(u32, u16)>,
+}
+
+/// Live sockets per state for each owner process (pid 0: none known), each cgroup (0:
+/// unknown) and each listener ((namespace, port): the listener and the connections it
+/// accepted); a group with no socket left is dropped.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct GroupCounts {
+    pub by_owner: HashMap<u32, [u64; 13], foldhash::fast::FixedState>,
+    pub by_cgroup: HashMap<u64, [u64; 13], foldhash::fast::FixedState>,
+    pub by_listener: HashMap<(u32, u16), [u64; 13], foldhash::fast::FixedState>,
+}
+
+impl GroupCounts {
+    fn count(&mut self, t: &Tally, state: TcpState, delta: i64) {
+        fn add<K: std::hash::Hash + Eq + Copy>(
+            map: &mut HashMap<K, [u64; 13], foldhash::fast::FixedState>,
+            key: K,
+            state: TcpState,
+            delta: i64,
+        ) {
+            let counts = map.entry(key).or_insert([0; 13]);
+            let n = &mut counts[state as usize];
+            *n = n.saturating_add_signed(delta);
+            if delta < 0 && counts.iter().all(|&n| n == 0) {
+                map.remove(&key);
+            }
+        }
+        add(&mut self.by_owner, t.owner, state, delta);
+        add(&mut self.by_cgroup, t.cgroup, state, delta);
+        if let Some(l) = t.listener {
+            add(&mut self.by_listener, l, state, delta);
+        }
+    }
+}
+
 impl Tracked {
+    fn tally(&self) -> Tally {
+        let l = &self.life;
+        Tally {
+            state: self.state(),
+            owner: l.owner.map_or(0, |o| o.pid),
+            cgroup: l.cgroup,
+            listener: matches!(l.role, Role::Listener | Role::Passive)
+                .then_some((l.id.netns, l.id.sport)),
+        }
+    }
+
     /// The state the socket is in as far as the tracker knows (a timewait socket that
     /// sock_diag saw turn TIME_WAIT counts as TIME_WAIT).
     fn state(&self) -> Option<TcpState> {

@@ -51,6 +51,14 @@ pub(crate) fn tr(sk: u64, ts: u64, old: TcpState, new: TcpState, pid: u32) -> Tr
     }
 }
 
+/// A tracker that keeps its per-group counts too (the tests check them against a
+/// recount wherever they check the per-state counts).
+fn counted() -> Tracker {
+    let mut t = Tracker::default();
+    t.count_groups();
+    t
+}
+
 /// The namespace of the test sockets.
 pub(crate) const NETNS: u32 = 4_026_531_840;
 
@@ -64,7 +72,7 @@ fn feed(t: &mut Tracker, evs: &[Transition]) -> (Vec<Observed>, Vec<SocketLife>)
 
 #[test]
 fn an_active_life_with_durations() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     let mut first = tr(1, 100, Close, SynSent, 7);
     first.id.sport = 0; // not chosen yet at connect()
     let (obs, ended) = feed(
@@ -124,7 +132,7 @@ fn an_active_life_with_durations() {
 
 #[test]
 fn first_seen_mid_life_is_unknown() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     let (obs, ended) = feed(
         &mut t,
         &[
@@ -153,7 +161,7 @@ fn first_seen_mid_life_is_unknown() {
 
 #[test]
 fn a_missed_event_makes_the_next_duration_unknown() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     let (obs, _) = feed(
         &mut t,
         &[
@@ -181,7 +189,7 @@ fn a_missed_event_makes_the_next_duration_unknown() {
 
 #[test]
 fn resets_and_refusals_end_as_reset() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     let (_, ended) = feed(
         &mut t,
         &[
@@ -207,7 +215,7 @@ fn resets_and_refusals_end_as_reset() {
 
 #[test]
 fn owner_comes_from_process_context_only() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     // The passive child: its handshake and the peer's FIN run in softirq on top of
     // unrelated tasks 50 and 51.
     let (obs, ended) = feed(
@@ -234,7 +242,7 @@ fn owner_comes_from_process_context_only() {
 
 #[test]
 fn a_reused_address_starts_a_fresh_record() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     let (obs, ended) = feed(
         &mut t,
         &[
@@ -263,7 +271,7 @@ fn a_child_born_without_cookie_or_peer_takes_them_from_its_next_event() {
     born.id.dport = 0;
     let mut est = tr(sk, 1_500, SynRecv, Established, 1);
     est.id.cookie = 77;
-    let mut t = Tracker::default();
+    let mut t = counted();
     let (obs, ended) = feed(&mut t, &[born, est]);
     assert!(ended.is_empty(), "{ended:?}");
     assert_eq!(t.stats().unseen_reused, 0);
@@ -283,7 +291,7 @@ fn a_child_born_without_cookie_or_peer_takes_them_from_its_next_event() {
     assert_eq!(t.live(), 1);
     // The same on a kernel that reports the listener's cookie (copied into the child)
     // at the child's birth.
-    let mut t = Tracker::default();
+    let mut t = counted();
     let listener = 0xffff_8880_0000_2000;
     let mut listen = tr(listener, 0, Close, Listen, 1);
     listen.id.cookie = 5;
@@ -300,7 +308,7 @@ fn a_child_born_without_cookie_or_peer_takes_them_from_its_next_event() {
     assert_eq!(t.socket(77).map(|l| l.role), Some(Role::Passive));
     assert_eq!(t.live(), 2);
     // Or one the kernel overwrote after the event (the listener had none to copy).
-    let mut t = Tracker::default();
+    let mut t = counted();
     let mut born = tr(sk, 1_000, Listen, SynRecv, 1);
     born.id.cookie = 76;
     let (obs, ended) = feed(&mut t, &[born, est]);
@@ -309,7 +317,7 @@ fn a_child_born_without_cookie_or_peer_takes_them_from_its_next_event() {
     assert!(t.socket(76).is_none());
     assert_eq!(t.socket(77).map(|l| l.id.cookie), Some(77));
     // Past its birth, a new cookie at the same address is another socket.
-    let mut t = Tracker::default();
+    let mut t = counted();
     let mut born = tr(sk, 1_000, Listen, SynRecv, 1);
     born.id.cookie = 76;
     let mut first = tr(sk, 1_500, SynRecv, Established, 1);
@@ -344,7 +352,7 @@ fn eviction_keeps_the_cap_and_drops_the_least_recently_active() {
 
 #[test]
 fn still_open_at_exit() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     let mut ended = Vec::new();
     t.observe(&tr(7, 100, Close, SynSent, 1), &mut ended);
     t.observe(&tr(7, 200, SynSent, Established, 1), &mut ended);
@@ -360,7 +368,7 @@ fn still_open_at_exit() {
 fn a_skipped_exit_ends_unseen_and_the_next_life_starts_fresh() {
     // pgbench -C showed it: a socket's last event is ESTABLISHED -> FIN_WAIT1, then its
     // address serves another connection. The two must not merge.
-    let mut t = Tracker::default();
+    let mut t = counted();
     let second = |ts, old, new| {
         let t = tr(9, ts, old, new, 3);
         Transition {
@@ -418,7 +426,7 @@ fn seed(cookie: u64, state: TcpState, timewait: bool) -> Seed {
 
 #[test]
 fn snapshot_sockets_are_known_by_cookie() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     // Taken by 1_000: sockets 1 and 2 were there.
     t.seed(
         [seed(1, CloseWait, false), seed(2, Established, false)],
@@ -450,7 +458,7 @@ fn snapshot_sockets_are_known_by_cookie() {
 fn an_event_from_before_the_snapshot_replaces_it() {
     // Socket 7 was born between the attach and the snapshot: the snapshot (taken by
     // 1_000) saw it ESTABLISHED, but its events from 500 on are in the ring.
-    let mut t = Tracker::default();
+    let mut t = counted();
     t.seed([seed(7, Established, false)], 1_000);
     let (_, ended) = feed(
         &mut t,
@@ -521,6 +529,9 @@ fn closing(t: &mut Tracker) {
 
 fn derived(t: &mut Tracker) -> Vec<(TcpState, TcpState, u64, Option<u64>)> {
     assert_eq!(t.state_counts(), t.recount(), "live counts kept in step");
+    if let Some(g) = t.group_counts() {
+        assert_eq!(g, &t.recount_groups(), "group counts kept in step");
+    }
     t.take_derived()
         .map(|(tr, o)| {
             assert_eq!(tr.via, Via::Timewait);
@@ -540,7 +551,7 @@ const S: u64 = 1_000_000_000;
 
 #[test]
 fn time_wait_carries_the_life_on_and_expires() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     closing(&mut t);
     let mut ended = Vec::new();
     // The peer's FIN: the timewait socket is armed in TIME_WAIT, then the full socket
@@ -598,7 +609,7 @@ fn counters_and_cgroup_carry_through_time_wait() {
         min_rtt_us: Some(20),
         retrans: 1,
     };
-    let mut t = Tracker::default();
+    let mut t = counted();
     let mut ended = Vec::new();
     for (i, mut e) in [
         tr(1, 100, Close, SynSent, 7),
@@ -636,7 +647,7 @@ fn counters_and_cgroup_carry_through_time_wait() {
 /// counters.
 #[test]
 fn an_accepted_socket_inherits_its_listeners_owner() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     let mut listen = tr(50, 100, Close, Listen, 30);
     listen.id.sport = 8080;
     listen.facts = Some(crate::model::ConnFacts::default());
@@ -686,7 +697,7 @@ fn an_accepted_socket_inherits_its_listeners_owner() {
 
 #[test]
 fn the_next_event_on_the_cancels_cpu_tells_a_kill() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     closing(&mut t);
     let mut ended = Vec::new();
     t.timewait(&twe(TimerOp::Arm, 2 * S, TimeWait), &mut ended);
@@ -716,7 +727,7 @@ fn the_next_event_on_the_cancels_cpu_tells_a_kill() {
 
 #[test]
 fn an_expiry_or_rearm_after_the_cancel_is_no_kill() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     closing(&mut t);
     let mut ended = Vec::new();
     let on1 = |op, ts, sub| TimewaitEvent {
@@ -753,7 +764,7 @@ fn an_expiry_or_rearm_after_the_cancel_is_no_kill() {
 
 #[test]
 fn a_cancel_nothing_follows_is_a_kill_after_the_settle_time() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     closing(&mut t);
     let mut ended = Vec::new();
     t.timewait(&twe(TimerOp::Arm, 2 * S, TimeWait), &mut ended);
@@ -778,7 +789,7 @@ fn three_connections_on_one_four_tuple_each_get_their_time_wait() {
     // The repro of a wrong join: the server closes first; one client port connects three
     // times, 0.5 s apart. Each SYN kills the previous TIME_WAIT, and the next timewait
     // socket gets the freed address. Cookies tell them apart.
-    let mut t = Tracker::default();
+    let mut t = counted();
     let mut ended = Vec::new();
     let tw_addr = 0xbeef;
     for i in 0..3u64 {
@@ -853,7 +864,7 @@ fn three_connections_on_one_four_tuple_each_get_their_time_wait() {
 
 #[test]
 fn sock_diag_shows_the_silent_turn_with_its_time() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     closing(&mut t);
     let mut ended = Vec::new();
     t.timewait(&twe(TimerOp::Arm, 2 * S, FinWait2), &mut ended);
@@ -888,7 +899,7 @@ fn sock_diag_shows_the_silent_turn_with_its_time() {
 
 #[test]
 fn a_turn_without_a_time_counts_and_is_placed_at_the_end() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     closing(&mut t);
     let mut ended = Vec::new();
     let with_j = |op, j: u64, sub, expires| TimewaitEvent {
@@ -932,7 +943,7 @@ fn a_turn_without_a_time_counts_and_is_placed_at_the_end() {
 
 #[test]
 fn an_orphan_fin_wait2_runs_out() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     closing(&mut t);
     let mut ended = Vec::new();
     t.timewait(&twe(TimerOp::Arm, 2 * S, FinWait2), &mut ended);
@@ -949,7 +960,7 @@ fn an_orphan_fin_wait2_runs_out() {
 
 #[test]
 fn a_timewait_socket_from_before_tracing() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     t.seed([seed(1, TimeWait, true)], S);
     assert_eq!(t.state_counts()[TimeWait as usize], 1);
     let mut ended = Vec::new();
@@ -976,7 +987,7 @@ fn full(state: TcpState) -> Listed {
 
 #[test]
 fn reconcile_ends_what_sock_diag_no_longer_lists() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     let mut ended = Vec::new();
     let mut other_ns = tr(3, 100, Close, SynSent, 1);
     other_ns.id.netns = 77;
@@ -1000,6 +1011,9 @@ fn reconcile_ends_what_sock_diag_no_longer_lists() {
     };
     let gone = t.reconcile(&listing, &mut ended);
     assert_eq!(t.state_counts(), t.recount());
+    if let Some(g) = t.group_counts() {
+        assert_eq!(g, &t.recount_groups());
+    }
     // 5 is gone; 2 moved on unseen; 3 (another namespace) and 4 (newer) are not judged.
     assert_eq!(gone, 1);
     assert_eq!(ended.len(), 1);
@@ -1021,7 +1035,7 @@ fn reconcile_ends_what_sock_diag_no_longer_lists() {
 fn a_listing_without_time_wait_says_nothing_of_a_fin_wait2_timewait_socket() {
     // It may have turned TIME_WAIT silently: absent from a listing of FIN_WAIT2 sockets
     // (and not of TIME_WAIT ones), it is not gone.
-    let mut t = Tracker::default();
+    let mut t = counted();
     closing(&mut t);
     let mut ended = Vec::new();
     t.timewait(&twe(TimerOp::Arm, 2 * S, FinWait2), &mut ended);
@@ -1046,7 +1060,7 @@ fn a_listing_without_time_wait_says_nothing_of_a_fin_wait2_timewait_socket() {
 fn a_timewait_socket_whose_arm_was_lost_is_adopted_from_the_listing() {
     // The arm and the full socket's CLOSE were lost: the tracker holds a full socket in
     // FIN_WAIT2; sock_diag lists a timewait socket in TIME_WAIT, turned at 2.5 s.
-    let mut t = Tracker::default();
+    let mut t = counted();
     closing(&mut t);
     let mut ended = Vec::new();
     let listing = Listing {
@@ -1065,6 +1079,9 @@ fn a_timewait_socket_whose_arm_was_lost_is_adopted_from_the_listing() {
     };
     assert_eq!(t.reconcile(&listing, &mut ended), 0);
     assert_eq!(t.state_counts(), t.recount());
+    if let Some(g) = t.group_counts() {
+        assert_eq!(g, &t.recount_groups());
+    }
     assert_eq!(t.state_counts()[TimeWait as usize], 1);
     assert_eq!(
         derived(&mut t),
@@ -1127,11 +1144,12 @@ proptest! {
         }
         // By time; a socket's own events keep their order.
         events.sort_by_key(|&(ts, n, e)| (ts, e.sk, n));
-        let mut t = Tracker::default();
+        let mut t = counted();
         let mut ended = Vec::new();
         for (_, _, e) in &events {
             t.observe(e, &mut ended);
             prop_assert_eq!(t.state_counts(), t.recount());
+            prop_assert_eq!(t.group_counts(), Some(&t.recount_groups()));
         }
         prop_assert_eq!(t.live(), 0);
         prop_assert_eq!(ended.len(), sockets.len());
@@ -1159,17 +1177,21 @@ proptest! {
     /// show as a huge wrap-around).
     #[test]
     fn durations_sum_to_lifetime(
-        steps in proptest::collection::vec((0u64..4, any_state(), any_state(), 0u64..1000, any::<bool>()), 1..200),
+        steps in proptest::collection::vec((0u64..4, any_state(), any_state(), 0u64..1000, any::<bool>(), 1u32..4), 1..200),
     ) {
         let mut t = Tracker::new(3);
+        t.count_groups();
         let mut ended = Vec::new();
         let mut ts = 1_000_000u64;
-        for (sk, old, new, dt, back) in steps {
+        for (sk, old, new, dt, back, pid) in steps {
             ts = if back { ts.saturating_sub(dt) } else { ts + dt };
-            let o = t.observe(&tr(sk, ts, old, new, 1), &mut ended);
+            let mut e = tr(sk, ts, old, new, pid);
+            e.cgroup = u64::from(pid % 2) * 77;
+            let o = t.observe(&e, &mut ended);
             prop_assert!(o.old_ns.is_none_or(|ns| ns < 1_000_000));
             prop_assert!(t.live() <= 3);
             prop_assert_eq!(t.state_counts(), t.recount());
+            prop_assert_eq!(t.group_counts(), Some(&t.recount_groups()));
         }
         ended.extend(t.close_all(ts + 10));
         for life in &ended {
@@ -1239,7 +1261,7 @@ fn child(ts: u64, old: TcpState, new: TcpState) -> Transition {
 
 #[test]
 fn a_passive_life_starts_at_its_syn() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     t.request(&rq(TimerOp::Arm, 0xa, 1_000, 0));
     assert_eq!(t.requests().listeners()[&50].queued, 1);
     let (obs, _) = feed(&mut t, &[child(1_400, Listen, SynRecv)]);
@@ -1273,7 +1295,7 @@ fn a_passive_life_starts_at_its_syn() {
 #[test]
 fn a_child_without_its_peer_at_birth_joins_at_established() {
     // Linux before 6.15: the child's LISTEN -> SYN_RECV has no peer port yet.
-    let mut t = Tracker::default();
+    let mut t = counted();
     t.request(&rq(TimerOp::Arm, 0xa, 1_000, 0));
     let mut birth = child(1_400, Listen, SynRecv);
     birth.id.dport = 0;
@@ -1287,7 +1309,7 @@ fn a_child_without_its_peer_at_birth_joins_at_established() {
 
 #[test]
 fn retransmissions_then_expiry_and_an_abort() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     let s = 1_000_000_000;
     // Request 0xa: two SYN-ACK retransmissions, then dropped.
     t.request(&rq(TimerOp::Arm, 0xa, s, 0));
@@ -1327,7 +1349,7 @@ fn retransmissions_then_expiry_and_an_abort() {
 
 #[test]
 fn a_dual_stack_listeners_request_joins_its_mapped_child() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     t.request(&rq(TimerOp::Arm, 0xa, 1_000, 0));
     let mut c = child(1_400, Listen, SynRecv);
     let mapped = IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped());
@@ -1351,7 +1373,7 @@ fn syns_past_the_cap_are_counted_not_followed() {
 
 #[test]
 fn a_closed_listener_stays_known_until_its_last_request_ends() {
-    let mut t = Tracker::default();
+    let mut t = counted();
     let listener = tr(50, 0, Close, Listen, 1);
     t.observe(&listener, &mut Vec::new());
     t.request(&rq(TimerOp::Arm, 0xa, 1_000, 0));

@@ -131,7 +131,7 @@ impl Tracker {
         let Some(t) = self.lives.get_mut(&id) else {
             return;
         };
-        let before = t.state();
+        let before = t.tally();
         touch(t, ev.ts_ns);
         let tw = t.tw.get_or_insert(Timewait {
             addr: ev.tw,
@@ -150,7 +150,7 @@ impl Tracker {
                 &mut self.derived,
             );
         }
-        let after = t.state();
+        let after = t.tally();
         if ev.substate == TcpState::FinWait2 {
             self.fin_wait2.insert(id);
         } else {
@@ -248,7 +248,7 @@ impl Tracker {
         let Some(t) = self.lives.peek_mut(&id) else {
             return;
         };
-        let before = t.state();
+        let before = t.tally();
         let Some(tw) = t.tw.as_mut() else {
             return;
         };
@@ -270,7 +270,7 @@ impl Tracker {
             }
             None => tw.flipped = true,
         }
-        let after = t.state();
+        let after = t.tally();
         self.moved(before, after);
     }
 }

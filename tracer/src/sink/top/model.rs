@@ -16,7 +16,7 @@ use crate::sink::leaks::{Leak, leaks};
 use crate::source::cgroup::CgroupNames;
 use crate::source::host::Holders;
 use crate::source::kernel::KernelFilter;
-use crate::tracker::{Observed, Role, SocketLife, Tracker};
+use crate::tracker::{GroupCounts, Observed, Role, SocketLife, Tracker};
 
 /// How many refreshes the header's sparklines keep (at the default 1 s, five minutes).
 pub const HISTORY: usize = 300;
@@ -262,6 +262,8 @@ pub struct TopModel {
     pub names: CgroupNames,
     /// Kernel monotonic time tracing began: the age floor of sockets already there.
     pub start_ns: Option<u64>,
+    /// The CLOSE_WAIT sockets of the last holder listing: cookie, age, `at_least`.
+    close_wait: Vec<(u64, u64, bool)>,
 }
 
 fn view_index(v: ViewKind) -> usize {
@@ -284,6 +286,7 @@ impl TopModel {
             filter,
             names,
             start_ns: None,
+            close_wait: Vec::new(),
         }
     }
 
@@ -336,13 +339,13 @@ impl TopModel {
         }
     }
 
-    fn key_of(&self, view: ViewKind, life: &SocketLife) -> Option<GroupKey> {
+    fn key_of(view: ViewKind, life: &SocketLife) -> Option<GroupKey> {
         match view {
             ViewKind::Processes => Some(GroupKey::Process(life.owner.map_or(0, |o| o.pid))),
             ViewKind::Containers => Some(GroupKey::Cgroup(life.cgroup)),
-            ViewKind::Listeners => {
-                self.listener_key(life.id.netns, life.id.sport, life.role == Role::Listener)
-            }
+            // As the tracker counts them: listeners and the connections they accepted.
+            ViewKind::Listeners => matches!(life.role, Role::Listener | Role::Passive)
+                .then_some(GroupKey::Listener(life.id.netns, life.id.sport)),
         }
     }
 
@@ -363,11 +366,7 @@ impl TopModel {
             .map(|s| now_ns.saturating_sub(s) as f64 / 1e9)
             .filter(|&s| s > 0.0);
         let per_s = |n: u64| secs.map_or(0.0, |s| n as f64 / s);
-        for life in tracker.sockets() {
-            if life.role == Role::Listener {
-                self.listening.insert((life.id.netns, life.id.sport));
-            }
-        }
+        self.listening.extend(tracker.listening());
         let r = &mut self.refresh;
         r.now_ns = now_ns;
         r.clock = clock;
@@ -396,47 +395,22 @@ impl TopModel {
                 a.accepts = 0;
             }
         }
-        self.rows(now_ns, view, tracker);
         if let Some(h) = holders {
             self.leaks(now_ns, tracker, h);
         }
+        self.rows(now_ns, view, tracker);
         &self.refresh
     }
 
     /// The rows of `view` at `now_ns`: its groups' sockets per state (from the tracker),
     /// and their rates over the last refresh window.
     pub fn rows(&mut self, now_ns: u64, view: ViewKind, tracker: &Tracker) {
-        let start_ns = self.start_ns.unwrap_or(0);
-        let mut rows: HashMap<GroupKey, Row> = HashMap::new();
+        let mut rows = match tracker.group_counts() {
+            // -p counts only some of a group's sockets: each socket is looked at.
+            Some(g) if self.owner_pid.is_none() => self.counted_rows(view, tracker, g),
+            _ => self.walked_rows(now_ns, view, tracker),
+        };
         let mut names: HashMap<u64, String> = HashMap::new();
-        for (life, state) in tracker.sockets_in_states() {
-            if self
-                .owner_pid
-                .is_some_and(|pid| life.owner.is_none_or(|o| o.pid != pid))
-            {
-                continue;
-            }
-            let (Some(state), Some(key)) = (state, self.key_of(view, life)) else {
-                continue;
-            };
-            let row = rows.entry(key).or_insert_with(|| Row::empty(key));
-            row.states[state as usize] += 1;
-            row.total += 1;
-            if let (GroupKey::Process(_), Some(o)) = (key, life.owner)
-                && row.name.is_empty()
-            {
-                row.name = o.comm.to_str_lossy().into_owned();
-            }
-            if state == TcpState::CloseWait {
-                let (age, at_least) = match life.entered_ns() {
-                    Some(at) => (now_ns.saturating_sub(at), false),
-                    None => (now_ns.saturating_sub(start_ns), true),
-                };
-                if row.oldest_close_wait.is_none_or(|(a, _)| age > a) {
-                    row.oldest_close_wait = Some((age, at_least));
-                }
-            }
-        }
         let groups = &mut self.groups[view_index(view)];
         let live: HashSet<GroupKey> = rows.keys().copied().collect();
         groups.forget_idle(now_ns.saturating_sub(FORGET_NS), &live);
@@ -475,6 +449,100 @@ impl TopModel {
         self.refresh.rows = out;
     }
 
+    /// The rows of `view` from the tracker's per-group counts (no socket walked), their
+    /// oldest CLOSE_WAIT from the last holder listing's.
+    pub(crate) fn counted_rows(
+        &self,
+        view: ViewKind,
+        tracker: &Tracker,
+        g: &GroupCounts,
+    ) -> HashMap<GroupKey, Row, foldhash::fast::RandomState> {
+        let mut rows: HashMap<GroupKey, Row, foldhash::fast::RandomState> = HashMap::default();
+        let mut add = |key: GroupKey, states: &[u64; 13]| {
+            let row = rows.entry(key).or_insert_with(|| Row::empty(key));
+            row.states = *states;
+            row.total = states.iter().sum();
+        };
+        match view {
+            ViewKind::Processes => {
+                for (&pid, s) in &g.by_owner {
+                    add(GroupKey::Process(pid), s);
+                }
+            }
+            ViewKind::Containers => {
+                for (&id, s) in &g.by_cgroup {
+                    add(GroupKey::Cgroup(id), s);
+                }
+            }
+            ViewKind::Listeners => {
+                for (&(netns, port), s) in &g.by_listener {
+                    add(GroupKey::Listener(netns, port), s);
+                }
+            }
+        }
+        // Owners seen only in the start-up snapshot (listeners'): named from it.
+        if view == ViewKind::Processes {
+            for (netns, port) in tracker.listening() {
+                let owner = tracker.listener(netns, port).and_then(|life| life.owner);
+                if let Some(o) = owner
+                    && let Some(row) = rows.get_mut(&GroupKey::Process(o.pid))
+                    && row.name.is_empty()
+                {
+                    row.name = o.comm.to_str_lossy().into_owned();
+                }
+            }
+        }
+        for &(cookie, age, at_least) in &self.close_wait {
+            let key = tracker.socket(cookie).and_then(|l| Self::key_of(view, l));
+            if let Some(row) = key.and_then(|k| rows.get_mut(&k))
+                && row.oldest_close_wait.is_none_or(|(a, _)| age > a)
+            {
+                row.oldest_close_wait = Some((age, at_least));
+            }
+        }
+        rows
+    }
+
+    /// The rows of `view` from every tracked socket.
+    pub(crate) fn walked_rows(
+        &self,
+        now_ns: u64,
+        view: ViewKind,
+        tracker: &Tracker,
+    ) -> HashMap<GroupKey, Row, foldhash::fast::RandomState> {
+        let start_ns = self.start_ns.unwrap_or(0);
+        let mut rows: HashMap<GroupKey, Row, foldhash::fast::RandomState> = HashMap::default();
+        for (life, state) in tracker.sockets_in_states() {
+            if self
+                .owner_pid
+                .is_some_and(|pid| life.owner.is_none_or(|o| o.pid != pid))
+            {
+                continue;
+            }
+            let (Some(state), Some(key)) = (state, Self::key_of(view, life)) else {
+                continue;
+            };
+            let row = rows.entry(key).or_insert_with(|| Row::empty(key));
+            row.states[state as usize] += 1;
+            row.total += 1;
+            if let (GroupKey::Process(_), Some(o)) = (key, life.owner)
+                && row.name.is_empty()
+            {
+                row.name = o.comm.to_str_lossy().into_owned();
+            }
+            if state == TcpState::CloseWait {
+                let (age, at_least) = match life.entered_ns() {
+                    Some(at) => (now_ns.saturating_sub(at), false),
+                    None => (now_ns.saturating_sub(start_ns), true),
+                };
+                if row.oldest_close_wait.is_none_or(|(a, _)| age > a) {
+                    row.oldest_close_wait = Some((age, at_least));
+                }
+            }
+        }
+        rows
+    }
+
     /// The leaks pane: the CLOSE_WAIT sockets `holders` lists, oldest first.
     fn leaks(&mut self, now_ns: u64, tracker: &Tracker, holders: &Holders) {
         let found: Vec<_> = holders
@@ -492,6 +560,10 @@ impl TopModel {
         let start = self.start_ns.unwrap_or(0);
         let now = now_ns.max(holders.at_ns);
         let list: Vec<Leak> = leaks(found, tracker, TcpState::CloseWait, now, start, 0);
+        self.close_wait = list
+            .iter()
+            .map(|l| (l.socket.id.cookie, l.age_ns, l.age_at_least))
+            .collect();
         self.refresh.leaks = list
             .into_iter()
             .take(MAX_LEAKS)

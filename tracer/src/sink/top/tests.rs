@@ -182,7 +182,9 @@ fn sink(width: u16, height: u16) -> TopSink<TestBackend> {
 /// Runs the scenario through the pipeline and refreshes at 2 s (with the holders), then
 /// applies `keys`.
 fn run(sink: &mut TopSink<TestBackend>, keys: &[KeyCode]) -> Tracker {
-    let mut p = Pipeline::new(Tracker::default(), vec![sink]);
+    let mut tracker = Tracker::default();
+    tracker.count_groups();
+    let mut p = Pipeline::new(tracker, vec![sink]);
     p.started(Some(0)).unwrap();
     // The first refresh at 1.0 s, the second at 2 s.
     let events = scenario();
@@ -275,6 +277,28 @@ fn the_model_counts_what_the_tracker_holds() {
         "{}",
         syn_recv.2
     );
+}
+
+#[test]
+fn the_tracker_s_group_counts_equal_a_walk_of_every_socket() {
+    let mut top = sink(160, 48);
+    let tracker = run(&mut top, &[]);
+    let groups = tracker.group_counts().expect("counted");
+    for view in ViewKind::ALL {
+        let m = &top.model;
+        let counted = m.counted_rows(view, &tracker, groups);
+        let walked = m.walked_rows(2 * SEC, view, &tracker);
+        let summary = |rows: &std::collections::HashMap<GroupKey, super::model::Row, _>| {
+            let mut v: Vec<_> = rows
+                .values()
+                .map(|r| (r.key, r.states, r.total, r.oldest_close_wait))
+                .collect();
+            v.sort_by_key(|r| r.0);
+            v
+        };
+        assert_eq!(summary(&counted), summary(&walked), "{view:?}");
+        assert!(!counted.is_empty(), "{view:?}");
+    }
 }
 
 #[test]
