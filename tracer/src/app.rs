@@ -775,6 +775,10 @@ pub async fn top(args: &TopArgs) -> Result<()> {
     let level = log::max_level();
     log::set_max_level(log::LevelFilter::Off);
     let mut sink = TopSink::new(model, terminal, Some(keys), times);
+    if let Input::File { path, .. } = &input {
+        sink.mode = format!("replay of {path}");
+        sink.ui.replay = true;
+    }
     let link = Link {
         wake,
         control: sink.control.clone(),

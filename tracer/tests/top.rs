@@ -356,3 +356,64 @@ fn top_without_a_terminal_says_so_in_one_line() {
         "tcplens: top draws on a terminal and stdout is not one (watch, stats and leaks print lines)\n"
     );
 }
+
+#[test]
+fn a_recording_replays_paused_then_step_by_step_to_its_end() {
+    const PORT: u16 = 21_804;
+    let ns = NamedNetns::new("tcplens-top-replay");
+    let file = std::env::temp_dir().join(format!("tcplens-top-{}.rec", std::process::id()));
+    let file_arg = file.display().to_string();
+    let netns = ns.path();
+    let recorder = start_tcplens(&["record", "-o", &file_arg, "--netns", &netns]);
+    // 20 connections, the client closing first: 20 client sockets in TIME_WAIT at the end.
+    ns.run(|| {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", PORT)).expect("bind");
+        for _ in 0..20 {
+            let client = TcpStream::connect(("127.0.0.1", PORT)).expect("connect");
+            let (server, _) = listener.accept().expect("accept");
+            drop(client);
+            std::thread::sleep(Duration::from_millis(20));
+            drop(server);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let f = recorder.stop();
+    assert!(f.stderr.contains(" events written to "), "{}", f.stderr);
+
+    let tmux = Tmux::start(
+        "replay",
+        &format!("{TCPLENS} top --from {file_arg} --interval 200ms --step"),
+    );
+    let paused = tmux.wait_for(Duration::from_secs(10), "the paused replay", |s| {
+        s.contains(": paused")
+    });
+    assert_eq!(header_count(&paused, "TIME_WAIT"), Some(0), "{paused}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        tmux.screen().contains(": paused"),
+        "it stays paused without a key"
+    );
+    let mut steps = 0;
+    let end = loop {
+        let s = tmux.screen();
+        if s.contains(": end of recording") {
+            break s;
+        }
+        assert!(steps < 200, "no end after {steps} steps:\n{s}");
+        tmux.keys(&["n"]);
+        steps += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(steps > 1, "stepped {steps} times");
+    // The 20 clients' sockets live on as timewait sockets: in FIN_WAIT2 or TIME_WAIT as
+    // the recorded timer events show them (a replay has no sock_diag to see the turns).
+    let timewait = header_count(&end, "FIN_WAIT2").zip(header_count(&end, "TIME_WAIT"));
+    assert_eq!(timewait.map(|(a, b)| a + b), Some(20), "{end}");
+    let (_, row) = row_of(&end, "tcplens-test").expect("the test's row");
+    assert!(row.split_whitespace().any(|w| w == "20"), "{row}");
+    assert_eq!(header_count(&end, "ESTABLISHED"), Some(0), "{end}");
+    assert_eq!(header_count(&end, "LISTEN"), Some(0), "{end}");
+    tmux.keys(&["q"]);
+    tmux.assert_restored("q after a replay");
+    let _ = std::fs::remove_file(&file);
+}
