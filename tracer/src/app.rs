@@ -147,7 +147,7 @@ pub async fn run(
         Input::File { reader, path } => {
             p.filter = Some(trace.filter());
             p.timewait = !trace.no_timewait;
-            replay(*reader, &path, interval, p)
+            replay(*reader, &path, interval, p).await
         }
     };
     match result {
@@ -453,20 +453,25 @@ impl Report {
     }
 }
 
-/// Replays a record file. Intervals follow the recorded timestamps. A corrupt or
-/// truncated file stops the replay with an error naming the byte offset, after the sinks
-/// have reported what was read before it.
-fn replay(
+/// Replays a record file. Intervals follow the recorded timestamps; on a screen (`top`)
+/// each comes at its recorded pace, or when the keys step to it, and the end waits for
+/// `q`. A corrupt or truncated file stops the replay with an error naming the byte
+/// offset, after the sinks have reported what was read before it.
+async fn replay(
     mut reader: RecordReader<BufReader<File>>,
     path: &str,
     interval: Option<Duration>,
     p: &mut Pipeline<'_>,
 ) -> Result<()> {
+    let mut pace = p.link.clone().map(Pace::new).transpose()?;
     p.started(None)?;
     let step = interval.map(|d| d.as_nanos() as u64);
     let mut next_tick: Option<u64> = None;
     let mut last_ts = 0;
     let outcome = loop {
+        if p.quit_asked() {
+            break Ok(());
+        }
         match reader.next_item() {
             Ok(Some(Item::Event(t))) => {
                 p.totals.events += 1;
@@ -474,6 +479,9 @@ fn replay(
                     let ts = t.ts_ns();
                     let due = *next_tick.get_or_insert(ts + step);
                     if ts >= due {
+                        if let Some(pace) = &mut pace {
+                            pace.until(due, p).await?;
+                        }
                         p.interval(due, None)?;
                         next_tick = Some(due + step * ((ts - due) / step + 1));
                     }
@@ -492,9 +500,78 @@ fn replay(
             Err(e) => break Err(e),
         }
     };
+    if outcome.is_ok()
+        && let Some(pace) = &mut pace
+    {
+        pace.end(last_ts, p).await?;
+    }
     p.finish(last_ts, None)?;
     p.batch_done()?;
     outcome.with_context(|| format!("{path}: {} events read before the error", p.totals.events))
+}
+
+/// A replay on a screen: the intervals come at the recorded pace, or one per `n` while
+/// stepping (`--step`, space), and the end waits for `q` (or SIGTERM).
+struct Pace {
+    link: Link,
+    sigterm: tokio::signal::unix::Signal,
+    /// The recorded time shown at a wall-clock instant: the pace's reference.
+    origin: Option<(tokio::time::Instant, u64)>,
+}
+
+impl Pace {
+    fn new(link: Link) -> Result<Pace> {
+        Ok(Pace {
+            link,
+            sigterm: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            origin: None,
+        })
+    }
+
+    /// Waits until the interval that ends at `due` is to be shown, or the screen quits.
+    async fn until(&mut self, due: u64, p: &mut Pipeline<'_>) -> io::Result<()> {
+        let control = self.link.control.clone();
+        while !p.quit_asked() {
+            if control.stepping.get() {
+                self.origin = None;
+                if control.steps.get() > 0 {
+                    control.steps.set(control.steps.get() - 1);
+                    return Ok(());
+                }
+                self.key(p).await?;
+                continue;
+            }
+            let (at, from) = *self
+                .origin
+                .get_or_insert((tokio::time::Instant::now(), due));
+            tokio::select! {
+                () = tokio::time::sleep_until(at + Duration::from_nanos(due - from)) => return Ok(()),
+                () = self.link.wake.notified() => {}
+                _ = self.sigterm.recv() => control.quit.set(true),
+            }
+            p.batch_done()?;
+        }
+        Ok(())
+    }
+
+    /// The recording ended at `last_ts`: its last interval shows until `q`.
+    async fn end(&mut self, last_ts: u64, p: &mut Pipeline<'_>) -> io::Result<()> {
+        self.link.control.ended.set(true);
+        p.interval(last_ts, None)?;
+        while !p.quit_asked() {
+            self.key(p).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for a key (or SIGTERM) and lets the screen take it.
+    async fn key(&mut self, p: &mut Pipeline<'_>) -> io::Result<()> {
+        tokio::select! {
+            () = self.link.wake.notified() => {}
+            _ = self.sigterm.recv() => self.link.control.quit.set(true),
+        }
+        p.batch_done()
+    }
 }
 
 async fn tick(ticks: &mut Option<tokio::time::Interval>) {
@@ -759,9 +836,6 @@ pub async fn top(args: &TopArgs) -> Result<()> {
     term::check()?;
     let common = &args.common;
     let input = Input::open(common)?;
-    if matches!(input, Input::File { .. }) && common.trace.cgroup.is_some() {
-        anyhow::bail!("--cgroup filters live tracing in the kernel; it does not apply to --from");
-    }
     let mut model = TopModel::new(common.trace.filter(), input.cgroup_names());
     model.owner_pid = common.owner.pid;
     let mut tracker = input.tracker(common.cap.max_sockets);
@@ -778,6 +852,7 @@ pub async fn top(args: &TopArgs) -> Result<()> {
     if let Input::File { path, .. } = &input {
         sink.mode = format!("replay of {path}");
         sink.ui.replay = true;
+        sink.control.stepping.set(args.step);
     }
     let link = Link {
         wake,
@@ -785,106 +860,12 @@ pub async fn top(args: &TopArgs) -> Result<()> {
     };
     let mut p = Pipeline::new(tracker, vec![&mut sink]);
     p.owner_pid = common.owner.pid;
-    p.link = Some(link.clone());
-    let result = match input {
-        Input::File { reader, path } => {
-            p.filter = Some(common.trace.filter());
-            p.timewait = !common.trace.no_timewait;
-            replay_paced(*reader, &path, args, &mut p, &link).await
-        }
-        kernel @ Input::Kernel(_) => run(kernel, &common.trace, Some(args.interval), &mut p).await,
-    };
+    p.link = Some(link);
+    let result = run(input, &common.trace, Some(args.interval), &mut p).await;
     drop(guard);
     log::set_max_level(level);
     report(&p);
     result
-}
-
-/// Replays a recording on the screen: an interval at a time, at the recorded pace, or
-/// as the keys step it (`--step`, `n`, space). The end waits for `q`.
-async fn replay_paced(
-    mut reader: RecordReader<BufReader<File>>,
-    path: &str,
-    args: &TopArgs,
-    p: &mut Pipeline<'_>,
-    link: &Link,
-) -> Result<()> {
-    let control = &link.control;
-    control.stepping.set(args.step);
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    p.started(None)?;
-    let step = args.interval.as_nanos() as u64;
-    let mut next_tick: Option<u64> = None;
-    let mut last_ts = 0;
-    // The recorded time shown at a wall-clock instant: the pace's reference.
-    let mut origin: Option<(tokio::time::Instant, u64)> = None;
-    let outcome = loop {
-        if p.quit_asked() {
-            break Ok(());
-        }
-        let t = match reader.next_item() {
-            Ok(Some(Item::Event(t))) => t,
-            Ok(Some(Item::Lost(n))) => {
-                p.totals.lost = Lost {
-                    ring_full: n,
-                    recursion: 0,
-                };
-                continue;
-            }
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
-        };
-        p.totals.events += 1;
-        let ts = t.ts_ns();
-        let due = *next_tick.get_or_insert(ts + step);
-        if ts >= due {
-            // Show the interval that ended at `due`, when its time comes.
-            loop {
-                if p.quit_asked() {
-                    break;
-                }
-                if control.stepping.get() {
-                    origin = None;
-                    if control.steps.get() > 0 {
-                        control.steps.set(control.steps.get() - 1);
-                        break;
-                    }
-                } else {
-                    let (at, from) = *origin.get_or_insert((tokio::time::Instant::now(), due));
-                    let target = at + Duration::from_nanos(due - from);
-                    tokio::select! {
-                        () = tokio::time::sleep_until(target) => break,
-                        () = link.wake.notified() => {}
-                        _ = sigterm.recv() => control.quit.set(true),
-                    }
-                    p.batch_done()?;
-                    continue;
-                }
-                tokio::select! {
-                    () = link.wake.notified() => {}
-                    _ = sigterm.recv() => control.quit.set(true),
-                }
-                p.batch_done()?;
-            }
-            p.interval(due, None)?;
-            next_tick = Some(due + step * ((ts - due) / step + 1));
-        }
-        last_ts = last_ts.max(ts);
-        p.event(&t)?;
-    };
-    if outcome.is_ok() && !p.quit_asked() {
-        control.ended.set(true);
-        p.interval(last_ts, None)?;
-        while !p.quit_asked() {
-            tokio::select! {
-                () = link.wake.notified() => {}
-                _ = sigterm.recv() => control.quit.set(true),
-            }
-            p.batch_done()?;
-        }
-    }
-    p.finish(last_ts, None)?;
-    outcome.with_context(|| format!("{path}: {} events read before the error", p.totals.events))
 }
 
 fn create(path: &Path) -> Result<File> {

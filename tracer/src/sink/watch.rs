@@ -253,6 +253,7 @@ mod tests {
             sport: 59682,
             dport: 7794,
             hidden: false,
+            role: crate::tracker::Role::Active,
             syn_ns: None,
         }
     }
@@ -293,6 +294,7 @@ mod tests {
             sport: 59682,
             dport: 7794,
             hidden: false,
+            role: crate::tracker::Role::Active,
             syn_ns: None,
         };
         p.transition(&sample(Family::Ipv6), &o).unwrap();

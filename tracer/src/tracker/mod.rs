@@ -197,6 +197,8 @@ pub struct Observed {
     /// At a passive socket's SYN_RECV → ESTABLISHED: the server-side handshake, from its SYN
     /// queued to now, when its request was seen.
     pub syn_ns: Option<u64>,
+    /// The socket's role as known so far.
+    pub role: Role,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -409,14 +411,7 @@ impl Tracker {
     /// Keeps live sockets per state for each owner, cgroup and listener too (what `top`
     /// shows without walking every socket at each refresh); counts those tracked now.
     pub fn count_groups(&mut self) {
-        let mut g = GroupCounts::default();
-        for (_, t) in &self.lives {
-            let tally = t.tally();
-            if let Some(state) = tally.state {
-                g.count(&tally, state, 1);
-            }
-        }
-        self.groups = Some(Box::new(g));
+        self.groups = Some(Box::new(self.recount_groups()));
     }
 
     /// The per-group counts, when [`Tracker::count_groups`] asked for them.
@@ -424,8 +419,8 @@ impl Tracker {
         self.groups.as_deref()
     }
 
-    /// The per-group counts recomputed from every life.
-    #[cfg(test)]
+    /// The per-group counts recomputed from every life (what [`Tracker::group_counts`]
+    /// must equal).
     pub(crate) fn recount_groups(&self) -> GroupCounts {
         let mut g = GroupCounts::default();
         for (_, t) in &self.lives {
@@ -558,6 +553,7 @@ impl Tracker {
                 dport: life.id.dport,
                 hidden: true,
                 syn_ns: None,
+                role: life.role,
             };
             if self.by_sk.get(&t.sk) == Some(&id) {
                 self.by_sk.remove(&t.sk);
@@ -678,8 +674,7 @@ impl Tracker {
 
     /// The owner of the listener on local port `port` of namespace `netns`, when known.
     fn listener_owner(&self, netns: u32, port: u16) -> Option<Owner> {
-        let id = self.listeners.get(&(netns, port))?;
-        self.lives.peek(id)?.life.owner
+        self.listener(netns, port)?.owner
     }
 
     /// Inserts a new record, evicting the least recently active one when full.
@@ -972,6 +967,7 @@ fn move_to(
             dport: life.id.dport,
             hidden: false,
             syn_ns: None,
+            role: life.role,
         },
     ));
 }
@@ -1035,6 +1031,7 @@ fn step(life: &mut SocketLife, t: &Transition) -> (Observed, u64, bool) {
         dport: life.id.dport,
         hidden: false,
         syn_ns: None,
+        role: life.role,
     };
     (observed, entered, mismatched)
 }

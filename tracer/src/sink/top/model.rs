@@ -5,8 +5,8 @@
 //! Sockets per state are the tracker's (recounted per group at every refresh); rates and
 //! time-in-state histograms come from the transitions between refreshes.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 
 use hdrhistogram::Histogram;
 
@@ -129,11 +129,10 @@ impl Groups {
         a
     }
 
-    /// Records `ns` in `state` for `key`, giving it histograms if it has none (taking them
-    /// from the group idle longest at the cap).
-    fn record(&mut self, key: GroupKey, state: TcpState, ns: u64, now_ns: u64) {
-        let has = self.by_key.get(&key).is_some_and(|a| a.hists.is_some());
-        if !has {
+    /// The histograms of `key` (a group already touched), given to it if it has none:
+    /// taken from the group idle longest at the cap.
+    fn hists_of(&mut self, key: GroupKey) -> Option<&mut [Option<StateHist>; 13]> {
+        if self.by_key.get(&key)?.hists.is_none() {
             if self.with_hists >= MAX_HISTOGRAM_GROUPS {
                 let idle = self
                     .by_key
@@ -147,21 +146,16 @@ impl Groups {
                 }
             }
             self.with_hists += 1;
-            self.touch(key, now_ns).hists = Some(Box::default());
         }
-        let a = self.touch(key, now_ns);
-        if let Some(h) = a.hists.as_mut() {
-            let _ = h[state as usize]
-                .get_or_insert_with(new_hist)
-                .record(ns.clamp(1, MAX_HIST_NS));
-        }
+        let a = self.by_key.get_mut(&key)?;
+        Some(a.hists.get_or_insert_with(Box::default))
     }
 
     /// Forgets groups idle since `before_ns` that have no socket (`live`).
-    fn forget_idle(&mut self, before_ns: u64, live: &HashSet<GroupKey>) {
+    fn forget_idle(&mut self, before_ns: u64, live: impl Fn(&GroupKey) -> bool) {
         let mut freed = 0;
         self.by_key.retain(|k, a| {
-            let keep = a.last_active_ns >= before_ns || live.contains(k);
+            let keep = a.last_active_ns >= before_ns || live(k);
             if !keep && a.hists.is_some() {
                 freed += 1;
             }
@@ -249,10 +243,9 @@ pub struct Refresh {
 /// The aggregate `top` keeps between refreshes.
 pub struct TopModel {
     groups: [Groups; 3],
-    /// Listening ports by namespace, as the transitions and the tracker show them: a
-    /// socket on one is an accepted connection of that listener.
-    listening: HashSet<(u32, u16)>,
+    /// Transitions, and connects + accepts, since the window started.
     transitions: u64,
+    new_connections: u64,
     window_start_ns: Option<u64>,
     pub refresh: Refresh,
     /// `-p PID`: only sockets this process owns.
@@ -264,6 +257,12 @@ pub struct TopModel {
     pub start_ns: Option<u64>,
     /// The CLOSE_WAIT sockets of the last holder listing: cookie, age, `at_least`.
     close_wait: Vec<(u64, u64, bool)>,
+}
+
+/// A socket's row in the listeners' view, as the tracker counts them: a listener's and
+/// the connections it accepted are (namespace, local port).
+fn listener_key(role: Role, netns: u32, sport: u16) -> Option<GroupKey> {
+    matches!(role, Role::Listener | Role::Passive).then_some(GroupKey::Listener(netns, sport))
 }
 
 fn view_index(v: ViewKind) -> usize {
@@ -278,8 +277,8 @@ impl TopModel {
     pub fn new(filter: KernelFilter, names: CgroupNames) -> Self {
         TopModel {
             groups: Default::default(),
-            listening: HashSet::new(),
             transitions: 0,
+            new_connections: 0,
             window_start_ns: None,
             refresh: Refresh::default(),
             owner_pid: None,
@@ -297,13 +296,6 @@ impl TopModel {
         self.window_start_ns = start_ns;
     }
 
-    /// The key of a socket of namespace `netns`, local port `sport`, in the listeners'
-    /// view: its listener's, when it listens or was accepted on a listening port.
-    fn listener_key(&self, netns: u32, sport: u16, listener: bool) -> Option<GroupKey> {
-        (listener || self.listening.contains(&(netns, sport)))
-            .then_some(GroupKey::Listener(netns, sport))
-    }
-
     /// One transition of the TCP view.
     pub fn transition(&mut self, t: &Transition, o: &Observed) {
         let now = t.ts_ns;
@@ -311,16 +303,11 @@ impl TopModel {
         self.transitions += 1;
         let connect = t.new == TcpState::SynSent;
         let accept = t.old == TcpState::SynRecv && t.new == TcpState::Established;
-        if t.new == TcpState::Listen {
-            self.listening.insert((t.id.netns, o.sport));
-        } else if t.old == TcpState::Listen {
-            self.listening.remove(&(t.id.netns, o.sport));
-        }
-        let is_listener = t.new == TcpState::Listen || t.old == TcpState::Listen;
+        self.new_connections += u64::from(connect || accept);
         let keys = [
             Some(GroupKey::Process(o.owner.map_or(0, |o| o.pid))),
             Some(GroupKey::Cgroup(t.cgroup)),
-            self.listener_key(t.id.netns, o.sport, is_listener),
+            listener_key(o.role, t.id.netns, o.sport),
         ];
         for (groups, key) in self.groups.iter_mut().zip(keys) {
             let Some(key) = key else { continue };
@@ -333,9 +320,17 @@ impl TopModel {
             }
             a.connects += u64::from(connect);
             a.accepts += u64::from(accept);
-            if let Some(ns) = o.old_ns {
-                groups.record(key, t.old, ns, now);
-            }
+            let Some(ns) = o.old_ns else { continue };
+            let hists = match a.hists.as_deref_mut() {
+                Some(h) => h,
+                None => match groups.hists_of(key) {
+                    Some(h) => h,
+                    None => continue,
+                },
+            };
+            let _ = hists[t.old as usize]
+                .get_or_insert_with(new_hist)
+                .record(ns.clamp(1, MAX_HIST_NS));
         }
     }
 
@@ -343,9 +338,7 @@ impl TopModel {
         match view {
             ViewKind::Processes => Some(GroupKey::Process(life.owner.map_or(0, |o| o.pid))),
             ViewKind::Containers => Some(GroupKey::Cgroup(life.cgroup)),
-            // As the tracker counts them: listeners and the connections they accepted.
-            ViewKind::Listeners => matches!(life.role, Role::Listener | Role::Passive)
-                .then_some(GroupKey::Listener(life.id.netns, life.id.sport)),
+            ViewKind::Listeners => listener_key(life.role, life.id.netns, life.id.sport),
         }
     }
 
@@ -366,7 +359,6 @@ impl TopModel {
             .map(|s| now_ns.saturating_sub(s) as f64 / 1e9)
             .filter(|&s| s > 0.0);
         let per_s = |n: u64| secs.map_or(0.0, |s| n as f64 / s);
-        self.listening.extend(tracker.listening());
         let r = &mut self.refresh;
         r.now_ns = now_ns;
         r.clock = clock;
@@ -377,16 +369,10 @@ impl TopModel {
         r.history.push_back(r.states_now);
         r.transitions_per_s = per_s(self.transitions);
         r.lost = lost;
-        // Every connection counts once in the processes' view (owned or not).
-        r.new_per_s = per_s(
-            self.groups[view_index(ViewKind::Processes)]
-                .by_key
-                .values()
-                .map(|a| a.connects + a.accepts)
-                .sum(),
-        );
+        r.new_per_s = per_s(self.new_connections);
         // The window closes: its rates stay until the next.
         self.transitions = 0;
+        self.new_connections = 0;
         self.window_start_ns = Some(now_ns);
         for g in &mut self.groups {
             for a in g.by_key.values_mut() {
@@ -412,8 +398,7 @@ impl TopModel {
         };
         let mut names: HashMap<u64, String> = HashMap::new();
         let groups = &mut self.groups[view_index(view)];
-        let live: HashSet<GroupKey> = rows.keys().copied().collect();
-        groups.forget_idle(now_ns.saturating_sub(FORGET_NS), &live);
+        groups.forget_idle(now_ns.saturating_sub(FORGET_NS), |k| rows.contains_key(k));
         for (key, a) in &groups.by_key {
             if a.rates == (0.0, 0.0) && !rows.contains_key(key) {
                 continue;
@@ -641,16 +626,5 @@ impl Row {
             accepts: 0.0,
             oldest_close_wait: None,
         }
-    }
-}
-
-/// An address for the leaks pane: IPv4-mapped IPv6 as IPv4.
-pub fn short_addr(a: SocketAddr) -> String {
-    match a.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()).to_string(),
-            None => a.to_string(),
-        },
-        IpAddr::V4(_) => a.to_string(),
     }
 }

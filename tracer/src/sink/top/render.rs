@@ -7,7 +7,9 @@ use ratatui::style::{Color, Modifier, Style, Stylize as _};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Cell, Paragraph, Row as TableRow, Sparkline, Table, TableState};
 
-use super::model::{DECADES, Detail, Refresh, Row, SHOWN, ViewKind, short_addr};
+use std::net::{IpAddr, SocketAddr};
+
+use super::model::{DECADES, Detail, Refresh, Row, SHOWN, ViewKind};
 use super::ui::{COLUMNS, Column, Ui};
 use crate::model::TcpState;
 use crate::sink::escaped;
@@ -82,7 +84,7 @@ pub fn draw(f: &mut Frame<'_>, s: &Screen<'_>) {
         Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(bottom);
     let name = selected.map(|i| visible[i]);
     draw_detail(f, detail, name, s.detail, s.ui.view);
-    draw_leaks(f, leaks, s.refresh);
+    draw_leaks(f, leaks, s.refresh, s.ui.replay);
     draw_footer(f, footer, s.ui);
 }
 
@@ -373,15 +375,17 @@ fn draw_histogram(f: &mut Frame<'_>, area: Rect, state: TcpState, buckets: &[u64
     f.render_widget(Paragraph::new(lines), area);
 }
 
-fn draw_leaks(f: &mut Frame<'_>, area: Rect, r: &Refresh) {
+fn draw_leaks(f: &mut Frame<'_>, area: Rect, r: &Refresh, replay: bool) {
     let block = Block::bordered().title(format!(" CLOSE_WAIT, oldest first ({}) ", r.leaks.len()));
     let inner = block.inner(area);
     f.render_widget(block, area);
     if !r.leaks_listed {
-        f.render_widget(
-            Paragraph::new(Line::from("listing the holders…").dim()),
-            inner,
-        );
+        let why = if replay {
+            "a recording has no holders (live only)"
+        } else {
+            "listing the holders…"
+        };
+        f.render_widget(Paragraph::new(Line::from(why).dim()), inner);
         return;
     }
     let mut lines = vec![
@@ -440,6 +444,17 @@ fn draw_footer(f: &mut Frame<'_>, area: Rect, ui: &Ui) {
         Line::from(spans)
     };
     f.render_widget(Paragraph::new(line).dim(), area);
+}
+
+/// An address for the leaks pane: IPv4-mapped IPv6 as IPv4.
+pub fn short_addr(a: SocketAddr) -> String {
+    match a.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()).to_string(),
+            None => a.to_string(),
+        },
+        IpAddr::V4(_) => a.to_string(),
+    }
 }
 
 #[cfg(test)]
