@@ -2,14 +2,14 @@
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
 use serde::Serialize;
 
-use super::{Format, JsonCgroup, Sink, View, cgroup_label};
+use super::{Format, JsonCgroup, Sink, View, cgroup_label, escaped};
 use crate::clock::TimeFormatter;
 use crate::model::{Transition, Via};
-use crate::source::cgroup::CgroupNames;
+use crate::source::cgroup::{CgroupName, CgroupNames};
 use crate::tracker::Observed;
 
 /// Prints transitions to `out`. Lines are built in a reused buffer; flushing is the
@@ -21,6 +21,19 @@ pub struct WatchPrinter<W: Write> {
     names: CgroupNames,
     line: String,
     scratch: String,
+    /// The cgroup of the last line, named and labelled once: a host's sockets come from
+    /// few cgroups, and a known cgroup's name does not change.
+    cgroup: LastCgroup,
+}
+
+#[derive(Default)]
+struct LastCgroup {
+    id: u64,
+    name: Option<CgroupName>,
+    label: String,
+    /// Named, or id 0 (none): an unknown id may be named by a later walk of the
+    /// hierarchy, so it is looked up again.
+    settled: bool,
 }
 
 #[derive(Serialize)]
@@ -60,6 +73,7 @@ impl<W: Write> WatchPrinter<W> {
             names,
             line: String::with_capacity(256),
             scratch: String::with_capacity(64),
+            cgroup: LastCgroup::default(),
         }
     }
 
@@ -83,47 +97,90 @@ impl<W: Write> WatchPrinter<W> {
         }
     }
 
+    /// Names and labels cgroup `id` in [`WatchPrinter::cgroup`], unless it is there.
+    fn name_cgroup(&mut self, id: u64) {
+        let last = &mut self.cgroup;
+        if last.settled && last.id == id {
+            return;
+        }
+        last.name = self.names.get(id).cloned();
+        last.label = cgroup_label(id, last.name.as_ref());
+        last.id = id;
+        last.settled = last.name.is_some() || id == 0;
+    }
+
     fn text(&mut self, t: &Transition, o: &Observed) {
+        self.name_cgroup(t.cgroup);
         let line = &mut self.line;
         self.times.time_of_day(t.ts_ns, line);
+        // Columns are written piece by piece and padded with spaces after: no format
+        // machinery per field (this runs for every transition).
+        let mut int = itoa::Buffer::new();
         let task = t.task.is_known().then_some((t.task.pid, t.task.comm));
         let owner = o.owner.map(|o| (o.pid, o.comm));
         for who in [task, owner] {
             let start = line.len();
-            let _ = match who {
-                Some((pid, comm)) => write!(line, " {pid}/{comm}"),
-                None => write!(line, " -"),
-            };
-            let width = line[start..].chars().count();
-            line.extend(std::iter::repeat_n(' ', 24usize.saturating_sub(width)));
+            line.push(' ');
+            match who {
+                Some((pid, comm)) => {
+                    line.push_str(int.format(pid));
+                    line.push('/');
+                    line.push_str(&escaped(&comm.to_str_lossy()));
+                }
+                None => line.push('-'),
+            }
+            pad(line, start, 24);
         }
-        let _ = write!(
-            line,
-            " {:<26} {:<26} {:<12} -> {:<12} ",
-            SocketAddr::new(t.id.saddr, t.id.sport),
-            SocketAddr::new(t.id.daddr, t.id.dport),
-            t.old,
-            t.new,
-        );
+        for (ip, port) in [(t.id.saddr, t.id.sport), (t.id.daddr, t.id.dport)] {
+            line.push(' ');
+            let start = line.len();
+            match ip {
+                IpAddr::V4(v4) => {
+                    for (i, octet) in v4.octets().into_iter().enumerate() {
+                        if i > 0 {
+                            line.push('.');
+                        }
+                        line.push_str(int.format(octet));
+                    }
+                }
+                IpAddr::V6(v6) => {
+                    let _ = write!(line, "[{v6}]");
+                }
+            }
+            line.push(':');
+            line.push_str(int.format(port));
+            pad(line, start, 26);
+        }
+        for (i, state) in [t.old, t.new].into_iter().enumerate() {
+            line.push_str(if i == 0 { " " } else { " -> " });
+            let start = line.len();
+            line.push_str(state.name());
+            pad(line, start, 12);
+        }
+        line.push(' ');
         let start = line.len();
         match o.old_ns {
+            // Milliseconds to the microsecond, rounded half up.
             Some(ns) => {
-                let _ = write!(line, "{:.3}", ns as f64 / 1e6);
+                let us = ns.saturating_add(500) / 1000;
+                line.push_str(int.format(us / 1000));
+                line.push('.');
+                let frac = us % 1000;
+                line.push_str(&"00"[..usize::from(frac < 100) + usize::from(frac < 10)]);
+                line.push_str(int.format(frac));
             }
             None => line.push('-'),
         }
-        let width = line.len() - start;
-        line.extend(std::iter::repeat_n(
-            ' ',
-            10usize.saturating_sub(width).max(1),
-        ));
-        line.push_str(&cgroup_label(t.cgroup, self.names.get(t.cgroup)));
+        pad(line, start, 9);
+        line.push(' ');
+        line.push_str(&self.cgroup.label);
         if t.via == Via::Timewait {
             line.push_str(" (timewait)");
         }
     }
 
     fn json(&mut self, t: &Transition, o: &Observed) -> io::Result<()> {
+        self.name_cgroup(t.cgroup);
         self.scratch.clear();
         self.times.rfc3339(t.ts_ns, &mut self.scratch);
         let time_end = self.scratch.len();
@@ -143,7 +200,7 @@ impl<W: Write> WatchPrinter<W> {
             comm: t.task.is_known().then_some(&*comm),
             owner_pid: o.owner.map(|o| o.pid),
             owner_comm: owner_comm.as_deref(),
-            cgroup: JsonCgroup::new(t.cgroup, self.names.get(t.cgroup)),
+            cgroup: JsonCgroup::new(t.cgroup, self.cgroup.name.as_ref()),
             via: t.via.name(),
         };
         // Straight into the output buffer: no intermediate line to re-validate.
@@ -158,6 +215,22 @@ impl<W: Write> WatchPrinter<W> {
     pub fn into_inner(self) -> W {
         self.out
     }
+}
+
+/// Pads what was written to `line` since `start` with spaces to `width` characters.
+fn pad(line: &mut String, start: usize, width: usize) {
+    const SPACES: &str = "                                ";
+    let written = &line[start..];
+    let chars = if written.is_ascii() {
+        written.len()
+    } else {
+        written.chars().count()
+    };
+    let missing = width.saturating_sub(chars);
+    for _ in 0..missing / SPACES.len() {
+        line.push_str(SPACES);
+    }
+    line.push_str(&SPACES[..missing % SPACES.len()]);
 }
 
 /// `watch`: every transition, flushed per batch (per line on a terminal).
