@@ -95,6 +95,7 @@ fn head_buffer(tp: u32, nested_run: bool) -> Option<&'static mut [u8; HEAD]> {
     Some(unsafe { &mut *ptr })
 }
 
+mod floor;
 mod request;
 mod timer;
 

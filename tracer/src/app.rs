@@ -11,8 +11,8 @@ use jiff::tz::TimeZone;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::{
-    CommonArgs, LeaksArgs, ListenArgs, RecordArgs, ServeArgs, StatsArgs, TimelineArgs, TopArgs,
-    TraceArgs, WatchArgs,
+    CommonArgs, FloorArgs, LeaksArgs, ListenArgs, RecordArgs, ServeArgs, StatsArgs, TimelineArgs,
+    TopArgs, TraceArgs, WatchArgs,
 };
 use crate::clock::{TimeFormatter, WallClock, monotonic_now_ns};
 use crate::decode::decode;
@@ -866,6 +866,23 @@ pub async fn top(args: &TopArgs) -> Result<()> {
     log::set_max_level(level);
     report(&p);
     result
+}
+
+/// `floor` (hidden, for `cargo xtask bench`): programs that return at once on tcplens's
+/// tracepoints, attached until SIGINT, SIGTERM or `--duration`.
+pub async fn floor(args: &FloorArgs) -> Result<()> {
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let floor = crate::source::kernel::Floor::attach()?;
+    say(format_args!("floor programs attached; Ctrl-C to stop"));
+    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    tokio::select! {
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
+        () = sleep_until(deadline) => {}
+    }
+    drop(floor);
+    Ok(())
 }
 
 fn create(path: &Path) -> Result<File> {

@@ -48,6 +48,10 @@ pub enum Command {
     /// a table per process, container or listener (sortable, filterable), time-in-state
     /// percentiles of the selected row, and the oldest CLOSE_WAIT sockets with pid and fd.
     Top(TopArgs),
+    /// For `cargo xtask bench`: programs that return at once on tcplens's tracepoints,
+    /// until SIGINT, SIGTERM or --duration (the floor of tracing at all).
+    #[command(hide = true)]
+    Floor(FloorArgs),
     /// A Prometheus/OpenMetrics endpoint: transitions, sockets per state, time-in-state
     /// histograms, CLOSE_WAIT holders, lost events.
     Serve(ServeArgs),
@@ -63,6 +67,13 @@ pub struct ServeArgs {
     pub listen: std::net::SocketAddr,
     #[command(flatten)]
     pub cap: CapArg,
+}
+
+#[derive(Debug, Args)]
+pub struct FloorArgs {
+    /// Stop by itself after this long.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
 }
 
 #[derive(Debug, Args)]

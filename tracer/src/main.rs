@@ -56,6 +56,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => done(tracer::app::serve(args).await),
             Command::Listen(args) => done(tracer::app::listen(args).await),
             Command::Top(args) => done(tracer::app::top(args).await),
+            Command::Floor(args) => done(tracer::app::floor(args).await),
             Command::Leaks(args) => tracer::app::leaks(args).await.map(|found| {
                 if found && args.fail_on_leak {
                     LEAKS_FOUND

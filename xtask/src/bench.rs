@@ -16,6 +16,8 @@ use crate::churn::{self, TRANSITIONS_PER_CONNECTION};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mode {
     ChurnAlone,
+    /// The floor: programs that return at once on tcplens's tracepoints.
+    Floor,
     Tcpstates,
     WatchText,
     WatchJson,
@@ -25,8 +27,9 @@ pub(crate) enum Mode {
 }
 
 impl Mode {
-    pub(crate) const ALL: [Mode; 7] = [
+    pub(crate) const ALL: [Mode; 8] = [
         Mode::ChurnAlone,
+        Mode::Floor,
         Mode::Tcpstates,
         Mode::WatchText,
         Mode::WatchJson,
@@ -38,6 +41,7 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::ChurnAlone => "(a) churn alone",
+            Mode::Floor => "(h) floor: the tracepoints, programs that return at once",
             Mode::Tcpstates => "(b) tcpstates > file",
             Mode::WatchText => "(c) tcplens watch > file",
             Mode::WatchJson => "(d) tcplens watch --format json > file",
@@ -47,8 +51,9 @@ impl Mode {
         }
     }
 
+    /// A mode of tcplens itself (an earlier tcplens runs it too, with `--baseline`).
     fn runs_tcplens(self) -> bool {
-        !matches!(self, Mode::ChurnAlone | Mode::Tcpstates)
+        !matches!(self, Mode::ChurnAlone | Mode::Floor | Mode::Tcpstates)
     }
 
     fn command(self, tcplens: &Path) -> Option<Command> {
@@ -58,7 +63,8 @@ impl Mode {
             _ => Command::new(tcplens),
         };
         cmd.args(match self {
-            Mode::WatchText => &["watch"][..],
+            Mode::Floor => &["floor"][..],
+            Mode::WatchText => &["watch"],
             Mode::WatchJson => &["watch", "--format", "json"],
             Mode::Stats => &["stats"],
             Mode::Timeline => &["timeline"],
@@ -132,9 +138,10 @@ fn status_kib(pid: u32, key: &str) -> Result<u64> {
         .with_context(|| format!("{key} in /proc/{pid}/status"))
 }
 
-/// Names of tcplens's timewait programs (as bpftool shows them, from their BTF).
+/// Names of tcplens's timewait programs and the floor's on the same tracepoints (as
+/// bpftool shows them, from their BTF).
 fn is_timer_prog(name: &str) -> bool {
-    name.starts_with("tw_timer")
+    name.starts_with("tw_timer") || name.starts_with("floor_timer")
 }
 
 /// tcplens's nested programs run on every event, like their primary, but handle only the
@@ -320,6 +327,8 @@ pub(crate) fn sample(mode: Mode, tcplens: &Path, opts: &Opts, tag: &str) -> Resu
     t.child.wait()?;
     let (seen, lost) = match mode {
         Mode::Tcpstates => tcpstates_counts(&t.stdout, &t.stderr)?,
+        // It reports nothing: it does nothing.
+        Mode::Floor => (0, 0),
         _ => tcplens_counts(&t.stderr)?,
     };
     s.seen = seen;
@@ -432,29 +441,49 @@ pub(crate) fn side_by_side(tcplens: &Path, opts: &Opts) -> Result<String> {
             samples.push(s);
         }
     }
-    let base = median(all[0].3.iter().map(|s| s.conn_per_s).collect());
+    let rate_of = |mode: Mode| {
+        all.iter()
+            .find(|(m, ..)| *m == mode)
+            .map(|(.., samples)| median(samples.iter().map(|s| s.conn_per_s).collect()))
+    };
+    let base = rate_of(Mode::ChurnAlone).unwrap_or(0.0);
+    let floor = rate_of(Mode::Floor).unwrap_or(0.0);
     let mut t = String::new();
     t.push_str(&format!(
         "{} rounds of {} s each, {} connecting + {} accepting threads; medians (lost: median / max).\n\n",
         opts.rounds, opts.seconds, opts.threads, opts.threads
     ));
-    t.push_str("| mode | connections/s | vs (a) | transitions/s seen | seen / expected | lost (median / max) | user ns/event | kernel ns/transition | timer runs/s | timer ns/run | peak RSS MiB |\n");
-    t.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    t.push_str("| mode | connections/s | vs (a) | vs (h) | transitions/s seen | seen / expected | lost (median / max) | user ns/event | kernel ns/transition | timer runs/s | timer ns/run | peak RSS MiB |\n");
+    t.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (mode, _, label, samples) in &all {
         let m = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
         let conn = m(|s| s.conn_per_s);
         let max_lost = samples.iter().map(|s| s.lost).max().unwrap_or(0);
         if *mode == Mode::ChurnAlone {
             t.push_str(&format!(
-                "| {} | {conn:.0} | 1.00 | – | – | – | – | – | – | – | – |\n",
-                mode.name()
+                "| {} | {conn:.0} | 1.00 | {:.2} | – | – | – | – | – | – | – | – |\n",
+                mode.name(),
+                conn / floor
+            ));
+            continue;
+        }
+        if *mode == Mode::Floor {
+            t.push_str(&format!(
+                "| {} | {conn:.0} | {:.2} | 1.00 | – | – | – | – | {:.0} | {} | {} | {:.1} |\n",
+                mode.name(),
+                conn / base,
+                m(|s| s.kernel_ns_per_event),
+                dash_or(m(|s| s.timer_runs_per_s), 0),
+                dash_or(m(|s| s.timer_ns_per_run), 0),
+                m(|s| s.peak_rss_kib as f64) / 1024.0,
             ));
             continue;
         }
         t.push_str(&format!(
-            "| {}{label} | {conn:.0} | {:.2} | {:.0} | {:.3} | {:.0} / {max_lost} | {:.0} | {:.0} | {} | {} | {:.1} |\n",
+            "| {}{label} | {conn:.0} | {:.2} | {:.2} | {:.0} | {:.3} | {:.0} / {max_lost} | {:.0} | {:.0} | {} | {} | {:.1} |\n",
             mode.name(),
             conn / base,
+            conn / floor,
             m(|s| s.seen_per_s),
             m(|s| if s.transitions_expected > 0 { s.seen as f64 / s.transitions_expected as f64 } else { 0.0 }),
             m(|s| s.lost as f64),

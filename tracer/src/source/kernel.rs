@@ -470,6 +470,34 @@ impl KernelSource {
     }
 }
 
+/// The floor of tracing at all: a program that returns at once on each tracepoint tcplens
+/// uses (`tracer-ebpf/src/floor.rs`), attached while this lives. `cargo xtask bench`
+/// measures every mode against it.
+pub struct Floor {
+    _ebpf: Ebpf,
+}
+
+impl Floor {
+    pub fn attach() -> Result<Floor, SourceError> {
+        let mut ebpf = EbpfLoader::new()
+            .load(PROGRAM)
+            .map_err(bpf_err("loading the eBPF object"))?;
+        let btf = Btf::from_sys_fs().map_err(bpf_err("reading the kernel BTF"))?;
+        for (name, tracepoint) in [
+            ("floor_set_state", "inet_sock_set_state"),
+            ("floor_timer_start", "timer_start"),
+            ("floor_timer_cancel", "timer_cancel"),
+            ("floor_timer_expire", "timer_expire_entry"),
+        ] {
+            let p = program(&mut ebpf, name)?;
+            p.load(tracepoint, &btf)
+                .map_err(bpf_err("loading a floor program"))?;
+            p.attach().map_err(bpf_err("attaching a floor program"))?;
+        }
+        Ok(Floor { _ebpf: ebpf })
+    }
+}
+
 /// Loads the two programs of tracepoint `tp`; returns a handle on the primary for its
 /// recursion misses. A refusal is the verifier's (its log at RUST_LOG=debug), unless the
 /// kernel says EPERM: no privilege to load at all. (The verifier refuses some accesses with
