@@ -333,6 +333,17 @@ impl KernelSource {
             Err(e) if is_permission_error(&e) => return Err(SourceError::NotPrivileged),
             _ => {}
         }
+        // Start-up reads the BTF twice (btf-rs for the layouts here, aya's for the
+        // programs' loads) and /proc/kallsyms, which the kernel writes slowly: the last two
+        // on threads of their own meanwhile.
+        let kallsyms = (opts.timewait || opts.requests).then(|| {
+            std::thread::Builder::new()
+                .name("tcplens-kallsyms".into())
+                .spawn(timewait::handler_addresses)
+        });
+        let aya_btf = std::thread::Builder::new()
+            .name("tcplens-btf".into())
+            .spawn(Btf::from_sys_fs);
         let kernel_btf = KernelBtf::open(btf_path)?;
         let offsets = btf::sock_offsets(&kernel_btf)?;
         let f = &opts.filter;
@@ -368,7 +379,22 @@ impl KernelSource {
             filter_lport: u8::from(!f.lports.is_empty()),
             filter_rport: u8::from(!f.rports.is_empty()),
         };
-        let timers = timewait::layouts(&kernel_btf, &offsets.sock, opts.timewait, opts.requests);
+        let timers = kallsyms.map(|reading| {
+            let found = match reading {
+                Ok(thread) => thread.join().unwrap_or_else(|_| {
+                    Err(LayoutError(format!("reading {} failed", btf::KALLSYMS)))
+                }),
+                Err(e) => Err(LayoutError(format!("{}: {e}", btf::KALLSYMS))),
+            };
+            timewait::layouts(
+                &kernel_btf,
+                &offsets.sock,
+                &found,
+                opts.timewait,
+                opts.requests,
+            )
+        });
+        let timers = timers.flatten();
         drop(kernel_btf);
         for ports in [&f.lports, &f.rports] {
             if ports.len() > MAX_FILTER_PORTS as usize {
@@ -414,7 +440,14 @@ impl KernelSource {
             }
         }
 
-        let btf = Btf::from_sys_fs().map_err(bpf_err("reading the kernel BTF"))?;
+        let btf = aya_btf
+            .map_err(bpf_err("reading the kernel BTF"))?
+            .join()
+            .map_err(|_| SourceError::Bpf {
+                what: "reading the kernel BTF",
+                error: "its thread failed".into(),
+            })?
+            .map_err(bpf_err("reading the kernel BTF"))?;
         let mut primaries = vec![(TRANSITIONS.index, load(&mut ebpf, &btf, TRANSITIONS)?)];
         attach(
             &mut ebpf,

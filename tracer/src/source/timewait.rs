@@ -44,21 +44,33 @@ const TIMEWAIT_PROGRAMS: [Tracepoint; 3] = [
 /// request sockets (`requests`, see `request.rs`), each as wanted and as the kernel shows
 /// them (what it does not is said once). `None`: neither, and the timer programs stay
 /// unattached.
+/// The timer handlers whose timers the programs follow: timewait sockets', requests'.
+const HANDLERS: [&str; 2] = ["tw_timer_handler", "reqsk_timer_handler"];
+
+/// The addresses of [`HANDLERS`] in /proc/kallsyms. The kernel writes that file slowly
+/// (tens of ms): start-up reads it on a thread of its own while it reads the BTF.
+pub(super) fn handler_addresses() -> Result<Vec<Option<u64>>, LayoutError> {
+    std::fs::File::open(btf::KALLSYMS)
+        .map(|f| btf::symbol_addresses(std::io::BufReader::with_capacity(1 << 16, f), &HANDLERS))
+        .map_err(|e| LayoutError(format!("{}: {e}", btf::KALLSYMS)))
+}
+
+/// The timer programs' layouts, from the BTF and the handlers' addresses (`found`, from
+/// [`handler_addresses`]); `None` when neither timewait sockets nor requests can be
+/// followed.
 pub(super) fn layouts(
     kernel_btf: &KernelBtf,
     sock: &SockLayout,
+    found: &Result<Vec<Option<u64>>, LayoutError>,
     timewait: bool,
     requests: bool,
 ) -> Option<(TimewaitLayout, RequestLayout)> {
-    if !timewait && !requests {
-        return None;
-    }
-    let names = ["tw_timer_handler", "reqsk_timer_handler"];
-    let found = std::fs::File::open(btf::KALLSYMS)
-        .map(|f| btf::symbol_addresses(std::io::BufReader::with_capacity(1 << 16, f), &names))
-        .map_err(|e| LayoutError(format!("{}: {e}", btf::KALLSYMS)));
-    let handler = |i: usize| match &found {
-        Ok(addrs) => addrs[i].ok_or_else(|| btf::missing_symbol(names[i])),
+    let handler = |i: usize| match found {
+        Ok(addrs) => addrs
+            .get(i)
+            .copied()
+            .flatten()
+            .ok_or_else(|| btf::missing_symbol(HANDLERS[i])),
         Err(e) => Err(e.clone()),
     };
     let tw = handler(0).and_then(|h| layout_from(kernel_btf, h));
