@@ -4,7 +4,7 @@
 //! and the bytes it had acked and received, with what became of the SYNs queued at
 //! listeners, printed every `--interval` (then reset) and at exit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::{self, Write};
 
@@ -278,7 +278,12 @@ pub struct StatsSink<W: Write> {
     times: TimeFormatter,
     by: Option<By>,
     names: CgroupNames,
-    groups: BTreeMap<String, Group>,
+    /// The window's groups in the order first seen, and where each is by name: one hash
+    /// look-up per event, no allocation once a group exists (reports sort them by name).
+    groups: Vec<(String, Group)>,
+    index: HashMap<String, usize, foldhash::fast::RandomState>,
+    /// The event's group name is written here before it is looked up.
+    key: String,
     window_start_ns: Option<u64>,
     /// The request totals at the start of the window.
     requests_then: ListenerRequests,
@@ -299,7 +304,9 @@ impl<W: Write> StatsSink<W> {
             times,
             by,
             names,
-            groups: BTreeMap::new(),
+            groups: Vec::new(),
+            index: HashMap::default(),
+            key: String::new(),
             window_start_ns: None,
             requests_then: ListenerRequests::default(),
         }
@@ -309,37 +316,70 @@ impl<W: Write> StatsSink<W> {
         self.out
     }
 
-    pub fn groups(&self) -> &BTreeMap<String, Group> {
-        &self.groups
+    /// The window's groups by name.
+    pub fn groups(&self) -> BTreeMap<&str, &Group> {
+        self.groups.iter().map(|(k, g)| (k.as_str(), g)).collect()
     }
 
-    fn key(&mut self, s: Keyed<'_>) -> String {
+    /// Writes the name of the group `s` falls in to `key`.
+    fn write_key(&mut self, s: Keyed<'_>, key: &mut String) {
         match self.by {
-            None => String::new(),
-            Some(By::Lport) => s.sport.to_string(),
-            Some(By::Rport) => s.dport.to_string(),
+            None => {}
+            Some(By::Lport) => key.push_str(itoa::Buffer::new().format(s.sport)),
+            Some(By::Rport) => key.push_str(itoa::Buffer::new().format(s.dport)),
             Some(By::Process) => match s.owner {
-                Some(o) => format!("{}[{}]", o.comm, o.pid),
-                None => "unknown".into(),
+                Some(o) => {
+                    let _ = write!(key, "{}[{}]", o.comm, o.pid);
+                }
+                None => key.push_str("unknown"),
             },
             Some(By::Cgroup) => match self.names.get(s.cgroup) {
-                Some(n) => super::escaped(&n.path).into_owned(),
-                None if s.cgroup != 0 => format!("cgroup:{}", s.cgroup),
-                None => "unknown".into(),
+                Some(n) => key.push_str(&super::escaped(&n.path)),
+                None if s.cgroup != 0 => {
+                    let _ = write!(key, "cgroup:{}", s.cgroup);
+                }
+                None => key.push_str("unknown"),
             },
             Some(By::Container) => match self.names.get(s.cgroup) {
-                Some(n) if n.container.is_some() => super::cgroup_label(s.cgroup, Some(n)),
-                Some(_) => "none".into(),
-                None => "unknown".into(),
+                Some(n) if n.container.is_some() => {
+                    key.push_str(&super::cgroup_label(s.cgroup, Some(n)));
+                }
+                Some(_) => key.push_str("none"),
+                None => key.push_str("unknown"),
             },
         }
     }
 
-    fn group(&mut self, key: String) -> &mut Group {
-        if !self.groups.contains_key(&key) && self.groups.len() >= MAX_GROUPS {
-            return self.groups.entry("other".into()).or_default();
+    /// The group `s` falls in, made if new; past `MAX_GROUPS` new names share `other`.
+    fn group(&mut self, s: Keyed<'_>) -> &mut Group {
+        if self.by.is_none() {
+            // One group, named "".
+            if self.groups.is_empty() {
+                self.groups.push((String::new(), Group::default()));
+            }
+            return &mut self.groups[0].1;
         }
-        self.groups.entry(key).or_default()
+        let mut key = std::mem::take(&mut self.key);
+        key.clear();
+        self.write_key(s, &mut key);
+        let at = if let Some(&at) = self.index.get(key.as_str()) {
+            at
+        } else {
+            let name = if self.groups.len() >= MAX_GROUPS {
+                "other"
+            } else {
+                key.as_str()
+            };
+            if let Some(&at) = self.index.get(name) {
+                at
+            } else {
+                self.index.insert(name.to_owned(), self.groups.len());
+                self.groups.push((name.to_owned(), Group::default()));
+                self.groups.len() - 1
+            }
+        };
+        self.key = key;
+        &mut self.groups[at].1
     }
 
     /// Prints the window ending at `now_ns` and starts a new one.
@@ -354,7 +394,8 @@ impl<W: Write> StatsSink<W> {
         let start = self.window_start_ns.unwrap_or(now_ns);
         let mut time = String::new();
         self.times.rfc3339(now_ns, &mut time);
-        let groups = std::mem::take(&mut self.groups);
+        self.index.clear();
+        let groups: BTreeMap<String, Group> = self.groups.drain(..).collect();
         let now = *tracker.requests().total();
         let w = Report {
             now_ns,
@@ -576,13 +617,12 @@ impl<W: Write> Sink for StatsSink<W> {
         let Some(ns) = o.old_ns else {
             return Ok(()); // unknown durations never enter a histogram
         };
-        let key = self.key(Keyed {
+        let g = self.group(Keyed {
             sport: o.sport,
             dport: o.dport,
             owner: o.owner.as_ref(),
             cgroup: t.cgroup,
         });
-        let g = self.group(key);
         record_ns(g.states.entry(t.old).or_insert_with(new_histogram), ns);
         match (t.old, t.new) {
             (TcpState::SynSent, TcpState::Established) => record(&mut g.connect, ns),
@@ -608,13 +648,12 @@ impl<W: Write> Sink for StatsSink<W> {
         if matches!(life.end, End::StillOpen | End::Evicted) || life.role == Role::Listener {
             return Ok(());
         }
-        let key = self.key(Keyed {
+        let g = self.group(Keyed {
             sport: life.id.sport,
             dport: life.id.dport,
             owner: life.owner.as_ref(),
             cgroup: life.cgroup,
         });
-        let g = self.group(key);
         if let Some(ns) = life.lifetime_ns {
             record(&mut g.lifetime, ns);
         }
@@ -805,7 +844,7 @@ mod tests {
     fn by_lport_and_group_cap() {
         let mut s = sink(Format::Json, Some(By::Lport));
         drive(&mut s, 3);
-        assert_eq!(s.groups().keys().collect::<Vec<_>>(), ["40000"]);
+        assert_eq!(s.groups().into_keys().collect::<Vec<_>>(), ["40000"]);
         let mut s = sink(Format::Json, Some(By::Rport));
         let mut t = Tracker::default();
         let mut ended = Vec::new();
@@ -906,7 +945,7 @@ mod tests {
             by_cgroup.life_ended(&life).unwrap();
         }
         assert_eq!(
-            by_container.groups().keys().collect::<Vec<_>>(),
+            by_container.groups().into_keys().collect::<Vec<_>>(),
             ["docker:2a55517bd2c9", "none", "unknown"]
         );
         let g = &by_container.groups()["docker:2a55517bd2c9"];

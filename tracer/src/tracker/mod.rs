@@ -36,6 +36,11 @@ use std::net::IpAddr;
 use lru::LruCache;
 
 pub use jiffies::JiffyClock;
+
+/// The maps looked up on every event: keyed by kernel addresses, cookies and tuples, so a
+/// fast hash (seeded per process) rather than SipHash.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+pub type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 pub use request::{ListenerRequests, RequestEnd, Requests};
 pub use timewait::{FlipCandidate, SETTLE_NS, TIMEWAIT_LEN_S};
 
@@ -292,17 +297,17 @@ pub struct Tracker {
     /// The same per owner, cgroup and listener, when asked for ([`Tracker::count_groups`]).
     groups: Option<Box<GroupCounts>>,
     /// Full sockets' kernel addresses -> their identity.
-    by_sk: HashMap<u64, u64>,
+    by_sk: FastMap<u64, u64>,
     /// Listeners: (namespace, local port) -> their identity. An accepted socket's owner is
     /// its listener's until its own process context shows one.
-    listeners: HashMap<(u32, u16), u64>,
+    listeners: FastMap<(u32, u16), u64>,
     /// Timewait sockets in the FIN_WAIT2 substate, as far as the events show: the ones
     /// whose turn to TIME_WAIT may come without an event.
-    fin_wait2: HashSet<u64>,
+    fin_wait2: FastSet<u64>,
     /// Timer cancels not resolved yet, oldest first: (time, identity).
     cancels: VecDeque<(u64, u64)>,
     /// The unresolved cancel on each CPU: the next event of that CPU resolves it.
-    cpu_cancel: HashMap<u32, u64>,
+    cpu_cancel: FastMap<u32, u64>,
     /// Derived transitions not yet handed out.
     derived: Vec<(Transition, Observed)>,
     /// Request sockets (the listen path).
@@ -324,12 +329,12 @@ impl Tracker {
             lives: LruCache::unbounded(),
             cap: max_sockets.max(1),
             counts: [0; 13],
-            by_sk: HashMap::new(),
-            listeners: HashMap::new(),
+            by_sk: FastMap::default(),
+            listeners: FastMap::default(),
             groups: None,
-            fin_wait2: HashSet::new(),
+            fin_wait2: FastSet::default(),
             cancels: VecDeque::new(),
-            cpu_cancel: HashMap::new(),
+            cpu_cancel: FastMap::default(),
             derived: Vec::new(),
             requests: Requests::new(max_sockets),
             clock: JiffyClock::default(),

@@ -16,10 +16,10 @@
 //! kernels: the child's first event has no peer port yet). A cancel or expiry that nothing
 //! followed within [`SETTLE_NS`] ends the request: `aborted`, or `expired`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::IpAddr;
 
-use super::{Owner, SETTLE_NS};
+use super::{FastMap, Owner, SETTLE_NS};
 use crate::model::{RequestEvent, SocketId, TimerOp, Transition};
 
 /// How a request ended.
@@ -95,17 +95,17 @@ fn tuple_key(id: &SocketId) -> TupleKey {
 #[derive(Debug)]
 pub struct Requests {
     /// By the request's kernel address.
-    live: HashMap<u64, Request>,
-    by_tuple: HashMap<TupleKey, u64>,
+    live: FastMap<u64, Request>,
+    by_tuple: FastMap<TupleKey, u64>,
     /// Cancels and expiries not resolved yet, oldest first: (time, request).
     unsettled: VecDeque<(u64, u64)>,
     /// By listener cookie.
-    listeners: HashMap<u64, ListenerRequests>,
+    listeners: FastMap<u64, ListenerRequests>,
     /// Every listener's, together.
     total: ListenerRequests,
     /// Listeners that closed since the last report, by cookie: who they were. Their
     /// counts go at the next [`Requests::take_peaks`] (once reported).
-    closed: HashMap<u64, (SocketId, Option<Owner>)>,
+    closed: FastMap<u64, (SocketId, Option<Owner>)>,
     cap: usize,
     /// Requests not followed because `cap` were.
     pub untracked: u64,
@@ -114,19 +114,19 @@ pub struct Requests {
 impl Requests {
     pub fn new(cap: usize) -> Self {
         Requests {
-            live: HashMap::new(),
-            by_tuple: HashMap::new(),
+            live: FastMap::default(),
+            by_tuple: FastMap::default(),
             unsettled: VecDeque::new(),
-            listeners: HashMap::new(),
+            listeners: FastMap::default(),
             total: ListenerRequests::default(),
-            closed: HashMap::new(),
+            closed: FastMap::default(),
             cap: cap.max(1),
             untracked: 0,
         }
     }
 
     /// Each listener's requests, by listener cookie.
-    pub fn listeners(&self) -> &HashMap<u64, ListenerRequests> {
+    pub fn listeners(&self) -> &FastMap<u64, ListenerRequests> {
         &self.listeners
     }
 
