@@ -18,6 +18,8 @@ pub(crate) enum Mode {
     ChurnAlone,
     /// The floor: programs that return at once on tcplens's tracepoints.
     Floor,
+    /// The kernel programs and the ring, read and written out unprocessed.
+    Record,
     Tcpstates,
     WatchText,
     WatchJson,
@@ -27,9 +29,10 @@ pub(crate) enum Mode {
 }
 
 impl Mode {
-    pub(crate) const ALL: [Mode; 8] = [
+    pub(crate) const ALL: [Mode; 9] = [
         Mode::ChurnAlone,
         Mode::Floor,
+        Mode::Record,
         Mode::Tcpstates,
         Mode::WatchText,
         Mode::WatchJson,
@@ -42,6 +45,7 @@ impl Mode {
         match self {
             Mode::ChurnAlone => "(a) churn alone",
             Mode::Floor => "(h) floor: the tracepoints, programs that return at once",
+            Mode::Record => "(i) tcplens record -o /dev/null: programs and ring only",
             Mode::Tcpstates => "(b) tcpstates > file",
             Mode::WatchText => "(c) tcplens watch > file",
             Mode::WatchJson => "(d) tcplens watch --format json > file",
@@ -64,6 +68,7 @@ impl Mode {
         };
         cmd.args(match self {
             Mode::Floor => &["floor"][..],
+            Mode::Record => &["record", "-o", "/dev/null"],
             Mode::WatchText => &["watch"],
             Mode::WatchJson => &["watch", "--format", "json"],
             Mode::Stats => &["stats"],
