@@ -380,6 +380,12 @@ impl Event {
         Event::read_from_bytes(b).ok()
     }
 
+    /// The event in `b` itself, without a copy, when `b` is exactly [`EVENT_SIZE`] bytes
+    /// at an 8-aligned address (a ring buffer record is).
+    pub fn ref_from(b: &[u8]) -> Option<&Event> {
+        Event::ref_from_bytes(b).ok()
+    }
+
     /// The event's bytes, as the kernel writes them.
     pub fn to_bytes(&self) -> [u8; EVENT_SIZE] {
         zerocopy::transmute!(*self)

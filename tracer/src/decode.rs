@@ -27,6 +27,10 @@ pub enum DecodeError {
 
 /// Decodes one ring buffer record. Arbitrary bytes give an error, never a panic.
 pub fn decode(b: &[u8]) -> Result<KernelEvent, DecodeError> {
+    // A ring record is read where it lies; other bytes (unaligned) are copied first.
+    if let Some(ev) = Event::ref_from(b) {
+        return decode_event(ev);
+    }
     let ev = Event::from_bytes(b).ok_or(DecodeError::Length { got: b.len() })?;
     decode_event(&ev)
 }
@@ -381,6 +385,32 @@ mod tests {
         let mut bad_kind = Event::from_bytes(&ok).unwrap();
         bad_kind.kind = 9;
         assert_eq!(decode(&bad_kind.to_bytes()), Err(DecodeError::Kind(9)));
+    }
+
+    #[test]
+    fn a_record_decodes_the_same_in_place_and_copied() {
+        #[repr(C, align(8))]
+        struct Aligned([u8; EVENT_SIZE + 8]);
+        // Ring records are 8-aligned (read in place), a recording's bytes need not be.
+        let raw = raw_event(
+            AF_INET,
+            [10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            2,
+            1,
+        );
+        let mut buf = Aligned([0; EVENT_SIZE + 8]);
+        let bytes = &mut buf.0;
+        bytes[..EVENT_SIZE].copy_from_slice(&raw);
+        let aligned = &bytes[..EVENT_SIZE];
+        assert!(Event::ref_from(aligned).is_some());
+        let in_place = decode(aligned).unwrap();
+        bytes.copy_within(..EVENT_SIZE, 1);
+        let unaligned = &bytes[1..=EVENT_SIZE];
+        assert!(Event::ref_from(unaligned).is_none());
+        assert_eq!(decode(unaligned).unwrap(), in_place);
+        assert!(
+            matches!(in_place, KernelEvent::Transition(ref t) if t.new == TcpState::Established)
+        );
     }
 
     #[test]
