@@ -2,7 +2,7 @@
 //! side with libbpf-tools `tcpstates` under the loopback churn, alternating modes round by
 //! round, medians reported; then scale runs (10 M transitions, 100 k live sockets).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -80,8 +80,16 @@ impl Mode {
     }
 }
 
+/// What one BPF program cost over a run.
+#[derive(Clone, Debug)]
+pub(crate) struct ProgramCost {
+    pub name: String,
+    pub runs_per_connection: f64,
+    pub ns_per_run: f64,
+}
+
 /// One run of one mode.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Sample {
     pub conn_per_s: f64,
     pub transitions_expected: u64,
@@ -95,6 +103,8 @@ pub(crate) struct Sample {
     pub timer_runs_per_s: f64,
     pub timer_ns_per_run: f64,
     pub peak_rss_kib: u64,
+    /// Each of the tracer's programs, by name.
+    pub programs: Vec<ProgramCost>,
 }
 
 pub(crate) struct Opts {
@@ -300,16 +310,46 @@ fn run_stats(progs: &[u32]) -> Result<(u64, u64, u64, u64)> {
         }))
 }
 
+/// Run time (ns) and runs of each of `progs`, by name.
+fn program_counters(progs: &[u32]) -> Result<BTreeMap<String, (u64, u64)>> {
+    Ok(tracepoint_progs()?
+        .into_iter()
+        .filter(|p| progs.contains(&p.0))
+        .map(|(_, time, runs, name)| (name, (time, runs)))
+        .collect())
+}
+
+/// Each program's runs per connection and time per run between two readings.
+fn program_costs(
+    before: &BTreeMap<String, (u64, u64)>,
+    after: &BTreeMap<String, (u64, u64)>,
+    connections: u64,
+) -> Vec<ProgramCost> {
+    after
+        .iter()
+        .filter_map(|(name, &(time, runs))| {
+            let &(time0, runs0) = before.get(name)?;
+            let runs = runs.checked_sub(runs0).filter(|&r| r > 0)?;
+            Some(ProgramCost {
+                name: name.clone(),
+                runs_per_connection: runs as f64 / connections.max(1) as f64,
+                ns_per_run: time.saturating_sub(time0) as f64 / runs as f64,
+            })
+        })
+        .collect()
+}
+
 /// Runs one mode once (`tag` names the binary in file names: "" or "-baseline").
 pub(crate) fn sample(mode: Mode, tcplens: &Path, opts: &Opts, tag: &str) -> Result<Sample> {
     let tracer = start(mode, tcplens, &opts.out_dir, tag)?;
-    let (k0, pid, cpu0) = match &tracer {
+    let (k0, p0, pid, cpu0) = match &tracer {
         Some(t) => (
             run_stats(&t.progs)?,
+            program_counters(&t.progs)?,
             Some(t.child.id()),
             cpu_ns(t.child.id())?,
         ),
-        None => ((0, 0, 0, 0), None, 0.0),
+        None => ((0, 0, 0, 0), BTreeMap::new(), None, 0.0),
     };
     let r = churn::run(Duration::from_secs(opts.seconds), opts.threads, 9000)?;
     std::thread::sleep(Duration::from_millis(500)); // let the reader drain
@@ -323,6 +363,7 @@ pub(crate) fn sample(mode: Mode, tcplens: &Path, opts: &Opts, tag: &str) -> Resu
     };
     let pid = pid.unwrap_or(0);
     let k1 = run_stats(&t.progs)?;
+    s.programs = program_costs(&p0, &program_counters(&t.progs)?, r.connections);
     let cpu1 = cpu_ns(pid)?;
     s.peak_rss_kib = status_kib(pid, "VmHWM:")?;
     nix::sys::signal::kill(
@@ -499,7 +540,66 @@ pub(crate) fn side_by_side(tcplens: &Path, opts: &Opts) -> Result<String> {
             m(|s| s.peak_rss_kib as f64) / 1024.0,
         ));
     }
+    let shown = [Mode::Floor, Mode::Record, Mode::Stats];
+    let columns: Vec<&Vec<Sample>> = shown
+        .iter()
+        .filter_map(|&mode| all.iter().find(|(m, ..)| *m == mode).map(|(.., s)| s))
+        .collect();
+    t.push_str(&programs_table(&shown, &columns));
     Ok(t)
+}
+
+/// BPF time per connection by program, for the modes `shown` (this binary's samples of
+/// each): medians over the rounds.
+fn programs_table(shown: &[Mode], columns: &[&Vec<Sample>]) -> String {
+    let names: BTreeSet<&str> = columns
+        .iter()
+        .flat_map(|samples| samples.iter())
+        .flat_map(|s| s.programs.iter().map(|p| p.name.as_str()))
+        .collect();
+    let mut t = String::from(
+        "\nBPF programs per connection (runs per connection × ns per run; `_nested`: the \
+         program that takes over events the kernel skipped its primary for), medians:\n\n| program |",
+    );
+    for mode in shown {
+        t.push_str(&format!(" {} |", mode.name()));
+    }
+    t.push_str("\n|---|");
+    t.push_str(&"---:|".repeat(shown.len()));
+    t.push('\n');
+    for name in names {
+        t.push_str(&format!("| `{name}` |"));
+        for samples in columns {
+            let of = |f: fn(&ProgramCost) -> f64| {
+                let v: Vec<f64> = samples
+                    .iter()
+                    .filter_map(|s| s.programs.iter().find(|p| p.name == name).map(f))
+                    .collect();
+                (!v.is_empty()).then(|| median(v))
+            };
+            match (of(|p| p.runs_per_connection), of(|p| p.ns_per_run)) {
+                (Some(runs), Some(ns)) => t.push_str(&format!(" {runs:.1} × {ns:.0} |")),
+                _ => t.push_str(" – |"),
+            }
+        }
+        t.push('\n');
+    }
+    t.push_str("| all, µs per connection |");
+    for samples in columns {
+        let per_conn = samples
+            .iter()
+            .map(|s| {
+                s.programs
+                    .iter()
+                    .map(|p| p.runs_per_connection * p.ns_per_run)
+                    .sum::<f64>()
+                    / 1000.0
+            })
+            .collect();
+        t.push_str(&format!(" {:.1} |", median(per_conn)));
+    }
+    t.push('\n');
+    t
 }
 
 /// Memory and per-event CPU of `tcplens stats` as events accumulate: sampled once past
@@ -756,5 +856,57 @@ mod tests {
             assert_eq!(tcplens_counts(&f).unwrap(), want, "{line}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn program_costs_are_per_connection_and_per_run_between_two_readings() {
+        let before: BTreeMap<String, (u64, u64)> = [
+            ("inet_sock_set_state".to_string(), (1_000, 10)),
+            ("tw_timer_start".to_string(), (500, 5)),
+            ("tw_timer_expire_entry".to_string(), (70, 1)),
+        ]
+        .into();
+        let after: BTreeMap<String, (u64, u64)> = [
+            // 1 000 runs in 400 000 ns over 100 connections.
+            ("inet_sock_set_state".to_string(), (401_000, 1_010)),
+            ("tw_timer_start".to_string(), (150_500, 755)),
+            // Did not run: left out, not 0/0.
+            ("tw_timer_expire_entry".to_string(), (70, 1)),
+            // Attached after the first reading: left out.
+            ("floor_set_state".to_string(), (9_000, 100)),
+        ]
+        .into();
+        let costs = program_costs(&before, &after, 100);
+        let got: Vec<(&str, f64, f64)> = costs
+            .iter()
+            .map(|p| (p.name.as_str(), p.runs_per_connection, p.ns_per_run))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("inet_sock_set_state", 10.0, 400.0),
+                ("tw_timer_start", 7.5, 200.0)
+            ]
+        );
+        let table = programs_table(
+            &[Mode::Stats],
+            &[&vec![Sample {
+                programs: costs,
+                ..Sample::default()
+            }]],
+        );
+        assert!(
+            table.contains("| `inet_sock_set_state` | 10.0 × 400 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| `tw_timer_start` | 7.5 × 200 |"),
+            "{table}"
+        );
+        // 10 × 400 + 7.5 × 200 ns = 5.5 µs.
+        assert!(
+            table.contains("| all, µs per connection | 5.5 |"),
+            "{table}"
+        );
     }
 }
