@@ -280,19 +280,20 @@ fn top_shows_the_kernels_counts_and_the_leaking_process_sorts_and_quits() {
             .collect()
     };
     // PID COMMAND TOTAL LISTEN SYN-S SYN-R ESTAB FIN-W1 FIN-W2 TIME-W CLOSE-W LAST-A CLOSING ...
-    let busy_cols = numbers(&busy_row);
-    assert_eq!(busy_cols[0], busy.pid.to_string(), "{busy_row}");
-    assert_eq!(
-        &busy_cols[2..13],
+    let check_row = |row: &str, pid: u32, counts: [&str; 11]| {
+        let cols = numbers(row);
+        assert_eq!(cols[0], pid.to_string(), "{row}");
+        assert_eq!(&cols[2..13], counts, "{row}");
+    };
+    check_row(
+        &busy_row,
+        busy.pid,
         ["4", "1", "0", "0", "3", "0", "0", "0", "0", "0", "0"],
-        "{busy_row}"
     );
-    let leaky_cols = numbers(&leaky_row);
-    assert_eq!(leaky_cols[0], leaky.pid.to_string(), "{leaky_row}");
-    assert_eq!(
-        &leaky_cols[2..13],
+    check_row(
+        &leaky_row,
+        leaky.pid,
         ["3", "1", "0", "0", "1", "0", "0", "0", "1", "0", "0"],
-        "{leaky_row}"
     );
 
     // Right arrow, eight times: from TOTAL to CLOSE-W, leaky-a comes first.

@@ -294,29 +294,32 @@ pub(crate) fn replay_tiny_interval(bins: &[(&str, &Path)], opts: &Opts) -> Resul
     Ok(out)
 }
 
-/// Over a tracer's programs: (run time of all, runs of the transition program, run time
-/// of the timer programs, runs of the timer programs), runs counted on the primaries.
-fn run_stats(progs: &[u32]) -> Result<(u64, u64, u64, u64)> {
-    Ok(tracepoint_progs()?
-        .into_iter()
-        .filter(|p| progs.contains(&p.0))
-        .fold((0, 0, 0, 0), |(t, c, tt, tc), p| {
-            let runs = if is_nested_prog(&p.3) { 0 } else { p.2 };
-            if is_timer_prog(&p.3) {
-                (t + p.1, c, tt + p.1, tc + runs)
+/// Totals of one reading: (run time of all, runs of the transition program, run time of
+/// the timer programs, runs of the timer programs), runs counted on the primaries.
+fn run_stats(counters: &BTreeMap<String, (u64, u64)>) -> (u64, u64, u64, u64) {
+    counters
+        .iter()
+        .fold((0, 0, 0, 0), |(t, c, tt, tc), (name, &(time, runs))| {
+            let runs = if is_nested_prog(name) { 0 } else { runs };
+            if is_timer_prog(name) {
+                (t + time, c, tt + time, tc + runs)
             } else {
-                (t + p.1, c + runs, tt, tc)
+                (t + time, c + runs, tt, tc)
             }
-        }))
+        })
 }
 
-/// Run time (ns) and runs of each of `progs`, by name.
+/// Run time (ns) and runs of each of `progs`, by name (summed, should two share one).
 fn program_counters(progs: &[u32]) -> Result<BTreeMap<String, (u64, u64)>> {
-    Ok(tracepoint_progs()?
+    let mut by_name: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (_, time, runs, name) in tracepoint_progs()?
         .into_iter()
         .filter(|p| progs.contains(&p.0))
-        .map(|(_, time, runs, name)| (name, (time, runs)))
-        .collect())
+    {
+        let c = by_name.entry(name).or_default();
+        *c = (c.0 + time, c.1 + runs);
+    }
+    Ok(by_name)
 }
 
 /// Each program's runs per connection and time per run between two readings.
@@ -342,14 +345,13 @@ fn program_costs(
 /// Runs one mode once (`tag` names the binary in file names: "" or "-baseline").
 pub(crate) fn sample(mode: Mode, tcplens: &Path, opts: &Opts, tag: &str) -> Result<Sample> {
     let tracer = start(mode, tcplens, &opts.out_dir, tag)?;
-    let (k0, p0, pid, cpu0) = match &tracer {
+    let (p0, pid, cpu0) = match &tracer {
         Some(t) => (
-            run_stats(&t.progs)?,
             program_counters(&t.progs)?,
             Some(t.child.id()),
             cpu_ns(t.child.id())?,
         ),
-        None => ((0, 0, 0, 0), BTreeMap::new(), None, 0.0),
+        None => (BTreeMap::new(), None, 0.0),
     };
     let r = churn::run(Duration::from_secs(opts.seconds), opts.threads, 9000)?;
     std::thread::sleep(Duration::from_millis(500)); // let the reader drain
@@ -362,8 +364,9 @@ pub(crate) fn sample(mode: Mode, tcplens: &Path, opts: &Opts, tag: &str) -> Resu
         return Ok(s);
     };
     let pid = pid.unwrap_or(0);
-    let k1 = run_stats(&t.progs)?;
-    s.programs = program_costs(&p0, &program_counters(&t.progs)?, r.connections);
+    let p1 = program_counters(&t.progs)?;
+    let (k0, k1) = (run_stats(&p0), run_stats(&p1));
+    s.programs = program_costs(&p0, &p1, r.connections);
     let cpu1 = cpu_ns(pid)?;
     s.peak_rss_kib = status_kib(pid, "VmHWM:")?;
     nix::sys::signal::kill(
@@ -876,6 +879,16 @@ mod tests {
             ("floor_set_state".to_string(), (9_000, 100)),
         ]
         .into();
+        // Totals: every program's time; runs of the transition programs, of the timer ones.
+        assert_eq!(
+            run_stats(&after),
+            (
+                401_000 + 150_500 + 70 + 9_000,
+                1_010 + 100,
+                150_500 + 70,
+                755 + 1
+            )
+        );
         let costs = program_costs(&before, &after, 100);
         let got: Vec<(&str, f64, f64)> = costs
             .iter()

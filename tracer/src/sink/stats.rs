@@ -4,7 +4,7 @@
 //! and the bytes it had acked and received, with what became of the SYNs queued at
 //! listeners, printed every `--interval` (then reset) and at exit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{self, Write};
 
@@ -16,7 +16,7 @@ use crate::clock::TimeFormatter;
 use crate::model::{TcpState, Transition};
 use crate::pipeline::Totals;
 use crate::source::cgroup::CgroupNames;
-use crate::tracker::{End, ListenerRequests, Observed, Role, SocketLife, Tracker};
+use crate::tracker::{End, FastMap, ListenerRequests, Observed, Role, SocketLife, Tracker};
 
 /// Highest recordable value: a day, in ns (larger values are clamped to it).
 const MAX_NS: u64 = 86_400 * 1_000_000_000;
@@ -281,7 +281,7 @@ pub struct StatsSink<W: Write> {
     /// The window's groups in the order first seen, and where each is by name: one hash
     /// look-up per event, no allocation once a group exists (reports sort them by name).
     groups: Vec<(String, Group)>,
-    index: HashMap<String, usize, foldhash::fast::RandomState>,
+    index: FastMap<String, usize>,
     /// The event's group name is written here before it is looked up.
     key: String,
     window_start_ns: Option<u64>,
@@ -305,7 +305,7 @@ impl<W: Write> StatsSink<W> {
             by,
             names,
             groups: Vec::new(),
-            index: HashMap::default(),
+            index: FastMap::default(),
             key: String::new(),
             window_start_ns: None,
             requests_then: ListenerRequests::default(),

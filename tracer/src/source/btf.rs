@@ -230,16 +230,6 @@ pub fn conn_layout(btf: &KernelBtf) -> Result<ConnLayout, LayoutError> {
     })
 }
 
-/// The address of a text symbol in /proc/kallsyms text, read up to its line (the kernel
-/// writes that file slowly). Without CAP_SYSLOG the kernel shows zeros, which count as
-/// missing.
-pub fn symbol_address(kallsyms: impl std::io::BufRead, name: &str) -> Result<u64, LayoutError> {
-    symbol_addresses(kallsyms, &[name])
-        .pop()
-        .flatten()
-        .ok_or_else(|| missing_symbol(name))
-}
-
 /// The addresses of text symbols `names` in /proc/kallsyms text, read up to the line of the
 /// last one found (`None`: missing, or hidden without CAP_SYSLOG).
 pub fn symbol_addresses(mut kallsyms: impl std::io::BufRead, names: &[&str]) -> Vec<Option<u64>> {
@@ -281,13 +271,16 @@ mod tests {
     fn symbol_addresses_from_kallsyms() {
         let text = "ffffffff82003420 t __pfx_tw_timer_handler\nffffffff82003430 t tw_timer_handler\nffffffff82003500 T tw_timer_handler_other\n";
         assert_eq!(
-            symbol_address(text.as_bytes(), "tw_timer_handler"),
-            Ok(0xffff_ffff_8200_3430)
+            symbol_addresses(text.as_bytes(), &["tw_timer_handler"]),
+            [Some(0xffff_ffff_8200_3430)]
         );
         // Without CAP_SYSLOG, kallsyms shows zeros: no address.
         let hidden = "0000000000000000 t tw_timer_handler\n";
-        assert!(symbol_address(hidden.as_bytes(), "tw_timer_handler").is_err());
-        assert!(symbol_address(&b""[..], "tw_timer_handler").is_err());
+        assert_eq!(
+            symbol_addresses(hidden.as_bytes(), &["tw_timer_handler"]),
+            [None]
+        );
+        assert_eq!(symbol_addresses(&b""[..], &["tw_timer_handler"]), [None]);
     }
 
     /// The running kernel's BTF (every test machine has it: tcplens requires it).

@@ -40,10 +40,6 @@ const TIMEWAIT_PROGRAMS: [Tracepoint; 3] = [
     },
 ];
 
-/// What the timer programs follow on this kernel: timewait sockets (`timewait`) and
-/// request sockets (`requests`, see `request.rs`), each as wanted and as the kernel shows
-/// them (what it does not is said once). `None`: neither, and the timer programs stay
-/// unattached.
 /// The timer handlers whose timers the programs follow: timewait sockets', requests'.
 const HANDLERS: [&str; 2] = ["tw_timer_handler", "reqsk_timer_handler"];
 
@@ -55,9 +51,11 @@ pub(super) fn handler_addresses() -> Result<Vec<Option<u64>>, LayoutError> {
         .map_err(|e| LayoutError(format!("{}: {e}", btf::KALLSYMS)))
 }
 
-/// The timer programs' layouts, from the BTF and the handlers' addresses (`found`, from
-/// [`handler_addresses`]); `None` when neither timewait sockets nor requests can be
-/// followed.
+/// What the timer programs follow on this kernel: timewait sockets (`timewait`) and
+/// request sockets (`requests`, see `request.rs`), each as wanted and as the kernel shows
+/// them (what it does not is said once), with their layouts from the BTF and the handlers'
+/// addresses (`found`, from [`handler_addresses`]). `None`: neither, and the timer
+/// programs stay unattached.
 pub(super) fn layouts(
     kernel_btf: &KernelBtf,
     sock: &SockLayout,

@@ -36,13 +36,13 @@ use std::net::IpAddr;
 use lru::LruCache;
 
 pub use jiffies::JiffyClock;
+pub use request::{ListenerRequests, RequestEnd, Requests};
+pub use timewait::{FlipCandidate, SETTLE_NS, TIMEWAIT_LEN_S};
 
 /// The maps looked up on every event: keyed by kernel addresses, cookies and tuples, so a
 /// fast hash (seeded per process) rather than SipHash.
 pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 pub type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
-pub use request::{ListenerRequests, RequestEnd, Requests};
-pub use timewait::{FlipCandidate, SETTLE_NS, TIMEWAIT_LEN_S};
 
 pub use crate::model::SocketId;
 use crate::model::{Comm, ConnFacts, RequestEvent, Task, TcpState, TimewaitEvent, Transition, Via};
@@ -464,14 +464,16 @@ impl Tracker {
     }
 
     /// The listener on local port `port` of namespace `netns`, when followed.
-    pub fn listener(&self, netns: u32, port: u16) -> Option<&SocketLife> {
+    fn listener(&self, netns: u32, port: u16) -> Option<&SocketLife> {
         let id = self.listeners.get(&(netns, port))?;
         self.lives.peek(id).map(|t| &t.life)
     }
 
-    /// The listeners followed: (namespace, local port).
-    pub fn listening(&self) -> impl Iterator<Item = (u32, u16)> + '_ {
-        self.listeners.keys().copied()
+    /// The listeners followed.
+    pub fn listeners(&self) -> impl Iterator<Item = &SocketLife> {
+        self.listeners
+            .values()
+            .filter_map(|id| self.lives.peek(id).map(|t| &t.life))
     }
 
     /// The tracked sockets with the state each counts in (see [`Tracker::state_counts`]:
@@ -877,15 +879,15 @@ struct Tally {
 /// accepted); a group with no socket left is dropped.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct GroupCounts {
-    pub by_owner: HashMap<u32, [u64; 13], foldhash::fast::FixedState>,
-    pub by_cgroup: HashMap<u64, [u64; 13], foldhash::fast::FixedState>,
-    pub by_listener: HashMap<(u32, u16), [u64; 13], foldhash::fast::FixedState>,
+    pub by_owner: FastMap<u32, [u64; 13]>,
+    pub by_cgroup: FastMap<u64, [u64; 13]>,
+    pub by_listener: FastMap<(u32, u16), [u64; 13]>,
 }
 
 impl GroupCounts {
     fn count(&mut self, t: &Tally, state: TcpState, delta: i64) {
         fn add<K: std::hash::Hash + Eq + Copy>(
-            map: &mut HashMap<K, [u64; 13], foldhash::fast::FixedState>,
+            map: &mut FastMap<K, [u64; 13]>,
             key: K,
             state: TcpState,
             delta: i64,

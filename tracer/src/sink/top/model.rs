@@ -16,7 +16,7 @@ use crate::sink::leaks::{Leak, leaks};
 use crate::source::cgroup::CgroupNames;
 use crate::source::host::Holders;
 use crate::source::kernel::KernelFilter;
-use crate::tracker::{GroupCounts, Observed, Role, SocketLife, Tracker};
+use crate::tracker::{FastMap, GroupCounts, Observed, Role, SocketLife, Tracker};
 
 /// How many refreshes the header's sparklines keep (at the default 1 s, five minutes).
 pub const HISTORY: usize = 300;
@@ -441,8 +441,8 @@ impl TopModel {
         view: ViewKind,
         tracker: &Tracker,
         g: &GroupCounts,
-    ) -> HashMap<GroupKey, Row, foldhash::fast::RandomState> {
-        let mut rows: HashMap<GroupKey, Row, foldhash::fast::RandomState> = HashMap::default();
+    ) -> FastMap<GroupKey, Row> {
+        let mut rows: FastMap<GroupKey, Row> = HashMap::default();
         let mut add = |key: GroupKey, states: &[u64; 13]| {
             let row = rows.entry(key).or_insert_with(|| Row::empty(key));
             row.states = *states;
@@ -467,9 +467,8 @@ impl TopModel {
         }
         // Owners seen only in the start-up snapshot (listeners'): named from it.
         if view == ViewKind::Processes {
-            for (netns, port) in tracker.listening() {
-                let owner = tracker.listener(netns, port).and_then(|life| life.owner);
-                if let Some(o) = owner
+            for listener in tracker.listeners() {
+                if let Some(o) = listener.owner
                     && let Some(row) = rows.get_mut(&GroupKey::Process(o.pid))
                     && row.name.is_empty()
                 {
@@ -494,9 +493,9 @@ impl TopModel {
         now_ns: u64,
         view: ViewKind,
         tracker: &Tracker,
-    ) -> HashMap<GroupKey, Row, foldhash::fast::RandomState> {
+    ) -> FastMap<GroupKey, Row> {
         let start_ns = self.start_ns.unwrap_or(0);
-        let mut rows: HashMap<GroupKey, Row, foldhash::fast::RandomState> = HashMap::default();
+        let mut rows: FastMap<GroupKey, Row> = HashMap::default();
         for (life, state) in tracker.sockets_in_states() {
             if self
                 .owner_pid
