@@ -245,13 +245,14 @@ fn a_full_accept_queue_shows_as_ss_and_nstat_count_it() {
     // connects, so a scrape may show an earlier count, never a higher one; the test waits
     // for a listing made after the queue filled.
     let netns = ns.inode();
-    let gauge = |body: &str, name: &str| -> Option<u64> {
-        let want = format!("{name}{{netns=\"{netns}\",listener=\"{at}\"}} ");
-        body.lines()
-            .find_map(|l| l.strip_prefix(&want)?.parse().ok())
-    };
-    let overflow_counter = |body: &str| -> Option<u64> {
-        let want = format!("tcplens_listen_overflows_total{{netns=\"{netns}\"}} ");
+    // A series' value: `tcplens_<name>` with this namespace's labels (and the listener's).
+    let value = |body: &str, name: &str, listener: bool| -> Option<u64> {
+        let labels = if listener {
+            format!("netns=\"{netns}\",listener=\"{at}\"")
+        } else {
+            format!("netns=\"{netns}\"")
+        };
+        let want = format!("tcplens_{name}{{{labels}}} ");
         body.lines()
             .find_map(|l| l.strip_prefix(&want)?.parse().ok())
     };
@@ -265,16 +266,16 @@ fn a_full_accept_queue_shows_as_ss_and_nstat_count_it() {
         let (status, body) = http_get(serve.metrics_addr(), "/metrics");
         assert_eq!(status, 200);
         let after = ns.nstat("TcpExtListenOverflows");
-        let shown = (
-            gauge(&body, "tcplens_listen_accept_queue"),
-            gauge(&body, "tcplens_listen_backlog"),
+        let listed = (
+            value(&body, "listen_accept_queue", true),
+            value(&body, "listen_backlog", true),
         );
-        let counted = overflow_counter(&body);
+        let counted = value(&body, "listen_overflows_total", false);
         assert!(
             counted.is_none_or(|c| c <= after),
             "more overflows than the kernel's {after}: {body}"
         );
-        if shown == queues
+        if listed == queues
             && let Some(counted) = counted
             && counted == before
         {

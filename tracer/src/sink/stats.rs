@@ -354,32 +354,33 @@ impl<W: Write> StatsSink<W> {
     fn group(&mut self, s: Keyed<'_>) -> &mut Group {
         if self.by.is_none() {
             // One group, named "".
-            if self.groups.is_empty() {
-                self.groups.push((String::new(), Group::default()));
-            }
-            return &mut self.groups[0].1;
+            let at = if self.groups.is_empty() {
+                self.new_group("")
+            } else {
+                0
+            };
+            return &mut self.groups[at].1;
         }
         let mut key = std::mem::take(&mut self.key);
         key.clear();
         self.write_key(s, &mut key);
-        let at = if let Some(&at) = self.index.get(key.as_str()) {
-            at
-        } else {
-            let name = if self.groups.len() >= MAX_GROUPS {
-                "other"
-            } else {
-                key.as_str()
-            };
-            if let Some(&at) = self.index.get(name) {
-                at
-            } else {
-                self.index.insert(name.to_owned(), self.groups.len());
-                self.groups.push((name.to_owned(), Group::default()));
-                self.groups.len() - 1
-            }
+        let at = match self.index.get(key.as_str()) {
+            Some(&at) => at,
+            None if self.groups.len() < MAX_GROUPS => self.new_group(&key),
+            None => match self.index.get("other") {
+                Some(&at) => at,
+                None => self.new_group("other"),
+            },
         };
         self.key = key;
         &mut self.groups[at].1
+    }
+
+    /// Adds group `name` (not there yet); returns where it is.
+    fn new_group(&mut self, name: &str) -> usize {
+        self.index.insert(name.to_owned(), self.groups.len());
+        self.groups.push((name.to_owned(), Group::default()));
+        self.groups.len() - 1
     }
 
     /// Prints the window ending at `now_ns` and starts a new one.

@@ -442,7 +442,7 @@ impl TopModel {
         tracker: &Tracker,
         g: &GroupCounts,
     ) -> FastMap<GroupKey, Row> {
-        let mut rows: FastMap<GroupKey, Row> = HashMap::default();
+        let mut rows: FastMap<GroupKey, Row> = FastMap::default();
         let mut add = |key: GroupKey, states: &[u64; 13]| {
             let row = rows.entry(key).or_insert_with(|| Row::empty(key));
             row.states = *states;
@@ -495,7 +495,7 @@ impl TopModel {
         tracker: &Tracker,
     ) -> FastMap<GroupKey, Row> {
         let start_ns = self.start_ns.unwrap_or(0);
-        let mut rows: FastMap<GroupKey, Row> = HashMap::default();
+        let mut rows: FastMap<GroupKey, Row> = FastMap::default();
         for (life, state) in tracker.sockets_in_states() {
             if self
                 .owner_pid
