@@ -25,6 +25,7 @@ fn finish(r: Running) -> (String, String) {
 
 fn one_connection(port: u16) -> u32 {
     in_netns(move || {
+        private_fd_table(); // the test checks who closed the listener
         let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let (server, _) = listener.accept().unwrap();

@@ -52,6 +52,7 @@ fn active_and_passive_open_and_close() {
     const PORT: u16 = 21001;
     let mut cap = Capture::everything();
     let ran = in_netns(|| {
+        private_fd_table(); // the test checks which task closed the sockets
         let Pair {
             listener,
             client,
@@ -153,6 +154,7 @@ fn abortive_close_with_linger_zero_resets_the_peer() {
     const PORT: u16 = 21003;
     let mut cap = Capture::everything();
     let ran = in_netns(|| {
+        private_fd_table(); // the test checks which task closed the sockets
         let Pair {
             listener: _listener,
             client,

@@ -45,6 +45,7 @@ fn close_wait_and_established_durations_owner_and_replay() {
     let record = start_tcplens(&["record", "-o", &file_s]);
 
     let (server_pid, client_held, server_held) = in_netns(|| {
+        private_fd_table(); // the active life's owner is the client's closer
         let server = ForkedServer::start(PORT, c"cw-server", Duration::from_millis(1500));
         let client = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
         let t0 = Instant::now();

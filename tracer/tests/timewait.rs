@@ -95,6 +95,7 @@ fn natural_expiry_in_both_orders() {
         "66s",
     ]);
     let measured = in_netns(|| {
+        private_fd_table(); // the owner the test checks is the closer
         let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
         // A: the application closes first, the peer's FIN comes 300 ms later.
         let a = TcpStream::connect(("127.0.0.1", PORT)).unwrap();

@@ -227,6 +227,7 @@ impl NamedNetns {
             .spawn(move || {
                 let ns = std::fs::File::open(&path).expect("namespace file");
                 nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                drop(ns); // before `f`, which may give the thread a table of its own
                 f()
             })
             .expect("spawning the namespace thread")
@@ -457,6 +458,27 @@ pub(crate) fn crossing_fins(port: u16) -> (u16, usize, usize) {
 
 /// Name given to scenario threads: the `comm` the kernel reports for them.
 pub(crate) const THREAD_NAME: &str = "tcplens-test";
+
+/// Gives the calling scenario thread a descriptor table of its own, for a scenario whose
+/// test asserts which task closed a socket. Otherwise a process another test of the same
+/// binary spawns meanwhile copies the shared table at fork and holds the scenario's sockets
+/// until its exec: when the scenario closes one then, the last reference goes with the
+/// child's exec, and the kernel closes the socket in the child (as `tmux` or `ip`, its pid).
+/// The new table holds stdin, stdout and stderr only (`close_range` with
+/// `CLOSE_RANGE_UNSHARE` does not copy the range it closes): a full copy would hold the other
+/// tests' sockets open in turn. Call it first; sockets the scenario opens afterwards end
+/// with its thread and cannot be handed back to the test.
+pub(crate) fn private_fd_table() {
+    // SAFETY: it closes nothing of the shared table, and nothing in this new thread owns a
+    // descriptor yet.
+    let rc = unsafe { libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_UNSHARE as i32) };
+    assert_eq!(
+        rc,
+        0,
+        "close_range(CLOSE_RANGE_UNSHARE): {}",
+        std::io::Error::last_os_error()
+    );
+}
 
 pub(crate) fn require_root() {
     assert!(
