@@ -28,14 +28,6 @@ fn span_ns(life: &Value, state: &str) -> Option<u64> {
         .and_then(|s| s["ns"].as_u64())
 }
 
-/// The lives with `port` at either end.
-fn on_port(lives: Vec<Value>, port: u16) -> Vec<Value> {
-    lives
-        .into_iter()
-        .filter(|l| l["sport"] == port || l["dport"] == port)
-        .collect()
-}
-
 fn finish(r: Running) -> Vec<Value> {
     let f = r.stop();
     assert!(f.status.success(), "tcplens failed: {}", f.stderr);

@@ -23,14 +23,6 @@ fn run_from(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn on_port(lives: &[Value], port: u16) -> Vec<Value> {
-    lives
-        .iter()
-        .filter(|v| v["sport"] == port || v["dport"] == port)
-        .cloned()
-        .collect()
-}
-
 #[test]
 fn close_wait_and_established_durations_owner_and_replay() {
     const PORT: u16 = 21201;
@@ -69,7 +61,7 @@ fn close_wait_and_established_durations_owner_and_replay() {
     }
 
     // Timeline: the passive socket and the client, with measured durations.
-    let lives = on_port(&json_lines(&succeeded(timeline.stop())), PORT);
+    let lives = on_port(json_lines(&succeeded(timeline.stop())), PORT);
     let roles: Vec<&str> = lives.iter().map(|l| l["role"].as_str().unwrap()).collect();
     assert_eq!(lives.len(), 3, "{lives:#?}");
     let passive = lives
@@ -166,7 +158,7 @@ fn close_wait_and_established_durations_owner_and_replay() {
         same_figures(key, &replayed[0][key], &s[key]);
     }
     let replayed_lives = on_port(
-        &json_lines(&run_from(&[
+        json_lines(&run_from(&[
             "timeline", "--from", &file_s, "--format", "json",
         ])),
         PORT,
@@ -249,7 +241,7 @@ fn a_connection_older_than_tcplens_existed_at_start() {
     ]);
     drop(client);
     drop(server); // ESTABLISHED -> CLOSE_WAIT -> LAST_ACK -> CLOSE, seen on the tracepoint
-    let lives = on_port(&json_lines(&succeeded(timeline.wait())), PORT);
+    let lives = on_port(json_lines(&succeeded(timeline.wait())), PORT);
     drop(listener);
     drop(done_tx);
     holder.join().unwrap();

@@ -24,14 +24,6 @@ fn finish(r: Running) -> String {
     f.stdout
 }
 
-/// The timeline lives whose local or remote port is `port`.
-fn lives_on(out: &str, port: u16) -> Vec<Value> {
-    json_lines(out)
-        .into_iter()
-        .filter(|v| v["sport"] == port || v["dport"] == port)
-        .collect()
-}
-
 fn names(life: &Value) -> Vec<String> {
     life["states"]
         .as_array()
@@ -141,7 +133,7 @@ fn natural_expiry_in_both_orders() {
     let me = u64::from(std::process::id());
     for (client_port, gone, fin_wait2) in measured {
         let gone = gone.expect("the timewait socket left TIME_WAIT within 64 s");
-        let lives = lives_on(&out, client_port);
+        let lives = on_port(json_lines(&out), client_port);
         assert_eq!(lives.len(), 1, "{lives:#?}");
         let life = &lives[0];
         assert_eq!(names(life), THROUGH_TIME_WAIT);
@@ -231,7 +223,7 @@ fn port_reuse_kills_time_wait() {
         drop(again);
         held
     });
-    let lives = lives_on(&finish(timeline), CLIENT_PORT);
+    let lives = on_port(json_lines(&finish(timeline)), CLIENT_PORT);
     let first = lives
         .iter()
         .find(|l| l["end"] == "time_wait_killed" && l["states"].as_array().unwrap().len() == 6)
@@ -266,7 +258,7 @@ fn orphan_fin_wait2_times_out() {
         drop(p.server);
         p.client_port
     });
-    let lives = lives_on(&finish(timeline), client_port);
+    let lives = on_port(json_lines(&finish(timeline)), client_port);
     assert_eq!(lives.len(), 1, "{lives:#?}");
     let life = &lives[0];
     assert_eq!(
@@ -301,7 +293,7 @@ fn simultaneous_close_enters_time_wait_on_both_sides() {
         );
         client_port
     });
-    let lives = lives_on(&finish(timeline), client_port);
+    let lives = on_port(json_lines(&finish(timeline)), client_port);
     assert_eq!(lives.len(), 2, "{lives:#?}");
     for life in &lives {
         let n = names(life);
@@ -496,7 +488,7 @@ fn rst_kills_time_wait() {
         assert_eq!(ss_time_wait(), [], "the RST killed the timewait socket");
         (p.client_port, held)
     });
-    let lives = lives_on(&finish(timeline), client_port);
+    let lives = on_port(json_lines(&finish(timeline)), client_port);
     assert_eq!(lives.len(), 1, "{lives:#?}");
     let life = &lives[0];
     assert_eq!(names(life), THROUGH_TIME_WAIT);
@@ -534,7 +526,7 @@ fn no_timewait_shows_the_kernel_view() {
     let f = timeline.wait();
     assert!(f.status.success(), "{}", f.stderr);
     assert!(f.stderr.contains("(0 timewait, "), "{}", f.stderr);
-    let lives = lives_on(&f.stdout, client_port);
+    let lives = on_port(json_lines(&f.stdout), client_port);
     assert_eq!(lives.len(), 1, "{lives:#?}");
     assert_eq!(
         names(&lives[0]),

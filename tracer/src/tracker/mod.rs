@@ -465,15 +465,12 @@ impl Tracker {
 
     /// The listener on local port `port` of namespace `netns`, when followed.
     fn listener(&self, netns: u32, port: u16) -> Option<&SocketLife> {
-        let id = self.listeners.get(&(netns, port))?;
-        self.lives.peek(id).map(|t| &t.life)
+        self.socket(*self.listeners.get(&(netns, port))?)
     }
 
     /// The listeners followed.
     pub fn listeners(&self) -> impl Iterator<Item = &SocketLife> {
-        self.listeners
-            .values()
-            .filter_map(|id| self.lives.peek(id).map(|t| &t.life))
+        self.listeners.values().filter_map(|&id| self.socket(id))
     }
 
     /// The tracked sockets with the state each counts in (see [`Tracker::state_counts`]:

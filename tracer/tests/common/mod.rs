@@ -373,6 +373,14 @@ pub(crate) fn json_lines(out: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The JSON lives (or events) with `port` at either end.
+pub(crate) fn on_port(lives: Vec<serde_json::Value>, port: u16) -> Vec<serde_json::Value> {
+    lives
+        .into_iter()
+        .filter(|l| l["sport"] == port || l["dport"] == port)
+        .collect()
+}
+
 /// The duration (`ns`) of the one span of `state` in a timeline life.
 pub(crate) fn state_ns(life: &serde_json::Value, state: &str) -> u64 {
     let spans: Vec<&serde_json::Value> = life["states"]
